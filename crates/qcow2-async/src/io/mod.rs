@@ -1,0 +1,56 @@
+//! Positional, asynchronous file I/O: the only way the engine touches bytes.
+//!
+//! [`BlockFile`] is object safe so that the backend is chosen at run time (io_uring, a
+//! thread pool, memory, or a fault injector in tests). Buffers are owned ([`IoBuf`]) so that a
+//! backend like io_uring can keep them alive until the kernel is done with them, even when the
+//! caller's future is dropped.
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+
+mod buf;
+mod mem;
+mod open;
+mod threads;
+#[cfg(target_os = "linux")]
+mod uring;
+
+pub use buf::IoBuf;
+pub use mem::MemFile;
+pub use open::{open_file, Aio, FileOptions};
+pub use threads::ThreadFile;
+#[cfg(target_os = "linux")]
+pub use uring::UringFile;
+
+/// A boxed I/O future.
+pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;
+
+/// Async positional I/O on one file.
+///
+/// Reads past the end of the file return zeros for the missing part (qcow2 images routinely
+/// end before the last byte of their last cluster). Writes extend the file.
+pub trait BlockFile: Send + Sync + Debug + 'static {
+    /// Fills `buf` from `offset`; bytes past EOF read as zeros. Returns the buffer.
+    fn read_at(&self, buf: IoBuf, offset: u64) -> IoFuture<'_, IoBuf>;
+    /// Writes all of `buf` at `offset`. Returns the buffer for reuse.
+    fn write_at(&self, buf: IoBuf, offset: u64) -> IoFuture<'_, IoBuf>;
+    /// Makes every completed write durable (fdatasync).
+    fn flush(&self) -> IoFuture<'_, ()>;
+    /// Current length of the file in bytes.
+    fn len(&self) -> IoFuture<'_, u64>;
+    /// Truncates or extends the file.
+    fn set_len(&self, len: u64) -> IoFuture<'_, ()>;
+    /// Reserves space (fallocate mode 0); the file grows if needed.
+    fn allocate(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
+    /// Deallocates a range, which then reads as zeros (FALLOC_FL_PUNCH_HOLE | KEEP_SIZE).
+    fn punch_hole(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
+    /// Makes a range read as zeros, keeping it allocated where the file system can
+    /// (FALLOC_FL_ZERO_RANGE, falling back to writing zeros). The file grows if needed.
+    fn zero_range(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
+    /// Required alignment of offsets, lengths and buffers (1 unless opened with O_DIRECT).
+    fn alignment(&self) -> usize {
+        1
+    }
+}
