@@ -28,3 +28,14 @@ pub mod snapshot;
 
 pub use error::{Error, Result};
 pub use limits::Limits;
+pub use compressed::CompressedDescriptor;
+pub use features::{AutoclearFeatures, CompatibleFeatures, IncompatibleFeatures};
+pub use geometry::{Geometry, L2Position};
+pub use header::{
+    BitmapsExtension, CompressionType, CryptMethod, EncryptionExtension, FeatureName,
+    FeatureType, Header, HeaderExtension, ImageHeader, Version,
+};
+pub use l1::L1Entry;
+pub use l2::{L2Entry, L2Format, SubclusterBitmap, SubclusterState};
+pub use offset::{GuestOffset, HostOffset};
+pub use refcount::{RefcountOrder, ReftableEntry};
