@@ -174,8 +174,12 @@ async fn discard_of_a_partial_cluster_changes_nothing() {
 /// one write was lost and a cluster leaked. Here they allocate once and both land.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_writers_on_one_unallocated_cluster_allocate_once() {
-    let case = Case { cluster: 65536, refcount_bits: 16, v3: true, backing: false, size: 64 << 20 };
-    let img = make(&case, mem(), None).await;
+    // A real file: its I/O yields, so the two writers really interleave (an in-memory file
+    // completes synchronously and would hide the race).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("race.qcow2");
+    let opts = OpenOptions { aio: Some(Aio::Threads), ..Default::default() };
+    let img = Image::create(&path, &CreateOptions::new(64 << 20), &opts).await.unwrap();
     let clusters = 256u64;
     let mut tasks = Vec::new();
     for half in 0..2u64 {
@@ -204,6 +208,8 @@ async fn two_writers_on_one_unallocated_cluster_allocate_once() {
         used += img.refcount(i).await.unwrap();
     }
     assert_eq!(used, 5 + clusters);
+    img.close().await.unwrap();
+    assert_check_clean(&path);
 }
 
 /// Regression (Go implementation): writes to zero-flagged clusters stayed invisible. A

@@ -84,7 +84,7 @@ enum Source {
 
 impl Image {
     /// Creates an image at `path` (replacing any file there) and opens it.
-    #[instrument(skip(create, open), fields(size = create.size))]
+    #[instrument(skip_all, fields(path = %path.as_ref().display(), size = create.size))]
     pub async fn create(
         path: impl AsRef<Path>,
         create: &CreateOptions,
@@ -243,7 +243,7 @@ impl Image {
     }
 
     /// Opens the image at `path`.
-    #[instrument(skip(opts), fields(read_only = opts.read_only))]
+    #[instrument(skip_all, fields(path = %path.as_ref().display(), read_only = opts.read_only))]
     pub async fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         Self::open_path(path.as_ref(), opts, 0, &mut Vec::new()).await
     }
@@ -294,11 +294,11 @@ impl Image {
         let compression = h.compression_type;
         let version3 = h.version == Version::V3;
         let barrier = Barrier::new(opts.barrier, vec![file.clone()]);
-        if !opts.read_only && h.autoclear.unknown() != 0 {
-            // A writer must clear autoclear bits it does not understand (reference §1.2).
-            hdr.header.autoclear = AutoclearFeatures(h.autoclear.0 & AutoclearFeatures::KNOWN.0);
+        // A writer must clear autoclear bits it does not understand (reference §1.2).
+        let rewrite = !opts.read_only && h.autoclear.unknown() != 0;
+        if rewrite {
+            hdr.header.autoclear = AutoclearFeatures(hdr.header.autoclear.0 & AutoclearFeatures::KNOWN.0);
         }
-        let rewrite = !opts.read_only && hdr.header.autoclear != h.autoclear;
         let mut meta = Meta::load(file.clone(), barrier, hdr, Limits::QEMU, opts.cache_clusters).await?;
         meta.discard_passthrough = opts.discard_passthrough;
         if rewrite {

@@ -250,6 +250,7 @@ impl Meta {
             let cs = self.cs();
             let rt = cluster >> self.block_bits();
             let new_block = self.find_free(self.meta_cursor, 1).await?;
+            self.meta_cursor = new_block + 1;
             if new_block == 0 {
                 return Err(Error::Corrupt(
                     "preventing invalid allocation of refcount block at offset 0".into(),
@@ -276,7 +277,6 @@ impl Meta {
                 self.blocks
                     .insert(new_off, vec![0u8; cs as usize].into_boxed_slice(), true);
             }
-            self.meta_cursor = self.meta_cursor.max(new_block + 1);
             // The block must be on disk before anything points at it.
             self.write_blocks().await?;
             self.barrier.order().await?;
@@ -358,13 +358,16 @@ impl Meta {
     }
 
     /// Allocates `n` contiguous clusters with refcount 1 and returns the host offset.
+    ///
+    /// Mirrors QEMU's `qcow2_alloc_clusters` so that layouts match `qemu-img`: the pool's
+    /// cursor moves past the run *before* missing refcount blocks are created (they land
+    /// after it), and when a block had to be created the search restarts from the run's
+    /// start (QEMU's -EAGAIN).
     pub(crate) async fn alloc(&mut self, n: u64, pool: Pool) -> Result<u64> {
         loop {
-            let from = match pool {
-                Pool::Metadata => self.meta_cursor,
-                Pool::Data => self.data_cursor,
-            };
+            let from = self.cursor(pool);
             let start = self.find_free(from, n).await?;
+            self.set_cursor(pool, start + n);
             let mut restart = false;
             for c in start..start + n {
                 if self.ensure_block(c).await? {
@@ -373,17 +376,27 @@ impl Meta {
                 }
             }
             if restart {
+                self.set_cursor(pool, start);
                 continue;
             }
             for c in start..start + n {
                 self.set_refcount(c, 1).await?;
             }
-            match pool {
-                Pool::Metadata if n == 1 || start == from => self.meta_cursor = start + n,
-                Pool::Metadata => {}
-                Pool::Data => self.data_cursor = start + n,
-            }
             return Ok(start << self.geo.cluster_bits());
+        }
+    }
+
+    fn cursor(&self, pool: Pool) -> u64 {
+        match pool {
+            Pool::Metadata => self.meta_cursor,
+            Pool::Data => self.data_cursor,
+        }
+    }
+
+    fn set_cursor(&mut self, pool: Pool, c: u64) {
+        match pool {
+            Pool::Metadata => self.meta_cursor = c,
+            Pool::Data => self.data_cursor = c,
         }
     }
 
