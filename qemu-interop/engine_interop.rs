@@ -179,3 +179,165 @@ async fn a_write_to_a_qemu_zero_alloc_cluster_is_visible_to_qemu() {
     let out = qemu_ok("qemu-io", &["-f", "qcow2", "-c", "read -P 0xdd 1024 512", "-c", "read -P 0 0 1024", "-c", "read -P 0 1536 63k", s(&p)]);
     assert!(!out.contains("Pattern verification failed"), "{out}");
 }
+
+fn patch(path: &Path, off: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, off).unwrap();
+}
+
+/// Backing files: the format must be known (recorded or given), probing happens only on
+/// request, policies can forbid or override, and loops and deep chains are typed errors.
+#[tokio::test]
+async fn backing_policies_and_chain_limits() {
+    use qcow2_async::{BackingFormat, BackingPolicy, Error};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.qcow2");
+    let top = d.join("top.qcow2");
+    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "1M"]);
+    qemu_ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x42 0 4k", s(&base)]);
+    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", s(&top), "1M"]);
+    // qemu-img no longer writes a backing name without a format; older tools did. Drop the
+    // backing-format extension to make such an image.
+    let mut bytes = std::fs::read(&top).unwrap();
+    let mut h = qcow2_async::qcow2_format::ImageHeader::decode(&bytes[..65536], &Default::default()).unwrap();
+    h.backing_format = None;
+    bytes[..65536].copy_from_slice(&h.encode().unwrap());
+    std::fs::write(&top, &bytes).unwrap();
+    let err = Image::open(&top, &OpenOptions::read_only()).await.unwrap_err();
+    assert!(matches!(err, Error::Backing { .. }), "{err}");
+    let probed = Image::open(&top, &OpenOptions { probe_backing_format: true, ..OpenOptions::read_only() }).await.unwrap();
+    let mut b = [0u8; 4];
+    probed.read_at(&mut b, 0).await.unwrap();
+    assert_eq!(b, [0x42; 4]);
+    let err = Image::open(&top, &OpenOptions { backing: BackingPolicy::Forbid, ..OpenOptions::read_only() }).await.unwrap_err();
+    assert!(matches!(err, Error::Backing { .. }));
+    let ignored = Image::open(&top, &OpenOptions { backing: BackingPolicy::Ignore, ..OpenOptions::read_only() }).await.unwrap();
+    ignored.read_at(&mut b, 0).await.unwrap();
+    assert_eq!(b, [0; 4]);
+    let raw = d.join("other.raw");
+    std::fs::write(&raw, vec![0x17u8; 1 << 20]).unwrap();
+    let over = Image::open(&top, &OpenOptions { backing: BackingPolicy::Override(raw, BackingFormat::Raw), ..OpenOptions::read_only() }).await.unwrap();
+    over.read_at(&mut b, 0).await.unwrap();
+    assert_eq!(b, [0x17; 4]);
+
+    // A loop: a -> b -> a.
+    let a = d.join("a.qcow2");
+    let bq = d.join("b.qcow2");
+    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&a), "1M"]);
+    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", s(&bq), "1M"]);
+    qemu_ok("qemu-img", &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", s(&a)]);
+    let err = Image::open(&bq, &OpenOptions::read_only()).await.unwrap_err();
+    assert!(err.to_string().contains("loop"), "{err}");
+
+    // Depth: a chain of 5 with a limit of 3.
+    let mut prev = d.join("c0.qcow2");
+    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&prev), "1M"]);
+    for i in 1..5 {
+        let next = d.join(format!("c{i}.qcow2"));
+        let name = prev.file_name().unwrap().to_str().unwrap().to_string();
+        qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", &name, "-F", "qcow2", s(&next), "1M"]);
+        prev = next;
+    }
+    assert!(Image::open(&prev, &OpenOptions::read_only()).await.is_ok());
+    let err = Image::open(&prev, &OpenOptions { max_backing_depth: 3, ..OpenOptions::read_only() }).await.unwrap_err();
+    assert!(err.to_string().contains("deeper"), "{err}");
+}
+
+/// Features the engine does not implement yet are refused with a typed error (read-write),
+/// or opened read-only; unknown incompatible bits are refused; unknown autoclear bits are
+/// cleared on a read-write open and unknown compatible bits preserved.
+#[tokio::test]
+async fn unsupported_features_are_refused_and_feature_bits_handled_like_qemu() {
+    use qcow2_async::Error;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mk = |name: &str, opts: &[&str]| {
+        let p = d.join(name);
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        args.extend_from_slice(opts);
+        args.push(s(&p));
+        args.push("4M");
+        qemu_ok("qemu-img", &args);
+        p
+    };
+    let ext = mk("ext.qcow2", &["-o", "extended_l2=on"]);
+    assert!(matches!(Image::open(&ext, &OpenOptions::default()).await.unwrap_err(), Error::Unsupported { .. }));
+    assert!(Image::open(&ext, &OpenOptions::read_only()).await.is_ok());
+    let luks = mk("luks.qcow2", &["--object", "secret,id=s0,data=x", "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10"]);
+    assert!(matches!(Image::open(&luks, &OpenOptions::read_only()).await.unwrap_err(), Error::Unsupported { .. }));
+    let datafile = d.join("data.raw");
+    let df = mk("df.qcow2", &["-o", &format!("data_file={}", s(&datafile))]);
+    assert!(matches!(Image::open(&df, &OpenOptions::read_only()).await.unwrap_err(), Error::Unsupported { .. }));
+    let bm = mk("bm.qcow2", &[]);
+    qemu_ok("qemu-img", &["bitmap", "--add", s(&bm), "b0"]);
+    assert!(matches!(Image::open(&bm, &OpenOptions::default()).await.unwrap_err(), Error::Unsupported { .. }));
+    assert!(Image::open(&bm, &OpenOptions::read_only()).await.is_ok());
+
+    // Dirty (lazy refcounts not repaired) and corrupt images: read-only only.
+    let dirty = mk("dirty.qcow2", &["-o", "lazy_refcounts=on"]);
+    patch(&dirty, 72, &1u64.to_be_bytes());
+    assert!(Image::open(&dirty, &OpenOptions::default()).await.is_err());
+    assert!(Image::open(&dirty, &OpenOptions::read_only()).await.is_ok());
+    let corrupt = mk("corrupt.qcow2", &[]);
+    patch(&corrupt, 72, &2u64.to_be_bytes());
+    assert!(matches!(Image::open(&corrupt, &OpenOptions::default()).await.unwrap_err(), Error::Corrupt(_)));
+    assert!(Image::open(&corrupt, &OpenOptions::read_only()).await.is_ok());
+
+    // Unknown incompatible bit: refused even read-only.
+    let unk = mk("unk.qcow2", &[]);
+    patch(&unk, 72, &0x20u64.to_be_bytes());
+    assert!(Image::open(&unk, &OpenOptions::read_only()).await.is_err());
+
+    // Unknown autoclear bit cleared on RW open, unknown compatible bit kept (as QEMU does).
+    let bits = mk("bits.qcow2", &[]);
+    patch(&bits, 80, &0x80u64.to_be_bytes());
+    patch(&bits, 88, &0x20u64.to_be_bytes());
+    let img = Image::open(&bits, &OpenOptions::default()).await.unwrap();
+    img.write_at(&[1; 512], 0).await.unwrap();
+    img.close().await.unwrap();
+    let b = std::fs::read(&bits).unwrap();
+    assert_eq!(u64::from_be_bytes(b[80..88].try_into().unwrap()), 0x80);
+    assert_eq!(u64::from_be_bytes(b[88..96].try_into().unwrap()), 0);
+    assert_check_clean(&bits);
+}
+
+/// Preallocation modes allocate every cluster; the image is check-clean and reads zeros.
+#[tokio::test]
+async fn preallocation_modes_match_qemu_semantics() {
+    use qcow2_async::Preallocation;
+    let dir = tempfile::tempdir().unwrap();
+    for mode in [Preallocation::Metadata, Preallocation::Falloc, Preallocation::Full] {
+        let p = dir.path().join(format!("{mode:?}.qcow2"));
+        let mut o = CreateOptions::new(3 << 20);
+        o.preallocation = mode;
+        let img = Image::create(&p, &o, &OpenOptions::default()).await.unwrap();
+        img.write_at(&[3; 100], 70_000).await.unwrap();
+        img.close().await.unwrap();
+        assert_check_clean(&p);
+        let map = qemu_ok("qemu-img", &["map", "--output=json", s(&p)]);
+        assert!(!map.contains("\"data\": false"), "{mode:?}: every cluster is allocated: {map}");
+        let out = qemu_ok("qemu-io", &["-f", "qcow2", "-c", "read -P 0 0 70000", "-c", "read -P 3 70000 100", s(&p)]);
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+    }
+}
+
+/// Every barrier mode produces the same, check-clean image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn barrier_modes_all_produce_consistent_images() {
+    use qcow2_async::BarrierMode;
+    let dir = tempfile::tempdir().unwrap();
+    for mode in [BarrierMode::None, BarrierMode::Ordered, BarrierMode::Full] {
+        let p = dir.path().join(format!("{mode:?}.qcow2"));
+        let opts = OpenOptions { barrier: mode, ..Default::default() };
+        let img = Image::create(&p, &CreateOptions::new(8 << 20), &opts).await.unwrap();
+        for i in 0..64u64 {
+            img.write_at(&[i as u8; 3000], i * 100_000).await.unwrap();
+        }
+        img.close().await.unwrap();
+        assert_check_clean(&p);
+        let out = qemu_ok("qemu-io", &["-f", "qcow2", "-c", "read -P 7 700000 3000", s(&p)]);
+        assert!(!out.contains("Pattern verification failed"), "{mode:?}: {out}");
+    }
+}
