@@ -61,6 +61,8 @@ struct Inner {
     barrier: BarrierMode,
     compression: CompressionType,
     version3: bool,
+    /// Block size the file needs for O_DIRECT (1 without).
+    direct_align: u64,
 }
 
 impl std::fmt::Debug for Image {
@@ -102,6 +104,7 @@ impl Image {
             },
         )
         .map_err(Error::io("creating the image file"))?;
+        let file = wrap_direct(file);
         Self::format_file(file.clone(), create).await?;
         Self::open_handle(file, Some(path.to_path_buf()), open, None).await
     }
@@ -265,11 +268,20 @@ impl Image {
             },
         )
         .map_err(Error::io("opening the image"))?;
+        let direct_align = file.alignment() as u64;
+        let file = wrap_direct(file);
         let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         chain.push(canon);
         let hdr = read_header(&file).await?;
         let backing = open_backing(&hdr, path, opts, depth, chain).await?;
-        Self::open_handle(file, Some(path.to_path_buf()), opts, backing).await
+        let img = Self::open_handle(file, Some(path.to_path_buf()), opts, backing).await?;
+        if direct_align > img.cluster_size() {
+            return Err(Error::unsupported(
+                "O_DIRECT with clusters smaller than the device block",
+                format!("cluster size {}, block {direct_align}", img.cluster_size()),
+            ));
+        }
+        Ok(img)
     }
 
     /// Opens an image on an already open file (for example an in-memory one), with the
@@ -283,12 +295,6 @@ impl Image {
         let mut hdr = read_header(&file).await?;
         check_features(&hdr, opts.read_only)?;
         let h = &hdr.header;
-        if opts.direct && h.cluster_size() < file.alignment() as u64 {
-            return Err(Error::unsupported(
-                "O_DIRECT with clusters smaller than the device block",
-                format!("cluster size {}", h.cluster_size()),
-            ));
-        }
         let geo = h.geometry().map_err(Error::format("header"))?;
         let size = h.size;
         let compression = h.compression_type;
@@ -318,6 +324,7 @@ impl Image {
                 barrier: opts.barrier,
                 compression,
                 version3,
+                direct_align: if opts.direct { 4096 } else { 1 },
             }),
         })
     }
@@ -540,7 +547,10 @@ impl Image {
     }
 
     async fn write_cluster(&self, gc: u64, inc: u64, data: &[u8]) -> Result<()> {
-        {
+        // With O_DIRECT an unaligned write is a read-modify-write of whole blocks: it must
+        // not run beside another writer of the same cluster (see `direct.rs`).
+        let a = self.inner.direct_align;
+        if a <= 1 || (inc % a == 0 && data.len() as u64 % a == 0) {
             let _shared = self.inner.leases.shared(gc).await;
             let (entry, _) = self.inner.meta.lock().await.lookup(gc).await?;
             if let L2Entry::Normal { host, copied: true } = entry {
@@ -710,6 +720,15 @@ fn release(meta: &mut Meta, old: L2Entry, cs: u64) {
             meta.free_later(start, len);
         }
         _ => {}
+    }
+}
+
+/// O_DIRECT files get a byte-granular view (see `direct.rs`); others are used as they are.
+fn wrap_direct(file: Arc<dyn BlockFile>) -> Arc<dyn BlockFile> {
+    if file.alignment() > 1 {
+        Arc::new(crate::direct::AlignedFile::new(file))
+    } else {
+        file
     }
 }
 

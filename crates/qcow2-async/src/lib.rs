@@ -23,6 +23,7 @@ mod backing;
 mod barrier;
 mod cache;
 mod compress;
+mod direct;
 mod error;
 mod image;
 pub mod io;
