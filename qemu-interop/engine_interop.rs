@@ -341,3 +341,27 @@ async fn barrier_modes_all_produce_consistent_images() {
         assert!(!out.contains("Pattern verification failed"), "{mode:?}: {out}");
     }
 }
+
+/// Clusters shared with an internal snapshot (refcount 2, no COPIED) are copied on write,
+/// never written in place: reverting to the snapshot with qemu-img brings the old data back,
+/// and the image is check-clean before and after.
+#[tokio::test]
+async fn writes_to_snapshot_shared_clusters_copy_on_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("snap.qcow2");
+    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&p), "4M"]);
+    qemu_ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x31 0 1M", s(&p)]);
+    qemu_ok("qemu-img", &["snapshot", "-c", "s1", s(&p)]);
+    let img = Image::open(&p, &OpenOptions::default()).await.unwrap();
+    img.write_at(&[0x32; 5000], 70_000).await.unwrap();
+    img.write_zeroes(196_608, 65536, true).await.unwrap();
+    img.discard(262_144, 65536).await.unwrap();
+    img.close().await.unwrap();
+    assert_check_clean(&p);
+    let out = qemu_ok("qemu-io", &["-f", "qcow2", "-c", "read -P 0x32 70000 5000", "-c", "read -P 0 196608 128k", "-c", "read -P 0x31 0 70000", s(&p)]);
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    qemu_ok("qemu-img", &["snapshot", "-a", "s1", s(&p)]);
+    assert_check_clean(&p);
+    let out = qemu_ok("qemu-io", &["-f", "qcow2", "-c", "read -P 0x31 0 1M", s(&p)]);
+    assert!(!out.contains("Pattern verification failed"), "snapshot data was modified: {out}");
+}

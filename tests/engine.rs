@@ -300,12 +300,19 @@ async fn model_on_real_files_with_both_backends() {
 /// Afterwards `qemu-img check` must report no leaks and no corruptions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stress_64_tasks_overlapping_writes_stay_consistent() {
+    for aio in [Aio::Threads, Aio::IoUring] {
+        stress(aio).await;
+    }
+}
+
+async fn stress(aio: Aio) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("stress.qcow2");
     let size: u64 = 32 << 20;
     let mut o = CreateOptions::new(size);
     o.cluster_size = 16384;
-    let img = Image::create(&path, &o, &OpenOptions::default()).await.unwrap();
+    let opts = OpenOptions { aio: Some(aio), ..Default::default() };
+    let img = Image::create(&path, &o, &opts).await.unwrap();
     let fill = |round: u64, pos: u64| ((pos / 7).wrapping_mul(31).wrapping_add(round * 13) % 255 + 1) as u8;
     let mut model = vec![0u8; size as usize];
     for round in 0..3u64 {
@@ -338,7 +345,7 @@ async fn stress_64_tasks_overlapping_writes_stay_consistent() {
         let mut all = vec![0u8; size as usize];
         img.read_at(&mut all, 0).await.unwrap();
         let bad = all.iter().zip(&model).position(|(a, b)| a != b);
-        assert!(bad.is_none(), "round {round}: byte {:#x} differs", bad.unwrap());
+        assert!(bad.is_none(), "{aio:?} round {round}: byte {:#x} differs", bad.unwrap());
     }
     img.close().await.unwrap();
     assert_check_clean(&path);
