@@ -6,9 +6,12 @@ use qcow2_async::{CreateOptions, Image, OpenOptions};
 
 #[tokio::main]
 async fn main() -> qcow2_async::Result<()> {
-    let path = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| std::env::temp_dir().join("example.qcow2").display().to_string());
+    let path = std::env::args().nth(1).unwrap_or_else(|| {
+        std::env::temp_dir()
+            .join("example.qcow2")
+            .display()
+            .to_string()
+    });
     let img = Image::create(&path, &CreateOptions::new(1 << 30), &OpenOptions::default()).await?;
 
     // 32 tasks, each writing its own 64 KiB stripes; clones share one image.
@@ -17,7 +20,8 @@ async fn main() -> qcow2_async::Result<()> {
             let img = img.clone();
             tokio::spawn(async move {
                 for i in 0..16u64 {
-                    img.write_at(&[t as u8 + 1; 65536], (i * 32 + t) * 65536).await?;
+                    img.write_at(&[t as u8 + 1; 65536], (i * 32 + t) * 65536)
+                        .await?;
                 }
                 Ok::<_, qcow2_async::Error>(())
             })

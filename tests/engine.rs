@@ -112,9 +112,14 @@ async fn apply(
         Op::Flush => img.flush().await.unwrap(),
         Op::Reopen => {
             img.clone().close().await.unwrap();
-            *img = Image::open_handle(file.clone(), None, &OpenOptions::default(), backing.cloned())
-                .await
-                .unwrap();
+            *img = Image::open_handle(
+                file.clone(),
+                None,
+                &OpenOptions::default(),
+                backing.cloned(),
+            )
+            .await
+            .unwrap();
         }
     }
 }
@@ -123,7 +128,9 @@ async fn run_model(case: &Case, seed: u64, ops: usize) {
     let mut r = rng(seed);
     let backing_bytes: Vec<u8> = if case.backing {
         // A backing file shorter than the image: past its end the guest reads zeros.
-        (0..case.size - case.cluster * 2).map(|i| (i % 251) as u8 + 1).collect()
+        (0..case.size - case.cluster * 2)
+            .map(|i| (i % 251) as u8 + 1)
+            .collect()
     } else {
         vec![]
     };
@@ -133,10 +140,22 @@ async fn run_model(case: &Case, seed: u64, ops: usize) {
     });
     let file = mem();
     let mut img = make(case, file.clone(), backing.as_ref()).await;
-    let mut model = Model::new(case.size as usize, case.backing.then_some(&backing_bytes[..]));
+    let mut model = Model::new(
+        case.size as usize,
+        case.backing.then_some(&backing_bytes[..]),
+    );
     for _ in 0..ops {
         let op = random_op(&mut r, case.size, case.cluster);
-        apply(&mut img, &mut model, &op, case, &file, backing.as_ref(), &backing_bytes).await;
+        apply(
+            &mut img,
+            &mut model,
+            &op,
+            case,
+            &file,
+            backing.as_ref(),
+            &backing_bytes,
+        )
+        .await;
     }
     img.flush().await.unwrap();
     let mut all = vec![0u8; case.size as usize];
@@ -158,7 +177,13 @@ async fn model_random_operations_match() {
 /// The discard model above treats the image tail specially; this pins the rule it encodes.
 #[tokio::test]
 async fn discard_of_a_partial_cluster_changes_nothing() {
-    let case = Case { cluster: 65536, refcount_bits: 16, v3: true, backing: false, size: 1 << 20 };
+    let case = Case {
+        cluster: 65536,
+        refcount_bits: 16,
+        v3: true,
+        backing: false,
+        size: 1 << 20,
+    };
     let img = make(&case, mem(), None).await;
     img.write_at(&[7u8; 65536], 0).await.unwrap();
     img.discard(512, 65536 - 1024).await.unwrap();
@@ -178,8 +203,13 @@ async fn two_writers_on_one_unallocated_cluster_allocate_once() {
     // completes synchronously and would hide the race).
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("race.qcow2");
-    let opts = OpenOptions { aio: Some(Aio::Threads), ..Default::default() };
-    let img = Image::create(&path, &CreateOptions::new(64 << 20), &opts).await.unwrap();
+    let opts = OpenOptions {
+        aio: Some(Aio::Threads),
+        ..Default::default()
+    };
+    let img = Image::create(&path, &CreateOptions::new(64 << 20), &opts)
+        .await
+        .unwrap();
     let clusters = 256u64;
     let mut tasks = Vec::new();
     for half in 0..2u64 {
@@ -198,8 +228,14 @@ async fn two_writers_on_one_unallocated_cluster_allocate_once() {
     for c in 0..clusters {
         let mut b = vec![0u8; 65536];
         img.read_at(&mut b, c * 65536).await.unwrap();
-        assert!(b[..32768].iter().all(|&x| x == 1), "cluster {c}: first half lost");
-        assert!(b[32768..].iter().all(|&x| x == 2), "cluster {c}: second half lost");
+        assert!(
+            b[..32768].iter().all(|&x| x == 1),
+            "cluster {c}: first half lost"
+        );
+        assert!(
+            b[32768..].iter().all(|&x| x == 2),
+            "cluster {c}: second half lost"
+        );
     }
     // header, reftable, refblock, L1, one L2 table and exactly one data cluster per guest
     // cluster: nothing leaked.
@@ -217,7 +253,13 @@ async fn two_writers_on_one_unallocated_cluster_allocate_once() {
 /// turns into a normal cluster holding the new bytes and zeros around them.
 #[tokio::test]
 async fn a_write_to_a_zero_alloc_cluster_is_visible() {
-    let case = Case { cluster: 65536, refcount_bits: 16, v3: true, backing: false, size: 1 << 20 };
+    let case = Case {
+        cluster: 65536,
+        refcount_bits: 16,
+        v3: true,
+        backing: false,
+        size: 1 << 20,
+    };
     let img = make(&case, mem(), None).await;
     img.write_at(&[9u8; 65536], 0).await.unwrap();
     img.write_zeroes(0, 65536, false).await.unwrap(); // keeps the host cluster
@@ -232,14 +274,28 @@ async fn a_write_to_a_zero_alloc_cluster_is_visible() {
 /// Reads and writes outside the disk are typed errors, and a read-only image refuses writes.
 #[tokio::test]
 async fn out_of_range_and_read_only_are_refused() {
-    let case = Case { cluster: 65536, refcount_bits: 16, v3: true, backing: false, size: 1 << 20 };
+    let case = Case {
+        cluster: 65536,
+        refcount_bits: 16,
+        v3: true,
+        backing: false,
+        size: 1 << 20,
+    };
     let file = mem();
     let img = make(&case, file.clone(), None).await;
     let mut b = [0u8; 2];
-    assert!(matches!(img.read_at(&mut b, (1 << 20) - 1).await, Err(qcow2_async::Error::OutOfRange { .. })));
+    assert!(matches!(
+        img.read_at(&mut b, (1 << 20) - 1).await,
+        Err(qcow2_async::Error::OutOfRange { .. })
+    ));
     img.close().await.unwrap();
-    let ro = Image::open_handle(file, None, &OpenOptions::read_only(), None).await.unwrap();
-    assert!(matches!(ro.write_at(&[1], 0).await, Err(qcow2_async::Error::ReadOnly)));
+    let ro = Image::open_handle(file, None, &OpenOptions::read_only(), None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        ro.write_at(&[1], 0).await,
+        Err(qcow2_async::Error::ReadOnly)
+    ));
 }
 
 /// The model test again on real files through both I/O backends.
@@ -249,7 +305,10 @@ async fn model_on_real_files_with_both_backends() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.qcow2");
         let size = 8 << 20;
-        let opts = OpenOptions { aio: Some(aio), ..Default::default() };
+        let opts = OpenOptions {
+            aio: Some(aio),
+            ..Default::default()
+        };
         let mut o = CreateOptions::new(size);
         o.cluster_size = 4096;
         let mut img = Image::create(&path, &o, &opts).await.unwrap();
@@ -280,7 +339,10 @@ async fn model_on_real_files_with_both_backends() {
                 Op::Read { off, len } => {
                     let mut b = vec![0u8; len as usize];
                     img.read_at(&mut b, off).await.unwrap();
-                    assert!(b == model.data[off as usize..(off + len) as usize], "{aio:?}: read {off:#x}+{len:#x}");
+                    assert!(
+                        b == model.data[off as usize..(off + len) as usize],
+                        "{aio:?}: read {off:#x}+{len:#x}"
+                    );
                 }
                 Op::Flush => img.flush().await.unwrap(),
             }
@@ -311,9 +373,14 @@ async fn stress(aio: Aio) {
     let size: u64 = 32 << 20;
     let mut o = CreateOptions::new(size);
     o.cluster_size = 16384;
-    let opts = OpenOptions { aio: Some(aio), ..Default::default() };
+    let opts = OpenOptions {
+        aio: Some(aio),
+        ..Default::default()
+    };
     let img = Image::create(&path, &o, &opts).await.unwrap();
-    let fill = |round: u64, pos: u64| ((pos / 7).wrapping_mul(31).wrapping_add(round * 13) % 255 + 1) as u8;
+    let fill = |round: u64, pos: u64| {
+        ((pos / 7).wrapping_mul(31).wrapping_add(round * 13) % 255 + 1) as u8
+    };
     let mut model = vec![0u8; size as usize];
     for round in 0..3u64 {
         let mut tasks = Vec::new();
@@ -345,7 +412,11 @@ async fn stress(aio: Aio) {
         let mut all = vec![0u8; size as usize];
         img.read_at(&mut all, 0).await.unwrap();
         let bad = all.iter().zip(&model).position(|(a, b)| a != b);
-        assert!(bad.is_none(), "{aio:?} round {round}: byte {:#x} differs", bad.unwrap());
+        assert!(
+            bad.is_none(),
+            "{aio:?} round {round}: byte {:#x} differs",
+            bad.unwrap()
+        );
     }
     img.close().await.unwrap();
     assert_check_clean(&path);
@@ -362,13 +433,18 @@ async fn refcount_growth_at_512_byte_clusters_with_64_bit_refcounts_is_check_cle
     let mut o = CreateOptions::new(16 << 20);
     o.cluster_size = 512;
     o.refcount_bits = 64;
-    let img = Image::create(&path, &o, &OpenOptions::default()).await.unwrap();
+    let img = Image::create(&path, &o, &OpenOptions::default())
+        .await
+        .unwrap();
     let chunk = vec![0x5au8; 64 << 10];
     for i in 0..48u64 {
         img.write_at(&chunk, i * chunk.len() as u64).await.unwrap();
     }
     let hdr = img.header().await;
-    assert!(hdr.header.refcount_table_clusters > 1, "the refcount table grew");
+    assert!(
+        hdr.header.refcount_table_clusters > 1,
+        "the refcount table grew"
+    );
     // Every refcount block the table points at is counted exactly once.
     let rt_off = hdr.header.refcount_table_offset;
     img.close().await.unwrap();
@@ -381,7 +457,11 @@ async fn refcount_growth_at_512_byte_clusters_with_64_bit_refcounts_is_check_cle
         let off = u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
         if off != 0 {
             blocks += 1;
-            assert_eq!(img.refcount(off / 512).await.unwrap(), 1, "refcount block at {off:#x}");
+            assert_eq!(
+                img.refcount(off / 512).await.unwrap(),
+                1,
+                "refcount block at {off:#x}"
+            );
         }
     }
     assert!(blocks > 60);
@@ -399,9 +479,15 @@ async fn o_direct_images_behave_like_buffered_ones() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     for aio in [Aio::Threads, Aio::IoUring] {
         let path = dir.path().join(format!("direct-{aio:?}.qcow2"));
-        let opts = OpenOptions { direct: true, aio: Some(aio), ..Default::default() };
+        let opts = OpenOptions {
+            direct: true,
+            aio: Some(aio),
+            ..Default::default()
+        };
         let size = 4u64 << 20;
-        let img = Image::create(&path, &CreateOptions::new(size), &opts).await.unwrap();
+        let img = Image::create(&path, &CreateOptions::new(size), &opts)
+            .await
+            .unwrap();
         let mut model = vec![0u8; size as usize];
         let mut tasks = Vec::new();
         for t in 0..16u64 {
@@ -427,7 +513,10 @@ async fn o_direct_images_behave_like_buffered_ones() {
         let img = Image::open(&path, &opts).await.unwrap();
         let mut all = vec![0u8; size as usize];
         img.read_at(&mut all, 0).await.unwrap();
-        assert!(all == model, "{aio:?}: O_DIRECT image differs from the model");
+        assert!(
+            all == model,
+            "{aio:?}: O_DIRECT image differs from the model"
+        );
         img.close().await.unwrap();
         assert_check_clean(&path);
     }

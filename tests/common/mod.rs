@@ -60,7 +60,11 @@ pub fn random_op(rng: &mut SmallRng, size: u64, cluster: u64) -> Op {
                 data: (0..len).map(|i| seed.wrapping_add(i as u8) | 1).collect(),
             }
         }
-        9..=10 => Op::Zeroes { off, len, unmap: rng.gen() },
+        9..=10 => Op::Zeroes {
+            off,
+            len,
+            unmap: rng.gen(),
+        },
         11..=12 => Op::Discard { off, len },
         13..=17 => Op::Read { off, len },
         18 => Op::Flush,
@@ -94,7 +98,10 @@ pub fn qemu_ok(tool: &str, args: &[&str]) -> String {
 
 /// `qemu-img check --output=json`: (exit code, parsed report).
 pub fn qemu_check(path: &Path) -> (i32, serde_json::Value) {
-    let out = qemu("qemu-img", &["check", "--output=json", path.to_str().unwrap()]);
+    let out = qemu(
+        "qemu-img",
+        &["check", "--output=json", path.to_str().unwrap()],
+    );
     let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
         panic!(
             "qemu-img check printed no JSON: {}{}",
@@ -109,5 +116,8 @@ pub fn qemu_check(path: &Path) -> (i32, serde_json::Value) {
 pub fn assert_check_clean(path: &Path) {
     let (code, v) = qemu_check(path);
     assert_eq!(code, 0, "qemu-img check is not clean for {path:?}: {v:#}");
-    assert!(v.get("leaks").is_none() && v.get("corruptions").is_none(), "{v:#}");
+    assert!(
+        v.get("leaks").is_none() && v.get("corruptions").is_none(),
+        "{v:#}"
+    );
 }

@@ -8,7 +8,11 @@ use qcow2_format::CompressionType;
 use crate::error::{Error, Result};
 
 /// Decompresses `input` into exactly `cluster_size` bytes.
-pub(crate) fn decompress(kind: CompressionType, input: &[u8], cluster_size: usize) -> Result<Vec<u8>> {
+pub(crate) fn decompress(
+    kind: CompressionType,
+    input: &[u8],
+    cluster_size: usize,
+) -> Result<Vec<u8>> {
     let mut out = vec![0u8; cluster_size];
     match kind {
         CompressionType::Deflate => {

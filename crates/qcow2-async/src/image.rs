@@ -202,11 +202,15 @@ impl Image {
         let geo = meta.geo;
         let l1_entries = geo.l1_entries_for(size);
         if l1_entries * 8 > Limits::QEMU.max_l1_bytes {
-            return Err(Error::InvalidArgument(format!("image size {size} is too large")));
+            return Err(Error::InvalidArgument(format!(
+                "image size {size} is too large"
+            )));
         }
         let mut l1_off = 0;
         if l1_entries > 0 {
-            l1_off = meta.alloc(geo.clusters_for(l1_entries * 8), Pool::Metadata).await?;
+            l1_off = meta
+                .alloc(geo.clusters_for(l1_entries * 8), Pool::Metadata)
+                .await?;
             write(vec![0u8; (l1_entries * 8) as usize], l1_off).await?;
         }
         meta.l1 = vec![0; l1_entries as usize];
@@ -238,7 +242,9 @@ impl Image {
             meta.writeback().await?;
             let len = file.len().await.map_err(Error::io("sizing"))?;
             if len < end {
-                file.set_len(end).await.map_err(Error::io("preallocating"))?;
+                file.set_len(end)
+                    .await
+                    .map_err(Error::io("preallocating"))?;
             }
         }
         meta.writeback().await?;
@@ -303,9 +309,17 @@ impl Image {
         // A writer must clear autoclear bits it does not understand (reference §1.2).
         let rewrite = !opts.read_only && h.autoclear.unknown() != 0;
         if rewrite {
-            hdr.header.autoclear = AutoclearFeatures(hdr.header.autoclear.0 & AutoclearFeatures::KNOWN.0);
+            hdr.header.autoclear =
+                AutoclearFeatures(hdr.header.autoclear.0 & AutoclearFeatures::KNOWN.0);
         }
-        let mut meta = Meta::load(file.clone(), barrier, hdr, Limits::QEMU, opts.cache_clusters).await?;
+        let mut meta = Meta::load(
+            file.clone(),
+            barrier,
+            hdr,
+            Limits::QEMU,
+            opts.cache_clusters,
+        )
+        .await?;
         meta.discard_passthrough = opts.discard_passthrough;
         if rewrite {
             meta.write_header().await?;
@@ -382,7 +396,11 @@ impl Image {
     }
 
     /// Calls `f(guest cluster, offset in cluster, range in request)` for each cluster piece.
-    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64, std::ops::Range<usize>)> {
+    fn pieces(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> impl Iterator<Item = (u64, u64, std::ops::Range<usize>)> {
         let cs = self.cluster_size();
         let bits = self.inner.geo.cluster_bits();
         let mut done = 0u64;
@@ -478,7 +496,10 @@ impl Image {
             match src {
                 Source::Zero => piece.fill(0),
                 Source::Backing => match &self.inner.backing {
-                    Some(b) => b.read(piece, (gc << self.inner.geo.cluster_bits()) + pos).await?,
+                    Some(b) => {
+                        b.read(piece, (gc << self.inner.geo.cluster_bits()) + pos)
+                            .await?
+                    }
                     None => piece.fill(0),
                 },
                 Source::Data(host) => {
@@ -569,7 +590,10 @@ impl Image {
                 host: Some(h),
                 copied: true,
             } => (h.0, false),
-            _ => (self.inner.meta.lock().await.alloc(1, Pool::Data).await?, true),
+            _ => (
+                self.inner.meta.lock().await.alloc(1, Pool::Data).await?,
+                true,
+            ),
         };
         let result = async {
             let buf = if inc == 0 && data.len() as u64 == cs {
@@ -712,9 +736,10 @@ impl Image {
 /// Drops the reference an old mapping held, once the new mapping is durable.
 fn release(meta: &mut Meta, old: L2Entry, cs: u64) {
     match old {
-        L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. } => {
-            meta.free_later(host.0, cs)
-        }
+        L2Entry::Normal { host, .. }
+        | L2Entry::Zero {
+            host: Some(host), ..
+        } => meta.free_later(host.0, cs),
         L2Entry::Compressed(d) => {
             let (start, len) = d.host_range();
             meta.free_later(start, len);
@@ -751,9 +776,14 @@ async fn read_header(file: &Arc<dyn BlockFile>) -> Result<ImageHeader> {
 fn check_features(hdr: &ImageHeader, read_only: bool) -> Result<()> {
     let h = &hdr.header;
     if h.crypt_method != CryptMethod::None {
-        return Err(Error::unsupported("encryption", format!("{:?}", h.crypt_method)));
+        return Err(Error::unsupported(
+            "encryption",
+            format!("{:?}", h.crypt_method),
+        ));
     }
-    if h.incompatible.contains(IncompatibleFeatures::EXTERNAL_DATA_FILE) {
+    if h.incompatible
+        .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
+    {
         return Err(Error::unsupported("external data file", ""));
     }
     if read_only {
@@ -771,7 +801,10 @@ fn check_features(hdr: &ImageHeader, read_only: bool) -> Result<()> {
         ));
     }
     if h.incompatible.contains(IncompatibleFeatures::EXTENDED_L2) {
-        return Err(Error::unsupported("writing extended L2 entries", "open read-only"));
+        return Err(Error::unsupported(
+            "writing extended L2 entries",
+            "open read-only",
+        ));
     }
     if hdr.bitmaps.is_some() {
         return Err(Error::unsupported(
@@ -865,7 +898,10 @@ async fn open_backing(
                 },
             )
             .map_err(Error::io("opening the backing file"))?;
-            let len = f.len().await.map_err(Error::io("sizing the backing file"))?;
+            let len = f
+                .len()
+                .await
+                .map_err(Error::io("sizing the backing file"))?;
             Backing::Raw(f, len)
         }
     }))

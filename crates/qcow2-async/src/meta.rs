@@ -80,9 +80,8 @@ impl Meta {
         let l1_bytes = read_exact(&file, h.l1_table_offset, u64::from(h.l1_size) * 8).await?;
         let l1 = be64s(&l1_bytes);
         for (i, e) in l1.iter().enumerate() {
-            L1Entry::decode(*e, geo.cluster_bits()).map_err(|e| {
-                Error::Corrupt(format!("L1 entry {i}: {e}"))
-            })?;
+            L1Entry::decode(*e, geo.cluster_bits())
+                .map_err(|e| Error::Corrupt(format!("L1 entry {i}: {e}")))?;
         }
         let rt_bytes = read_exact(
             &file,
@@ -121,7 +120,9 @@ impl Meta {
     }
 
     async fn read_cluster(&self, off: u64) -> Result<Box<[u8]>> {
-        Ok(read_exact(&self.file, off, self.cs()).await?.into_boxed_slice())
+        Ok(read_exact(&self.file, off, self.cs())
+            .await?
+            .into_boxed_slice())
     }
 
     async fn write(&self, off: u64, data: &[u8], what: &'static str) -> Result<()> {
@@ -325,7 +326,8 @@ impl Meta {
         for e in &plan.table {
             bytes.extend_from_slice(&e.to_be_bytes());
         }
-        self.write(plan.table_offset, &bytes, "refcount table").await?;
+        self.write(plan.table_offset, &bytes, "refcount table")
+            .await?;
         self.barrier.order().await?;
         let old_off = self.hdr.header.refcount_table_offset;
         let old_clusters = self.hdr.header.refcount_table_clusters;
@@ -433,7 +435,9 @@ impl Meta {
 
     /// The L2 entry (and subcluster bitmap) of guest cluster `gc`.
     pub(crate) async fn lookup(&mut self, gc: u64) -> Result<(L2Entry, SubclusterBitmap)> {
-        let pos = self.geo.locate(qcow2_format::GuestOffset(gc << self.geo.cluster_bits()));
+        let pos = self
+            .geo
+            .locate(qcow2_format::GuestOffset(gc << self.geo.cluster_bits()));
         let Some(l2) = self.l1_entry(pos.l1_index)?.l2_offset else {
             return Ok((L2Entry::Unallocated, SubclusterBitmap::default()));
         };
@@ -458,14 +462,21 @@ impl Meta {
     }
 
     /// Points guest cluster `gc` at `entry`, allocating or copying its L2 table as needed.
-    pub(crate) async fn set_entry(&mut self, gc: u64, entry: L2Entry, bm: SubclusterBitmap) -> Result<()> {
+    pub(crate) async fn set_entry(
+        &mut self,
+        gc: u64,
+        entry: L2Entry,
+        bm: SubclusterBitmap,
+    ) -> Result<()> {
         let (w0, w1) = if self.fmt.extended_l2 {
             encode_extended(&entry, bm, self.fmt)
         } else {
             entry.encode(self.fmt).map(|w| (w, 0))
         }
         .map_err(Error::format("L2 entry"))?;
-        let pos = self.geo.locate(qcow2_format::GuestOffset(gc << self.geo.cluster_bits()));
+        let pos = self
+            .geo
+            .locate(qcow2_format::GuestOffset(gc << self.geo.cluster_bits()));
         let l1e = self.l1_entry(pos.l1_index)?;
         let l2_off = match l1e.l2_offset {
             Some(o) if l1e.copied => {
@@ -486,7 +497,10 @@ impl Meta {
                 };
                 self.evict_l2().await?;
                 self.l2.insert(new, data, true);
-                self.set_l1(pos.l1_index, L1Entry::new(qcow2_format::HostOffset(new), true));
+                self.set_l1(
+                    pos.l1_index,
+                    L1Entry::new(qcow2_format::HostOffset(new), true),
+                );
                 new
             }
         };

@@ -67,9 +67,11 @@ async fn run(a: &DemoArgs, dir: &std::path::Path) -> Result<u8> {
     let img = Image::create(&top, &o, &OpenOptions::default()).await?;
 
     let total = a.tasks * a.writes;
-    let bar = Arc::new(ProgressBar::new(total).with_style(
-        ProgressStyle::with_template("{spinner} writes {pos}/{len} {bar:30} {per_sec}")?,
-    ));
+    let bar = Arc::new(
+        ProgressBar::new(total).with_style(ProgressStyle::with_template(
+            "{spinner} writes {pos}/{len} {bar:30} {per_sec}",
+        )?),
+    );
     if !console_is_tty() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
@@ -86,7 +88,8 @@ async fn run(a: &DemoArgs, dir: &std::path::Path) -> Result<u8> {
                 let block = rng.gen_range(0..size / 4096 / tasks) * tasks + t;
                 let len = 4096u64;
                 let byte: u8 = rng.gen_range(1..=255);
-                img.write_at(&vec![byte; len as usize], block * 4096).await?;
+                img.write_at(&vec![byte; len as usize], block * 4096)
+                    .await?;
                 done.push((block * 4096, len, byte));
                 bar.inc(1);
             }
@@ -117,7 +120,10 @@ async fn run(a: &DemoArgs, dir: &std::path::Path) -> Result<u8> {
         .filter(|(g, m)| g != m)
         .count();
     let mib = bytes as f64 / (1 << 20) as f64;
-    println!("qcow2 demo: {total} writes from {} tasks over a backing chain", a.tasks);
+    println!(
+        "qcow2 demo: {total} writes from {} tasks over a backing chain",
+        a.tasks
+    );
     println!(
         "  wrote {mib:.1} MiB in {:.2} s ({:.0} IOPS, {:.1} MiB/s)",
         elapsed.as_secs_f64(),

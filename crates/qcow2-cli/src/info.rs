@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use qcow2_async::qcow2_format::{CompatibleFeatures, CompressionType, IncompatibleFeatures, Version};
+use qcow2_async::qcow2_format::{
+    CompatibleFeatures, CompressionType, IncompatibleFeatures, Version,
+};
 use qcow2_async::{BackingFormat, CreateOptions, Image, OpenOptions, Preallocation};
 use serde_json::json;
 
@@ -36,7 +38,11 @@ pub async fn info(a: InfoArgs) -> Result<u8> {
         use std::os::unix::fs::MetadataExt;
         m.blocks() * 512
     })?;
-    let compat = if hd.version == Version::V3 { "1.1" } else { "0.10" };
+    let compat = if hd.version == Version::V3 {
+        "1.1"
+    } else {
+        "0.10"
+    };
     let ctype = match hd.compression_type {
         CompressionType::Deflate => "zlib",
         CompressionType::Zstd => "zstd",
@@ -74,7 +80,11 @@ pub async fn info(a: InfoArgs) -> Result<u8> {
     } else {
         println!("image: {}", a.filename.display());
         println!("file format: qcow2");
-        println!("virtual size: {} ({} bytes)", human(img.virtual_size()), img.virtual_size());
+        println!(
+            "virtual size: {} ({} bytes)",
+            human(img.virtual_size()),
+            img.virtual_size()
+        );
         println!("disk size: {}", human(disk));
         println!("cluster_size: {}", img.cluster_size());
         if let Some(b) = &h.backing_file {
@@ -152,7 +162,8 @@ pub fn parse_size(s: &str) -> Result<u64> {
         _ => (s, 1),
     };
     let n: u64 = num.parse().map_err(|_| format!("invalid size '{s}'"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("size '{s}' too large").into())
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size '{s}' too large").into())
 }
 
 pub async fn create(a: CreateArgs) -> Result<u8> {
@@ -161,8 +172,17 @@ pub async fn create(a: CreateArgs) -> Result<u8> {
     }
     let mut o = CreateOptions::new(parse_size(&a.size)?);
     o.backing_file = a.backing.clone();
-    o.backing_format = a.backing_fmt.as_deref().map(str::parse::<BackingFormat>).transpose()?;
-    for kv in a.options.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
+    o.backing_format = a
+        .backing_fmt
+        .as_deref()
+        .map(str::parse::<BackingFormat>)
+        .transpose()?;
+    for kv in a
+        .options
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
         let (k, v) = kv.split_once('=').unwrap_or((kv, "on"));
         let on = |v: &str| matches!(v, "on" | "true" | "yes");
         match k {

@@ -11,7 +11,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "qcow2", version, about = "qcow2 image tool on the qcow2-async engine (qemu-img compatible spellings)")]
+#[command(
+    name = "qcow2",
+    version,
+    about = "qcow2 image tool on the qcow2-async engine (qemu-img compatible spellings)"
+)]
 struct Cli {
     #[command(subcommand)]
     verb: Verb,
@@ -33,7 +37,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("qcow2: cannot start the runtime: {e}");
