@@ -49,10 +49,6 @@ impl Barrier {
         Barrier { mode, files }
     }
 
-    pub(crate) fn mode(&self) -> BarrierMode {
-        self.mode
-    }
-
     /// Resolves when every write completed before the call is durable (a no-op with
     /// `BarrierMode::None`).
     pub(crate) async fn order(&self) -> Result<()> {

@@ -36,10 +36,9 @@ impl MetadataCache {
     pub(crate) fn get_mut(&mut self, off: u64) -> Option<&mut Slot> {
         self.tick += 1;
         let tick = self.tick;
-        self.slots.get_mut(&off).map(|s| {
-            s.used = tick;
-            s
-        })
+        let slot = self.slots.get_mut(&off)?;
+        slot.used = tick;
+        Some(slot)
     }
 
     pub(crate) fn contains(&self, off: u64) -> bool {
