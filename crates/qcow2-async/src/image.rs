@@ -24,6 +24,7 @@ use tracing::instrument;
 
 use crate::backing::Backing;
 use crate::barrier::{Barrier, BarrierMode};
+use crate::check::{CheckReport, RepairMode};
 use crate::error::{Error, Result};
 use crate::io::{open_file, BlockFile, FileOptions, IoBuf};
 use crate::lease::ClusterLeases;
@@ -713,6 +714,18 @@ impl Image {
             }
         }
         Ok(())
+    }
+
+    /// Recounts every reference and compares with the on-disk refcounts, like
+    /// `qemu-img check`. With `repair`, fixes what the mode allows (like `-r leaks|all`) and
+    /// reports the state afterwards. Guest I/O waits while a check runs.
+    #[instrument(skip(self))]
+    pub async fn check(&self, repair: Option<RepairMode>) -> Result<CheckReport> {
+        if repair.is_some() && self.inner.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let mut meta = self.inner.meta.lock().await;
+        meta.check(self.inner.size, repair).await
     }
 
     /// Makes every write that completed before the call durable (invariant 10).

@@ -22,6 +22,7 @@
 mod backing;
 mod barrier;
 mod cache;
+mod check;
 mod compress;
 mod direct;
 mod error;
@@ -33,6 +34,7 @@ mod options;
 
 pub use backing::Backing;
 pub use barrier::BarrierMode;
+pub use check::{CheckReport, RepairMode, Verdict};
 pub use error::{Error, Result};
 pub use image::Image;
 pub use options::{BackingFormat, BackingPolicy, CreateOptions, OpenOptions, Preallocation};

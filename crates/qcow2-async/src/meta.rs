@@ -55,6 +55,7 @@ pub(crate) struct Meta {
     data_cursor: u64,
     pub(crate) discard_passthrough: bool,
     pub(crate) corrupt: Option<String>,
+    cache_clusters: usize,
 }
 
 type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
@@ -111,21 +112,22 @@ impl Meta {
             data_cursor: 0,
             discard_passthrough: false,
             corrupt: None,
+            cache_clusters,
             hdr,
         })
     }
 
-    fn cs(&self) -> u64 {
+    pub(crate) fn cs(&self) -> u64 {
         self.geo.cluster_size()
     }
 
-    async fn read_cluster(&self, off: u64) -> Result<Box<[u8]>> {
+    pub(crate) async fn read_cluster(&self, off: u64) -> Result<Box<[u8]>> {
         Ok(read_exact(&self.file, off, self.cs())
             .await?
             .into_boxed_slice())
     }
 
-    async fn write(&self, off: u64, data: &[u8], what: &'static str) -> Result<()> {
+    pub(crate) async fn write(&self, off: u64, data: &[u8], what: &'static str) -> Result<()> {
         // Cluster 0 holds the header; nothing else may ever be written there.
         if off < self.cs() && what != "header" {
             return Err(Error::Corrupt(format!(
@@ -146,7 +148,7 @@ impl Meta {
 
     // ---------------------------------------------------------------- refcounts
 
-    fn block_bits(&self) -> u32 {
+    pub(crate) fn block_bits(&self) -> u32 {
         self.order.block_bits(self.geo.cluster_bits())
     }
 
@@ -180,7 +182,7 @@ impl Meta {
     }
 
     /// Sets the refcount of a cluster whose refcount block exists.
-    async fn set_refcount(&mut self, cluster: u64, value: u64) -> Result<()> {
+    pub(crate) async fn set_refcount(&mut self, cluster: u64, value: u64) -> Result<()> {
         let off = self
             .block_offset(cluster)
             .ok_or_else(|| Error::Corrupt(format!("no refcount block for cluster {cluster}")))?;
@@ -515,6 +517,19 @@ impl Meta {
         Ok(())
     }
 
+    /// Forgets every cached refcount block (after the structures were replaced on disk).
+    pub(crate) fn reset_refcount_cache(&mut self) {
+        self.blocks = MetadataCache::new(self.cache_clusters);
+        self.meta_cursor = 0;
+        self.data_cursor = 0;
+    }
+
+    /// Forgets every cached L2 table (after tables were patched on disk). Call only when
+    /// nothing is dirty.
+    pub(crate) fn drop_l2_cache(&mut self) {
+        self.l2 = MetadataCache::new(self.cache_clusters);
+    }
+
     fn set_l1(&mut self, idx: u64, e: L1Entry) {
         self.l1[idx as usize] = e.encode();
         self.l1_dirty_sectors.insert(idx * 8 / 512);
@@ -522,7 +537,7 @@ impl Meta {
 
     // ---------------------------------------------------------------- write-back
 
-    async fn write_blocks(&mut self) -> Result<()> {
+    pub(crate) async fn write_blocks(&mut self) -> Result<()> {
         for off in self.blocks.dirty() {
             let slot = self.blocks.get_mut(off).expect("dirty entry");
             slot.dirty = false;
