@@ -78,14 +78,14 @@ async fn run(a: &DemoArgs, dir: &std::path::Path) -> Result<u8> {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for t in 0..a.tasks {
-        let (img, bar, writes, tasks) = (img.clone(), bar.clone(), a.writes, a.tasks);
+        let (img, bar, writes, ntasks) = (img.clone(), bar.clone(), a.writes, a.tasks);
         tasks.push(tokio::spawn(async move {
             let mut rng = rand::rngs::SmallRng::seed_from_u64(t);
             let mut done = Vec::new();
             for _ in 0..writes {
                 // Task t owns the 4 KiB blocks b with b % tasks == t: many tasks write into
                 // the same cluster at once (allocation races), yet the result is determined.
-                let block = rng.gen_range(0..size / 4096 / tasks) * tasks + t;
+                let block = rng.gen_range(0..size / 4096 / ntasks) * ntasks + t;
                 let len = 4096u64;
                 let byte: u8 = rng.gen_range(1..=255);
                 img.write_at(&vec![byte; len as usize], block * 4096)
