@@ -406,7 +406,14 @@ impl Meta {
 
     /// Releases a reference once the metadata that held it is durable (invariant 1).
     pub(crate) fn free_later(&mut self, off: u64, len: u64) {
-        self.pending_free.push((off, len));
+        // One entry per cluster, so that a failed write-back can retry exactly what is left.
+        if len == 0 {
+            return;
+        }
+        let bits = self.geo.cluster_bits();
+        for c in (off >> bits)..=((off + len - 1) >> bits) {
+            self.pending_free.push((c << bits, 1));
+        }
     }
 
     /// Releases a reference nothing on disk has seen yet (e.g. after a failed data write).
@@ -539,10 +546,11 @@ impl Meta {
 
     pub(crate) async fn write_blocks(&mut self) -> Result<()> {
         for off in self.blocks.dirty() {
-            let slot = self.blocks.get_mut(off).expect("dirty entry");
-            slot.dirty = false;
-            let data = slot.data.clone();
+            let data = self.blocks.get_mut(off).expect("dirty entry").data.clone();
+            // Clean only once written: after a failed write the block stays dirty and is
+            // never evicted, so no later L2 write can get ahead of its refcounts.
             self.write(off, &data, "refcount block").await?;
+            self.blocks.get_mut(off).expect("dirty entry").dirty = false;
         }
         Ok(())
     }
@@ -573,15 +581,14 @@ impl Meta {
         if !dirty_l2.is_empty() || !self.l1_dirty_sectors.is_empty() {
             self.barrier.order().await?;
             for off in dirty_l2 {
-                let slot = self.l2.get_mut(off).expect("dirty entry");
-                slot.dirty = false;
-                let data = slot.data.clone();
+                let data = self.l2.get_mut(off).expect("dirty entry").data.clone();
                 self.write(off, &data, "L2 table").await?;
+                self.l2.get_mut(off).expect("dirty entry").dirty = false;
             }
             if !self.l1_dirty_sectors.is_empty() {
                 self.barrier.order().await?;
                 let l1_len = self.l1.len() as u64 * 8;
-                for sector in std::mem::take(&mut self.l1_dirty_sectors) {
+                for sector in self.l1_dirty_sectors.clone() {
                     let start = sector * 512;
                     let end = (start + 512).min(l1_len);
                     let bytes: Vec<u8> = self.l1[(start / 8) as usize..(end / 8) as usize]
@@ -590,16 +597,19 @@ impl Meta {
                         .collect();
                     self.write(self.hdr.header.l1_table_offset + start, &bytes, "L1 table")
                         .await?;
+                    self.l1_dirty_sectors.remove(&sector);
                 }
             }
             self.barrier.order().await?;
         }
-        if !self.pending_free.is_empty() {
-            for (off, len) in std::mem::take(&mut self.pending_free) {
-                self.update_refcount(off, len, -1).await?;
+        while let Some((off, len)) = self.pending_free.pop() {
+            if let Err(e) = self.update_refcount(off, len, -1).await {
+                // Keep it for the next write-back; a lost free is only a leak anyway.
+                self.pending_free.push((off, len));
+                return Err(e);
             }
-            self.write_blocks().await?;
         }
+        self.write_blocks().await?;
         Ok(())
     }
 }
