@@ -522,11 +522,27 @@ async fn unsupported_features_are_refused_and_feature_bits_handled_like_qemu() {
     ));
     assert!(Image::open(&bm, &OpenOptions::read_only()).await.is_ok());
 
-    // Dirty (lazy refcounts not repaired) and corrupt images: read-only only.
+    // A dirty image opens read-only as it is, and read-write after a repair that clears the
+    // bit; a corrupt one only read-only.
     let dirty = mk("dirty.qcow2", &["-o", "lazy_refcounts=on"]);
     patch(&dirty, 72, &1u64.to_be_bytes());
-    assert!(Image::open(&dirty, &OpenOptions::default()).await.is_err());
     assert!(Image::open(&dirty, &OpenOptions::read_only()).await.is_ok());
+    assert_eq!(
+        std::fs::read(&dirty).unwrap()[79] & 1,
+        1,
+        "a read-only open does not repair"
+    );
+    Image::open(&dirty, &OpenOptions::default())
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(&dirty).unwrap()[79] & 1,
+        0,
+        "repaired and marked clean"
+    );
     let corrupt = mk("corrupt.qcow2", &[]);
     patch(&corrupt, 72, &2u64.to_be_bytes());
     assert!(matches!(
@@ -681,10 +697,36 @@ async fn check_and_repair_agree_with_qemu_img() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let base = d.join("c.qcow2");
-    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", s(&base), "4M"]);
-    qemu_ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5a 0 64k", "-c", "write -P 0x5b 1M 4k", s(&base)]);
+    qemu_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            s(&base),
+            "4M",
+        ],
+    );
+    qemu_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 0 64k",
+            "-c",
+            "write -P 0x5b 1M 4k",
+            s(&base),
+        ],
+    );
     qemu_ok("qemu-img", &["snapshot", "-c", "s1", s(&base)]);
-    qemu_ok("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5c 0 4k", s(&base)]);
+    qemu_ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x5c 0 4k", s(&base)],
+    );
 
     let rc_block = |p: &Path| {
         let b = std::fs::read(p).unwrap();
@@ -699,19 +741,37 @@ async fn check_and_repair_agree_with_qemu_img() {
     let len = std::fs::metadata(&leak).unwrap().len();
     let free_cluster = len / 4096 + 2;
     patch(&leak, blk + free_cluster * 2, &1u16.to_be_bytes());
-    std::fs::OpenOptions::new().write(true).open(&leak).unwrap().set_len((free_cluster + 1) * 4096).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&leak)
+        .unwrap()
+        .set_len((free_cluster + 1) * 4096)
+        .unwrap();
     let corrupt = d.join("corrupt.qcow2");
     std::fs::copy(&base, &corrupt).unwrap();
     // Refcount of the L1 table's cluster set to 0 while referenced.
     let b = std::fs::read(&corrupt).unwrap();
     let l1 = u64::from_be_bytes(b[40..48].try_into().unwrap());
-    patch(&corrupt, rc_block(&corrupt) + (l1 / 4096) * 2, &0u16.to_be_bytes());
+    patch(
+        &corrupt,
+        rc_block(&corrupt) + (l1 / 4096) * 2,
+        &0u16.to_be_bytes(),
+    );
 
-    for (p, want) in [(&base, Verdict::Clean), (&leak, Verdict::Leaks), (&corrupt, Verdict::Corrupt)] {
+    for (p, want) in [
+        (&base, Verdict::Clean),
+        (&leak, Verdict::Leaks),
+        (&corrupt, Verdict::Corrupt),
+    ] {
         let (code, _) = qemu_check(p);
         let img = Image::open(p, &OpenOptions::read_only()).await.unwrap();
         let report = img.check(None).await.unwrap();
-        println!("{}: qemu-img check exit {code}, ours {:?} (exit {})", p.display(), report.verdict(), report.exit_code());
+        println!(
+            "{}: qemu-img check exit {code}, ours {:?} (exit {})",
+            p.display(),
+            report.verdict(),
+            report.exit_code()
+        );
         assert_eq!(report.verdict(), want, "{p:?}: {report:#?}");
         assert_eq!(report.exit_code(), code, "{p:?}: {report:#?}");
     }
@@ -721,8 +781,14 @@ async fn check_and_repair_agree_with_qemu_img() {
     let r = img.check(None).await.unwrap();
     assert_eq!(v["image-end-offset"].as_u64().unwrap(), r.image_end_offset);
     assert_eq!(v["total-clusters"].as_u64().unwrap(), r.total_clusters);
-    assert_eq!(v["allocated-clusters"].as_u64().unwrap(), r.allocated_clusters);
-    assert_eq!(v["fragmented-clusters"].as_u64().unwrap_or(0), r.fragmented_clusters);
+    assert_eq!(
+        v["allocated-clusters"].as_u64().unwrap(),
+        r.allocated_clusters
+    );
+    assert_eq!(
+        v["fragmented-clusters"].as_u64().unwrap_or(0),
+        r.fragmented_clusters
+    );
 
     // Repair: leaks with Leaks; corruption with All. Data survives.
     let img = Image::open(&leak, &OpenOptions::default()).await.unwrap();
@@ -732,19 +798,44 @@ async fn check_and_repair_agree_with_qemu_img() {
     assert_check_clean(&leak);
     // A corrupt image cannot be opened read-write when marked corrupt; this one is not
     // marked (the damage was made behind the engine's back), so repair runs on a RW open.
-    let img = Image::open(&corrupt, &OpenOptions::default()).await.unwrap();
+    let img = Image::open(&corrupt, &OpenOptions::default())
+        .await
+        .unwrap();
     let r = img.check(Some(RepairMode::Leaks)).await.unwrap();
-    assert_eq!(r.verdict(), Verdict::Corrupt, "-r leaks does not fix corruptions");
+    assert_eq!(
+        r.verdict(),
+        Verdict::Corrupt,
+        "-r leaks does not fix corruptions"
+    );
     let r = img.check(Some(RepairMode::All)).await.unwrap();
     assert_eq!(r.verdict(), Verdict::Clean, "{r:#?}");
     assert!(r.corruptions_fixed >= 1);
     img.close().await.unwrap();
     assert_check_clean(&corrupt);
-    let out = qemu_ok("qemu-io", &["-f", "qcow2", "-c", "read -P 0x5c 0 4k", "-c", "read -P 0x5a 4k 60k", "-c", "read -P 0x5b 1M 4k", s(&corrupt)]);
+    let out = qemu_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 0x5c 0 4k",
+            "-c",
+            "read -P 0x5a 4k 60k",
+            "-c",
+            "read -P 0x5b 1M 4k",
+            s(&corrupt),
+        ],
+    );
     assert!(!out.contains("Pattern verification failed"), "{out}");
     qemu_ok("qemu-img", &["snapshot", "-a", "s1", s(&corrupt)]);
-    let out = qemu_ok("qemu-io", &["-f", "qcow2", "-c", "read -P 0x5a 0 64k", s(&corrupt)]);
-    assert!(!out.contains("Pattern verification failed"), "snapshot data lost by repair: {out}");
+    let out = qemu_ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "read -P 0x5a 0 64k", s(&corrupt)],
+    );
+    assert!(
+        !out.contains("Pattern verification failed"),
+        "snapshot data lost by repair: {out}"
+    );
 }
 
 /// After the engine writes, its own check agrees the image is clean, and so does qemu-img.
@@ -754,7 +845,9 @@ async fn our_check_is_clean_after_our_writes() {
     let p = dir.path().join("w.qcow2");
     let mut o = CreateOptions::new(8 << 20);
     o.cluster_size = 512;
-    let img = Image::create(&p, &o, &OpenOptions::default()).await.unwrap();
+    let img = Image::create(&p, &o, &OpenOptions::default())
+        .await
+        .unwrap();
     let mut r = rng(3);
     for _ in 0..300 {
         if let Op::Write { off, data } = random_op(&mut r, 8 << 20, 512) {
@@ -765,6 +858,128 @@ async fn our_check_is_clean_after_our_writes() {
     assert_eq!(report.verdict(), qcow2_async::Verdict::Clean, "{report:#?}");
     img.close().await.unwrap();
     let (_, v) = qemu_check(&p);
-    assert_eq!(v["image-end-offset"].as_u64().unwrap(), report.image_end_offset);
+    assert_eq!(
+        v["image-end-offset"].as_u64().unwrap(),
+        report.image_end_offset
+    );
+    assert_check_clean(&p);
+}
+
+/// Lazy refcounts: while open the image is marked dirty and refcounts may be stale on disk
+/// (qemu-img check then reports corruption, as it does for QEMU's own dirty images); a clean
+/// close clears the bit; a read-write open of a dirty image repairs it first.
+#[tokio::test]
+async fn lazy_refcounts_dirty_bit_and_repair_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("lazy.qcow2");
+    let crashed = dir.path().join("crashed.qcow2");
+    let mut o = CreateOptions::new(4 << 20);
+    o.lazy_refcounts = true;
+    let img = Image::create(&p, &o, &OpenOptions::default())
+        .await
+        .unwrap();
+    img.write_at(&[0x61; 65536], 0).await.unwrap();
+    img.write_at(&[0x62; 65536], 1 << 20).await.unwrap();
+    img.flush().await.unwrap();
+    // "Crash": copy the file while the image is open and dirty.
+    std::fs::copy(&p, &crashed).unwrap();
+    let b = std::fs::read(&crashed).unwrap();
+    assert_eq!(
+        u64::from_be_bytes(b[72..80].try_into().unwrap()) & 1,
+        1,
+        "dirty bit set while open"
+    );
+    img.close().await.unwrap();
+    let b = std::fs::read(&p).unwrap();
+    assert_eq!(
+        u64::from_be_bytes(b[72..80].try_into().unwrap()) & 1,
+        0,
+        "clean close clears it"
+    );
+    assert_check_clean(&p);
+
+    let (code, _) = qemu_check(&crashed);
+    assert_eq!(
+        code, 2,
+        "stale refcounts of a dirty image are corruptions to qemu-img check"
+    );
+    // Read-only opens work without repair and see the data.
+    let ro = Image::open(&crashed, &OpenOptions::read_only())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    ro.read_at(&mut buf, 1 << 20).await.unwrap();
+    assert!(buf.iter().all(|&x| x == 0x62));
+    drop(ro);
+    let rw = Image::open(&crashed, &OpenOptions::default())
+        .await
+        .unwrap();
+    rw.close().await.unwrap();
+    assert_check_clean(&crashed);
+    let out = qemu_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 0x61 0 64k",
+            "-c",
+            "read -P 0x62 1M 64k",
+            s(&crashed),
+        ],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+}
+
+/// An L2 entry pointing into the refcount table: a write there is refused, the image is
+/// marked corrupt (QEMU sees the bit), read-write opens are refused, read-only works, and a
+/// repair clears it (reference experiment 12).
+#[tokio::test]
+async fn corruption_found_at_run_time_sets_the_corrupt_bit() {
+    use qcow2_async::{Error, RepairMode, Verdict};
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.qcow2");
+    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&p), "4M"]);
+    qemu_ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x71 0 64k", s(&p)],
+    );
+    let b = std::fs::read(&p).unwrap();
+    let l1 = u64::from_be_bytes(b[40..48].try_into().unwrap()) as usize;
+    let l2 = u64::from_be_bytes(b[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00;
+    let reftable = u64::from_be_bytes(b[48..56].try_into().unwrap());
+    patch(&p, l2, &((1u64 << 63) | reftable).to_be_bytes());
+    let img = Image::open(&p, &OpenOptions::default()).await.unwrap();
+    let err = img.write_at(&[1; 512], 0).await.unwrap_err();
+    assert!(matches!(err, Error::Corrupt(_)), "{err}");
+    assert!(
+        matches!(
+            img.write_at(&[1; 512], 1 << 20).await.unwrap_err(),
+            Error::Corrupt(_)
+        ),
+        "all writes stop"
+    );
+    drop(img);
+    let info = qemu_ok("qemu-img", &["info", "--output=json", s(&p)]);
+    assert!(info.contains("\"corrupt\": true"), "{info}");
+    assert!(matches!(
+        Image::open(&p, &OpenOptions::default()).await.unwrap_err(),
+        Error::Corrupt(_)
+    ));
+    assert!(Image::open(&p, &OpenOptions::read_only()).await.is_ok());
+    let img = Image::open(
+        &p,
+        &OpenOptions {
+            open_for_repair: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let r = img.check(Some(RepairMode::All)).await.unwrap();
+    assert_eq!(r.verdict(), Verdict::Clean, "{r:#?}");
+    img.close().await.unwrap();
+    let info = qemu_ok("qemu-img", &["info", "--output=json", s(&p)]);
+    assert!(info.contains("\"corrupt\": false"), "{info}");
     assert_check_clean(&p);
 }

@@ -117,8 +117,14 @@ struct Scan {
 
 impl Meta {
     /// Recounts every reference. `fix` repairs what it may, then checks again.
-    pub(crate) async fn check(&mut self, virtual_size: u64, fix: Option<RepairMode>) -> Result<CheckReport> {
+    pub(crate) async fn check(
+        &mut self,
+        virtual_size: u64,
+        fix: Option<RepairMode>,
+    ) -> Result<CheckReport> {
         self.writeback().await?;
+        // With lazy refcounts the blocks may still be in memory only: compare what is on disk.
+        self.write_blocks().await?;
         let first = self.check_once(virtual_size).await?;
         let Some(mode) = fix else {
             return Ok(first.0);
@@ -184,7 +190,11 @@ impl Meta {
     }
 
     async fn file_clusters(&self) -> Result<u64> {
-        let len = self.file.len().await.map_err(Error::io("sizing the image"))?;
+        let len = self
+            .file
+            .len()
+            .await
+            .map_err(Error::io("sizing the image"))?;
         Ok(len.div_ceil(self.cs()))
     }
 
@@ -211,7 +221,11 @@ impl Meta {
         };
         s.add(0, cs, "header");
         let h = self.hdr.header.clone();
-        s.add(h.l1_table_offset, u64::from(h.l1_size) * 8, "active L1 table");
+        s.add(
+            h.l1_table_offset,
+            u64::from(h.l1_size) * 8,
+            "active L1 table",
+        );
         let l1 = self.l1.clone();
         self.scan_l1(&l1, h.l1_table_offset, true, &mut s).await;
         if h.nb_snapshots > 0 {
@@ -254,7 +268,9 @@ impl Meta {
                 Err(e) => {
                     if !compare_failed {
                         s.report.check_errors += 1;
-                        s.report.messages.push(format!("ERROR reading refcounts: {e}"));
+                        s.report
+                            .messages
+                            .push(format!("ERROR reading refcounts: {e}"));
                         compare_failed = true;
                     }
                     continue;
@@ -280,7 +296,8 @@ impl Meta {
         let copied = std::mem::take(&mut s.copied);
         for f in self.copied_fixes(&copied).await? {
             let _ = f;
-            s.report.corrupt("OFLAG_COPIED flag does not match the refcount".into());
+            s.report
+                .corrupt("OFLAG_COPIED flag does not match the refcount".into());
         }
         let mut report = s.report;
         report.messages.dedup();
@@ -317,7 +334,11 @@ impl Meta {
             if want != has {
                 out.push(CopiedFix {
                     entry_at: at,
-                    fixed: if want { raw | 1 << 63 } else { raw & !(1 << 63) },
+                    fixed: if want {
+                        raw | 1 << 63
+                    } else {
+                        raw & !(1 << 63)
+                    },
                 });
             }
         }
@@ -347,7 +368,9 @@ impl Meta {
                 Ok(t) => t,
                 Err(err) => {
                     s.report.check_errors += 1;
-                    s.report.messages.push(format!("ERROR reading L2 table: {err}"));
+                    s.report
+                        .messages
+                        .push(format!("ERROR reading L2 table: {err}"));
                     continue;
                 }
             };
@@ -370,7 +393,10 @@ impl Meta {
                     }
                 };
                 match entry {
-                    L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. } => {
+                    L2Entry::Normal { host, .. }
+                    | L2Entry::Zero {
+                        host: Some(host), ..
+                    } => {
                         if self.fmt.external_data_file {
                             continue;
                         }
@@ -409,7 +435,9 @@ impl Meta {
                 Ok(b) => b,
                 Err(e) => {
                     s.report.check_errors += 1;
-                    s.report.messages.push(format!("ERROR reading snapshot table: {e}"));
+                    s.report
+                        .messages
+                        .push(format!("ERROR reading snapshot table: {e}"));
                     return;
                 }
             };
@@ -443,7 +471,9 @@ impl Meta {
                 }
                 Err(e) => {
                     s.report.check_errors += 1;
-                    s.report.messages.push(format!("ERROR reading snapshot L1: {e}"));
+                    s.report
+                        .messages
+                        .push(format!("ERROR reading snapshot L1: {e}"));
                 }
             }
         }
@@ -453,9 +483,12 @@ impl Meta {
         if !s.add(off, size, "bitmap directory") {
             return;
         }
-        let dir = match self.read_bytes(off, size).await.map_err(|e| e.to_string()).and_then(
-            |b| BitmapDirectory::decode(&b, nb, &self.limits).map_err(|e| e.to_string()),
-        ) {
+        let dir = match self
+            .read_bytes(off, size)
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|b| BitmapDirectory::decode(&b, nb, &self.limits).map_err(|e| e.to_string()))
+        {
             Ok(d) => d,
             Err(e) => {
                 s.report.corrupt(format!("bitmap directory: {e}"));
@@ -471,7 +504,9 @@ impl Meta {
                 Ok(b) => decode_bitmap_table(&b, bm.bitmap_table_size, self.cs(), &self.limits),
                 Err(e) => {
                     s.report.check_errors += 1;
-                    s.report.messages.push(format!("ERROR reading bitmap table: {e}"));
+                    s.report
+                        .messages
+                        .push(format!("ERROR reading bitmap table: {e}"));
                     continue;
                 }
             };
@@ -489,7 +524,8 @@ impl Meta {
     }
 
     async fn read_bytes(&self, off: u64, len: u64) -> Result<Vec<u8>> {
-        let len = usize::try_from(len).map_err(|_| Error::InvalidArgument("read too large".into()))?;
+        let len =
+            usize::try_from(len).map_err(|_| Error::InvalidArgument("read too large".into()))?;
         let b = self
             .file
             .read_at(crate::io::IoBuf::zeroed(len, 1), off)
@@ -511,7 +547,9 @@ impl Meta {
         let table_entries = blocks.div_ceil(per_table_cluster) * per_table_cluster;
         let table_clusters = table_entries / per_table_cluster;
         if table_entries * 8 > self.limits.max_refcount_table_bytes {
-            return Err(Error::NoSpace("rebuilt refcount table would be too large".into()));
+            return Err(Error::NoSpace(
+                "rebuilt refcount table would be too large".into(),
+            ));
         }
         let per_block = self.order.entries_per_block(bits);
         let blocks_at = start * cs;
@@ -539,7 +577,8 @@ impl Meta {
             self.write(off, &block, "rebuilt refcount block").await?;
             table[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
         }
-        self.write(table_at, &table, "rebuilt refcount table").await?;
+        self.write(table_at, &table, "rebuilt refcount table")
+            .await?;
         self.barrier.sync().await?;
         self.hdr.header.refcount_table_offset = table_at;
         self.hdr.header.refcount_table_clusters = table_clusters as u32;
@@ -557,8 +596,9 @@ impl Scan {
         match self.acc.add(off, len) {
             Ok(()) => true,
             Err(e) => {
-                self.report
-                    .corrupt(format!("{what} at {off:#x} is beyond the end of the image: {e}"));
+                self.report.corrupt(format!(
+                    "{what} at {off:#x} is beyond the end of the image: {e}"
+                ));
                 false
             }
         }

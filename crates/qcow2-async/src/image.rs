@@ -300,7 +300,7 @@ impl Image {
         backing: Option<Backing>,
     ) -> Result<Image> {
         let mut hdr = read_header(&file).await?;
-        check_features(&hdr, opts.read_only)?;
+        check_features(&hdr, opts.read_only, opts.open_for_repair)?;
         let h = &hdr.header;
         let geo = h.geometry().map_err(Error::format("header"))?;
         let size = h.size;
@@ -322,9 +322,33 @@ impl Image {
         )
         .await?;
         meta.discard_passthrough = opts.discard_passthrough;
+        meta.writable = !opts.read_only;
+        let hh = &meta.hdr.header;
+        meta.lazy = !opts.read_only
+            && version3
+            && hh.compatible.contains(CompatibleFeatures::LAZY_REFCOUNTS);
+        meta.marked_dirty = hh.incompatible.contains(IncompatibleFeatures::DIRTY);
         if rewrite {
             meta.write_header().await?;
             meta.barrier.order().await?;
+        }
+        if meta.marked_dirty && !opts.read_only {
+            // Refcounts may be stale (a crash with lazy refcounts): rebuild them before the
+            // first write, as QEMU does on a read-write open.
+            let report = meta
+                .check(size, Some(crate::check::RepairMode::All))
+                .await?;
+            if report.verdict() != crate::check::Verdict::Clean {
+                return Err(Error::Corrupt(format!(
+                    "could not repair dirty image: {} corruptions, {} leaks remain",
+                    report.corruptions, report.leaks
+                )));
+            }
+            tracing::info!(
+                leaks_fixed = report.leaks_fixed,
+                corruptions_fixed = report.corruptions_fixed,
+                "repaired a dirty image on open"
+            );
         }
         Ok(Image {
             inner: Arc::new(Inner {
@@ -574,16 +598,22 @@ impl Image {
         let a = self.inner.direct_align;
         if a <= 1 || (inc % a == 0 && data.len() as u64 % a == 0) {
             let _shared = self.inner.leases.shared(gc).await;
-            let (entry, _) = self.inner.meta.lock().await.lookup(gc).await?;
+            let mut meta = self.inner.meta.lock().await;
+            let (entry, _) = meta.lookup(gc).await?;
             if let L2Entry::Normal { host, copied: true } = entry {
+                meta.check_data_target(host.0).await?;
+                drop(meta);
                 return self.write_in_place(host.0 + inc, data).await;
             }
         }
         let _lease = self.inner.leases.exclusive(gc).await;
-        let (entry, _) = self.inner.meta.lock().await.lookup(gc).await?;
+        let mut meta = self.inner.meta.lock().await;
+        let (entry, _) = meta.lookup(gc).await?;
         let cs = self.cluster_size();
         let (host, fresh) = match entry {
             L2Entry::Normal { host, copied: true } => {
+                meta.check_data_target(host.0).await?;
+                drop(meta);
                 return self.write_in_place(host.0 + inc, data).await;
             }
             // QEMU's zero-alloc: a preallocated cluster we own alone is reused.
@@ -591,11 +621,15 @@ impl Image {
                 host: Some(h),
                 copied: true,
             } => (h.0, false),
-            _ => (
-                self.inner.meta.lock().await.alloc(1, Pool::Data).await?,
-                true,
-            ),
+            _ => (meta.alloc(1, Pool::Data).await?, true),
         };
+        if let Err(e) = meta.check_data_target(host).await {
+            if fresh {
+                meta.free_now(host, cs).await?;
+            }
+            return Err(e);
+        }
+        drop(meta);
         let result = async {
             let buf = if inc == 0 && data.len() as u64 == cs {
                 data.to_vec()
@@ -739,10 +773,20 @@ impl Image {
         meta.barrier.sync().await
     }
 
-    /// Flushes and closes this handle. Other clones stay usable.
+    /// Flushes and closes this handle: refcounts are written and, with lazy refcounts, the
+    /// dirty bit is cleared. Other clones stay usable (their next write marks the image
+    /// dirty again).
     #[instrument(skip(self))]
     pub async fn close(self) -> Result<()> {
-        self.flush().await
+        if self.inner.read_only {
+            return Ok(());
+        }
+        let mut meta = self.inner.meta.lock().await;
+        if meta.corrupt.is_some() {
+            // Writing back could spread the damage; what was flushed before stays.
+            return Ok(());
+        }
+        meta.mark_clean().await
     }
 }
 
@@ -786,7 +830,7 @@ async fn read_header(file: &Arc<dyn BlockFile>) -> Result<ImageHeader> {
 }
 
 /// Refuses, with a typed error, what this engine cannot do correctly yet (invariant 8).
-fn check_features(hdr: &ImageHeader, read_only: bool) -> Result<()> {
+fn check_features(hdr: &ImageHeader, read_only: bool, for_repair: bool) -> Result<()> {
     let h = &hdr.header;
     if h.crypt_method != CryptMethod::None {
         return Err(Error::unsupported(
@@ -802,15 +846,9 @@ fn check_features(hdr: &ImageHeader, read_only: bool) -> Result<()> {
     if read_only {
         return Ok(());
     }
-    if h.incompatible.contains(IncompatibleFeatures::CORRUPT) {
+    if h.incompatible.contains(IncompatibleFeatures::CORRUPT) && !for_repair {
         return Err(Error::Corrupt(
             "image is corrupt; cannot be opened read/write".into(),
-        ));
-    }
-    if h.incompatible.contains(IncompatibleFeatures::DIRTY) {
-        return Err(Error::unsupported(
-            "dirty image (lazy refcounts)",
-            "refcounts must be repaired before writing; open read-only",
         ));
     }
     if h.incompatible.contains(IncompatibleFeatures::EXTENDED_L2) {

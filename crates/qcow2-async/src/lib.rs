@@ -31,6 +31,7 @@ pub mod io;
 mod lease;
 mod meta;
 mod options;
+mod overlap;
 
 pub use backing::Backing;
 pub use barrier::BarrierMode;

@@ -56,6 +56,14 @@ pub(crate) struct Meta {
     pub(crate) discard_passthrough: bool,
     pub(crate) corrupt: Option<String>,
     cache_clusters: usize,
+    /// Opened read-write: corruption then sets the header's corrupt bit.
+    pub(crate) writable: bool,
+    /// Lazy refcounts in use: refcount blocks may stay unwritten while the dirty bit is set.
+    pub(crate) lazy: bool,
+    /// The dirty bit is set on disk.
+    pub(crate) marked_dirty: bool,
+    /// Host offsets of all refcount blocks (for overlap checks).
+    pub(crate) refblock_set: std::collections::HashSet<u64>,
 }
 
 type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
@@ -95,6 +103,7 @@ impl Meta {
             ReftableEntry::decode(*e, geo.cluster_bits())
                 .map_err(|e| Error::Corrupt(format!("refcount table entry {i}: {e}")))?;
         }
+        let refblock_set = reftable.iter().copied().filter(|&o| o != 0).collect();
         Ok(Meta {
             order: h.refcount_order,
             file,
@@ -113,6 +122,10 @@ impl Meta {
             discard_passthrough: false,
             corrupt: None,
             cache_clusters,
+            writable: false,
+            lazy: false,
+            marked_dirty: false,
+            refblock_set,
             hdr,
         })
     }
@@ -127,13 +140,11 @@ impl Meta {
             .into_boxed_slice())
     }
 
-    pub(crate) async fn write(&self, off: u64, data: &[u8], what: &'static str) -> Result<()> {
-        // Cluster 0 holds the header; nothing else may ever be written there.
-        if off < self.cs() && what != "header" {
-            return Err(Error::Corrupt(format!(
-                "refusing to write {what} over the image header at {off:#x}"
-            )));
-        }
+    /// Writes metadata after QEMU's "cached" overlap check (invariant 9): a write that would
+    /// land on a different kind of metadata marks the image corrupt and fails.
+    pub(crate) async fn write(&mut self, off: u64, data: &[u8], what: &'static str) -> Result<()> {
+        self.overlap_check(off, data.len() as u64, crate::overlap::Kind::of(what))
+            .await?;
         self.file
             .write_at(IoBuf::from_slice(data, 1), off)
             .await
@@ -285,6 +296,7 @@ impl Meta {
             self.barrier.order().await?;
             if (rt as usize) < self.reftable.len() {
                 self.reftable[rt as usize] = new_off;
+                self.refblock_set.insert(new_off);
                 let entry_off = self.hdr.header.refcount_table_offset + rt * 8;
                 self.write(entry_off, &new_off.to_be_bytes(), "refcount table entry")
                     .await?;
@@ -319,6 +331,7 @@ impl Meta {
                 .insert(off, vec![0u8; cs as usize].into_boxed_slice(), true);
         }
         let old_table = std::mem::replace(&mut self.reftable, plan.table.clone());
+        self.refblock_set = self.reftable.iter().copied().filter(|&o| o != 0).collect();
         for c in plan.start_offset / cs..plan.end_offset / cs {
             self.set_refcount(c, 1).await?;
         }
@@ -460,14 +473,16 @@ impl Meta {
         } else {
             L2Entry::decode(raw, self.fmt).map(|e| (e, SubclusterBitmap::default()))
         };
-        decoded.map_err(|e| {
-            let msg = format!(
-                "invalid L2 entry (L2 offset: {:#x}, L2 index: {:#x}): {e}",
-                l2.0, pos.l2_index
-            );
-            self.corrupt.get_or_insert(msg.clone());
-            Error::Corrupt(msg)
-        })
+        match decoded {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                let msg = format!(
+                    "invalid cluster entry found (L2 offset: {:#x}, L2 index: {:#x}): {e}",
+                    l2.0, pos.l2_index
+                );
+                Err(self.signal_corruption(msg).await)
+            }
+        }
     }
 
     /// Points guest cluster `gc` at `entry`, allocating or copying its L2 table as needed.
@@ -537,6 +552,10 @@ impl Meta {
         self.l2 = MetadataCache::new(self.cache_clusters);
     }
 
+    pub(crate) fn l2_cached(&self, off: u64) -> bool {
+        self.l2.contains(off)
+    }
+
     fn set_l1(&mut self, idx: u64, e: L1Entry) {
         self.l1[idx as usize] = e.encode();
         self.l1_dirty_sectors.insert(idx * 8 / 512);
@@ -576,9 +595,18 @@ impl Meta {
 
     /// Writes all dirty metadata in crash-safe order, then applies deferred frees.
     pub(crate) async fn writeback(&mut self) -> Result<()> {
-        self.write_blocks().await?;
         let dirty_l2 = self.l2.dirty();
-        if !dirty_l2.is_empty() || !self.l1_dirty_sectors.is_empty() {
+        let mapping_changes = !dirty_l2.is_empty() || !self.l1_dirty_sectors.is_empty();
+        if self.lazy {
+            // Lazy refcounts (reference §3.5): mark the image dirty before the first mapping
+            // change reaches the disk, then leave refcount blocks in memory until close.
+            if mapping_changes && !self.marked_dirty {
+                self.set_dirty_bit(true).await?;
+            }
+        } else {
+            self.write_blocks().await?;
+        }
+        if mapping_changes {
             self.barrier.order().await?;
             for off in dirty_l2 {
                 let data = self.l2.get_mut(off).expect("dirty entry").data.clone();
@@ -603,13 +631,37 @@ impl Meta {
             self.barrier.order().await?;
         }
         while let Some((off, len)) = self.pending_free.pop() {
+            // (With lazy refcounts the decrement stays in memory like every other change.)
             if let Err(e) = self.update_refcount(off, len, -1).await {
                 // Keep it for the next write-back; a lost free is only a leak anyway.
                 self.pending_free.push((off, len));
                 return Err(e);
             }
         }
+        if !self.lazy {
+            self.write_blocks().await?;
+        }
+        Ok(())
+    }
+
+    /// Sets or clears the dirty bit with a synced header write.
+    pub(crate) async fn set_dirty_bit(&mut self, dirty: bool) -> Result<()> {
+        let f = &mut self.hdr.header.incompatible;
+        f.set(qcow2_format::IncompatibleFeatures::DIRTY, dirty);
+        self.write_header().await?;
+        self.barrier.sync().await?;
+        self.marked_dirty = dirty;
+        Ok(())
+    }
+
+    /// Writes everything, refcounts included, and clears the dirty bit (clean close).
+    pub(crate) async fn mark_clean(&mut self) -> Result<()> {
+        self.writeback().await?;
         self.write_blocks().await?;
+        self.barrier.sync().await?;
+        if self.marked_dirty {
+            self.set_dirty_bit(false).await?;
+        }
         Ok(())
     }
 }

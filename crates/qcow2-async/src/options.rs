@@ -142,6 +142,9 @@ pub struct OpenOptions {
     pub discard_passthrough: bool,
     /// Metadata cache capacity, in clusters, for L2 tables and for refcount blocks each.
     pub cache_clusters: usize,
+    /// Open an image marked corrupt read-write so that `check(Some(RepairMode::All))` can
+    /// repair it (what `qemu-img check -r` does); refused otherwise.
+    pub open_for_repair: bool,
 }
 
 impl Default for OpenOptions {
@@ -156,6 +159,7 @@ impl Default for OpenOptions {
             max_backing_depth: 16,
             discard_passthrough: false,
             cache_clusters: 512,
+            open_for_repair: false,
         }
     }
 }
