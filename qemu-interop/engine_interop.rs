@@ -983,3 +983,135 @@ async fn corruption_found_at_run_time_sets_the_corrupt_bit() {
     assert!(info.contains("\"corrupt\": false"), "{info}");
     assert_check_clean(&p);
 }
+
+/// Snapshots we make are listed, applied and deleted by qemu-img; snapshots qemu-img makes
+/// are applied, read and deleted by us; every step is check-clean.
+#[tokio::test]
+async fn snapshots_interoperate_with_qemu_img_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Ours → QEMU.
+    let p = d.join("ours.qcow2");
+    let img = Image::create(&p, &CreateOptions::new(4 << 20), &OpenOptions::default())
+        .await
+        .unwrap();
+    img.write_at(&[0x11; 100_000], 0).await.unwrap();
+    let s1 = img.create_snapshot("first").await.unwrap();
+    assert_eq!(s1.id, "1");
+    img.write_at(&[0x22; 50_000], 30_000).await.unwrap();
+    img.write_zeroes(2 << 20, 65536, true).await.unwrap();
+    let s2 = img.create_snapshot("second").await.unwrap();
+    assert_eq!(s2.id, "2");
+    img.write_at(&[0x33; 4096], 0).await.unwrap();
+    let mut b = vec![0u8; 4096];
+    img.read_snapshot_at("first", &mut b, 30_000).await.unwrap();
+    assert!(
+        b.iter().all(|&x| x == 0x11),
+        "snapshot content unchanged by later writes"
+    );
+    img.close().await.unwrap();
+    assert_check_clean(&p);
+    let list = qemu_ok("qemu-img", &["snapshot", "-l", s(&p)]);
+    assert!(list.contains("first") && list.contains("second"), "{list}");
+    qemu_ok("qemu-img", &["snapshot", "-a", "first", s(&p)]);
+    assert_check_clean(&p);
+    let out = qemu_ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "read -P 0x11 0 100000", s(&p)],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    qemu_ok("qemu-img", &["snapshot", "-d", "second", s(&p)]);
+    qemu_ok("qemu-img", &["snapshot", "-d", "first", s(&p)]);
+    assert_check_clean(&p);
+
+    // QEMU → ours.
+    let q = d.join("theirs.qcow2");
+    qemu_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            s(&q),
+            "4M",
+        ],
+    );
+    qemu_ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x44 0 256k", s(&q)],
+    );
+    qemu_ok("qemu-img", &["snapshot", "-c", "a", s(&q)]);
+    qemu_ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x55 64k 64k", s(&q)],
+    );
+    qemu_ok("qemu-img", &["snapshot", "-c", "b", s(&q)]);
+    qemu_ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x66 0 4k", s(&q)],
+    );
+    let img = Image::open(&q, &OpenOptions::default()).await.unwrap();
+    let names: Vec<String> = img
+        .list_snapshots()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+    let mut b = vec![0u8; 65536];
+    img.read_snapshot_at("b", &mut b, 65536).await.unwrap();
+    assert!(b.iter().all(|&x| x == 0x55));
+    img.apply_snapshot("a").await.unwrap();
+    img.read_at(&mut b, 65536).await.unwrap();
+    assert!(b.iter().all(|&x| x == 0x44), "applied snapshot a");
+    img.write_at(&[0x77; 512], 65536).await.unwrap();
+    img.delete_snapshot("b").await.unwrap();
+    img.close().await.unwrap();
+    assert_check_clean(&q);
+    let out = qemu_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 0x77 64k 512",
+            "-c",
+            "read -P 0x44 0 64k",
+            s(&q),
+        ],
+    );
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    qemu_ok("qemu-img", &["snapshot", "-a", "a", s(&q)]);
+    let out = qemu_ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "read -P 0x44 0 256k", s(&q)],
+    );
+    assert!(
+        !out.contains("Pattern verification failed"),
+        "snapshot a intact: {out}"
+    );
+    assert_check_clean(&q);
+    // Deleting the last snapshot restores COPIED everywhere.
+    let img = Image::open(&q, &OpenOptions::default()).await.unwrap();
+    img.delete_snapshot("1").await.unwrap();
+    assert!(img.list_snapshots().await.unwrap().is_empty());
+    img.close().await.unwrap();
+    assert_check_clean(&q);
+    // 2-bit refcounts allow two snapshots, and the third fails cleanly.
+    let r = d.join("rc2.qcow2");
+    let mut o = CreateOptions::new(1 << 20);
+    o.refcount_bits = 2;
+    let img = Image::create(&r, &o, &OpenOptions::default())
+        .await
+        .unwrap();
+    img.write_at(&[1; 4096], 0).await.unwrap();
+    img.create_snapshot("x").await.unwrap();
+    img.create_snapshot("y").await.unwrap();
+    assert!(img.create_snapshot("z").await.is_err());
+    img.close().await.unwrap();
+    assert_check_clean(&r);
+}

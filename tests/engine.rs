@@ -521,3 +521,168 @@ async fn o_direct_images_behave_like_buffered_ones() {
         assert_check_clean(&path);
     }
 }
+
+#[derive(Debug)]
+struct SlowWrites(Arc<dyn BlockFile>);
+
+impl BlockFile for SlowWrites {
+    fn read_at(
+        &self,
+        buf: qcow2_async::io::IoBuf,
+        off: u64,
+    ) -> qcow2_async::io::IoFuture<'_, qcow2_async::io::IoBuf> {
+        self.0.read_at(buf, off)
+    }
+    fn write_at(
+        &self,
+        buf: qcow2_async::io::IoBuf,
+        off: u64,
+    ) -> qcow2_async::io::IoFuture<'_, qcow2_async::io::IoBuf> {
+        Box::pin(async move {
+            // Only the 4 KiB in-place guest writes (metadata and COW writes are whole
+            // clusters or small entries), long enough to outlast a snapshot's creation.
+            if buf.len() == 4096 {
+                tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+            }
+            self.0.write_at(buf, off).await
+        })
+    }
+    fn flush(&self) -> qcow2_async::io::IoFuture<'_, ()> {
+        self.0.flush()
+    }
+    fn len(&self) -> qcow2_async::io::IoFuture<'_, u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> qcow2_async::io::IoFuture<'_, ()> {
+        self.0.set_len(len)
+    }
+    fn allocate(&self, o: u64, l: u64) -> qcow2_async::io::IoFuture<'_, ()> {
+        self.0.allocate(o, l)
+    }
+    fn punch_hole(&self, o: u64, l: u64) -> qcow2_async::io::IoFuture<'_, ()> {
+        self.0.punch_hole(o, l)
+    }
+    fn zero_range(&self, o: u64, l: u64) -> qcow2_async::io::IoFuture<'_, ()> {
+        self.0.zero_range(o, l)
+    }
+}
+
+/// ≥ 32 writers hammer the image while snapshots are created, read and deleted. Each
+/// snapshot holds, for every block, a version no older than the last write that completed
+/// before `create_snapshot` began and no newer than the last write that started before it
+/// returned. The image ends check-clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn snapshots_are_consistent_under_concurrent_writers() {
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    use std::sync::Mutex;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("snaps.qcow2");
+    const BLOCK: u64 = 4096;
+    const BLOCKS: u64 = 2048;
+    const TASKS: u64 = 32;
+    Image::create(
+        &path,
+        &CreateOptions::new(BLOCK * BLOCKS),
+        &OpenOptions::default(),
+    )
+    .await
+    .unwrap()
+    .close()
+    .await
+    .unwrap();
+    // Slow writes keep guest writes in flight while snapshots are taken, so a snapshot
+    // that did not wait for them would change after it was taken.
+    let file = qcow2_async::io::open_file(&path, &Default::default()).unwrap();
+    let slow: Arc<dyn BlockFile> = Arc::new(SlowWrites(file));
+    let img = Image::open_handle(slow, None, &OpenOptions::default(), None)
+        .await
+        .unwrap();
+    let clock = Arc::new(AtomicU64::new(1));
+    // Per block: (version, start tick, end tick) of every write, in order.
+    let log = Arc::new(Mutex::new(vec![
+        Vec::<(u32, u64, u64)>::new();
+        BLOCKS as usize
+    ]));
+    let content = |block: u64, version: u32| -> Vec<u8> {
+        (0..BLOCK)
+            .map(|i| ((block as u32 * 7 + version * 13 + i as u32 / 512) % 251) as u8 + 1)
+            .collect()
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for t in 0..TASKS {
+        let (img, clock, log, stop) = (img.clone(), clock.clone(), log.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut r = rng(t);
+            while !stop.load(SeqCst) {
+                use rand::Rng;
+                let block = r.gen_range(0..BLOCKS / TASKS) * TASKS + t;
+                let version = log.lock().unwrap()[block as usize].len() as u32 + 1;
+                let start = clock.fetch_add(1, SeqCst);
+                img.write_at(&content(block, version), block * BLOCK)
+                    .await
+                    .unwrap();
+                let end = clock.fetch_add(1, SeqCst);
+                log.lock().unwrap()[block as usize].push((version, start, end));
+            }
+        }));
+    }
+    let mut snaps = Vec::new();
+    for i in 0..6 {
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        let s0 = clock.fetch_add(1, SeqCst);
+        let info = img.create_snapshot(&format!("s{i}")).await.unwrap();
+        let s1 = clock.fetch_add(1, SeqCst);
+        // Read it at once, while writers run: a later read must see exactly the same.
+        let mut first = vec![0u8; (BLOCK * BLOCKS) as usize];
+        img.read_snapshot_at(&info.id, &mut first, 0).await.unwrap();
+        snaps.push((info.id, s0, s1, first));
+        if i == 3 {
+            // Delete one while the writers keep going.
+            img.delete_snapshot(&snaps.remove(1).0).await.unwrap();
+        }
+    }
+    stop.store(true, SeqCst);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let log = log.lock().unwrap();
+    let total: usize = log.iter().map(|w| w.len()).sum();
+    let during = snaps.last().unwrap().2;
+    assert!(
+        log.iter().flatten().filter(|w| w.1 < during).count() > 100 && total > 300,
+        "writers ran alongside the snapshots ({total} writes)"
+    );
+    for (id, s0, s1, first) in &snaps {
+        let mut buf = vec![0u8; (BLOCK * BLOCKS) as usize];
+        img.read_snapshot_at(id, &mut buf, 0).await.unwrap();
+        assert!(&buf == first, "snapshot {id} changed after it was taken");
+        for b in 0..BLOCKS {
+            let got = &buf[(b * BLOCK) as usize..((b + 1) * BLOCK) as usize];
+            let writes = &log[b as usize];
+            let lo = writes
+                .iter()
+                .filter(|w| w.2 < *s0)
+                .map(|w| w.0)
+                .max()
+                .unwrap_or(0);
+            let hi = writes
+                .iter()
+                .filter(|w| w.1 < *s1)
+                .map(|w| w.0)
+                .max()
+                .unwrap_or(0);
+            let ok = (lo..=hi).any(|v| {
+                if v == 0 {
+                    got.iter().all(|&x| x == 0)
+                } else {
+                    got == content(b, v)
+                }
+            });
+            assert!(ok, "snapshot {id}, block {b}: not a version in {lo}..={hi}");
+        }
+    }
+    assert_eq!(img.list_snapshots().await.unwrap().len(), 5);
+    img.close().await.unwrap();
+    assert_check_clean(&path);
+}

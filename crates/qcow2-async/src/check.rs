@@ -523,7 +523,7 @@ impl Meta {
         }
     }
 
-    async fn read_bytes(&self, off: u64, len: u64) -> Result<Vec<u8>> {
+    pub(crate) async fn read_bytes(&self, off: u64, len: u64) -> Result<Vec<u8>> {
         let len =
             usize::try_from(len).map_err(|_| Error::InvalidArgument("read too large".into()))?;
         let b = self

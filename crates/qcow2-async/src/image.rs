@@ -30,6 +30,7 @@ use crate::io::{open_file, BlockFile, FileOptions, IoBuf};
 use crate::lease::ClusterLeases;
 use crate::meta::{Meta, Pool};
 use crate::options::{BackingFormat, BackingPolicy, CreateOptions, OpenOptions, Preallocation};
+use crate::snapshot::SnapshotInfo;
 
 /// An open qcow2 image. Cheap to clone; every clone is the same image, and any number of
 /// tasks may call it at once.
@@ -64,6 +65,9 @@ struct Inner {
     version3: bool,
     /// Block size the file needs for O_DIRECT (1 without).
     direct_align: u64,
+    /// Guest requests hold it shared, snapshot operations exclusive: a snapshot is one
+    /// instant between requests.
+    snap_lock: tokio::sync::RwLock<()>,
 }
 
 impl std::fmt::Debug for Image {
@@ -364,6 +368,7 @@ impl Image {
                 compression,
                 version3,
                 direct_align: if opts.direct { 4096 } else { 1 },
+                snap_lock: tokio::sync::RwLock::new(()),
             }),
         })
     }
@@ -454,6 +459,7 @@ impl Image {
     /// Reads `buf.len()` bytes at guest `offset`.
     #[instrument(level = "debug", skip(self, buf), fields(len = buf.len()))]
     pub async fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let _instant = self.inner.snap_lock.read().await;
         self.check_range(offset, buf.len() as u64)?;
         for (gc, inc, r) in self.pieces(offset, buf.len() as u64) {
             let _lease = self.inner.leases.shared(gc).await;
@@ -572,6 +578,7 @@ impl Image {
     /// Writes `buf` at guest `offset`.
     #[instrument(level = "debug", skip(self, buf), fields(len = buf.len()))]
     pub async fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let _instant = self.inner.snap_lock.read().await;
         self.check_writable().await?;
         self.check_range(offset, buf.len() as u64)?;
         for (gc, inc, r) in self.pieces(offset, buf.len() as u64) {
@@ -669,6 +676,7 @@ impl Image {
     /// which have no zero flag, zeros are written where the range would not read as zeros.
     #[instrument(level = "debug", skip(self))]
     pub async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let _instant = self.inner.snap_lock.read().await;
         self.check_writable().await?;
         self.check_range(offset, len)?;
         let cs = self.cluster_size();
@@ -717,6 +725,7 @@ impl Image {
     /// On v3 they then read as zeros; on v2 they fall through to the backing file.
     #[instrument(level = "debug", skip(self))]
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _instant = self.inner.snap_lock.read().await;
         self.check_writable().await?;
         self.check_range(offset, len)?;
         let cs = self.cluster_size();
@@ -760,6 +769,87 @@ impl Image {
         }
         let mut meta = self.inner.meta.lock().await;
         meta.check(self.inner.size, repair).await
+    }
+
+    /// Creates an internal snapshot of the disk as it is now (like `qemu-img snapshot -c`).
+    /// Requests that completed before the call are in it; requests that start after it
+    /// returns are not.
+    #[instrument(skip(self))]
+    pub async fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo> {
+        self.check_writable().await?;
+        let _all = self.inner.snap_lock.write().await;
+        self.inner.meta.lock().await.create_snapshot(name).await
+    }
+
+    /// Lists internal snapshots (like `qemu-img snapshot -l`).
+    #[instrument(skip(self))]
+    pub async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        self.inner.meta.lock().await.list_snapshots().await
+    }
+
+    /// Reverts the disk to a snapshot, found by id or else by name (`qemu-img snapshot -a`).
+    #[instrument(skip(self))]
+    pub async fn apply_snapshot(&self, id_or_name: &str) -> Result<()> {
+        self.check_writable().await?;
+        let _all = self.inner.snap_lock.write().await;
+        self.inner
+            .meta
+            .lock()
+            .await
+            .apply_snapshot(id_or_name)
+            .await
+    }
+
+    /// Deletes a snapshot, found by id or else by name (`qemu-img snapshot -d`).
+    #[instrument(skip(self))]
+    pub async fn delete_snapshot(&self, id_or_name: &str) -> Result<()> {
+        self.check_writable().await?;
+        let _all = self.inner.snap_lock.write().await;
+        self.inner
+            .meta
+            .lock()
+            .await
+            .delete_snapshot(id_or_name)
+            .await
+    }
+
+    /// Reads a snapshot's contents without applying it. Unallocated clusters read from the
+    /// backing file, as they did when the snapshot was taken.
+    #[instrument(level = "debug", skip(self, buf), fields(len = buf.len()))]
+    pub async fn read_snapshot_at(
+        &self,
+        id_or_name: &str,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<()> {
+        let _instant = self.inner.snap_lock.read().await;
+        let (l1, size) = {
+            let mut meta = self.inner.meta.lock().await;
+            let snap = meta.find_snapshot(id_or_name).await?;
+            let size = snap.disk_size.unwrap_or(self.inner.size);
+            (meta.read_l1(&snap).await?, size)
+        };
+        match offset.checked_add(buf.len() as u64) {
+            Some(end) if end <= size => {}
+            _ => {
+                return Err(Error::OutOfRange {
+                    offset,
+                    len: buf.len() as u64,
+                    size,
+                })
+            }
+        }
+        for (gc, inc, r) in self.pieces(offset, buf.len() as u64) {
+            let (entry, bm) = self
+                .inner
+                .meta
+                .lock()
+                .await
+                .snapshot_lookup(&l1, gc)
+                .await?;
+            self.read_mapped(gc, entry, bm, inc, &mut buf[r]).await?;
+        }
+        Ok(())
     }
 
     /// Makes every write that completed before the call durable (invariant 10).

@@ -32,6 +32,7 @@ mod lease;
 mod meta;
 mod options;
 mod overlap;
+mod snapshot;
 
 pub use backing::Backing;
 pub use barrier::BarrierMode;
@@ -40,3 +41,4 @@ pub use error::{Error, Result};
 pub use image::Image;
 pub use options::{BackingFormat, BackingPolicy, CreateOptions, OpenOptions, Preallocation};
 pub use qcow2_format;
+pub use snapshot::SnapshotInfo;

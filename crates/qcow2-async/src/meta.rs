@@ -556,6 +556,29 @@ impl Meta {
         self.l2.contains(off)
     }
 
+    /// An L2 table's current contents (cached, possibly dirty, or from disk).
+    pub(crate) async fn l2_contents(&mut self, off: u64) -> Result<Vec<u8>> {
+        self.load_l2(off).await?;
+        Ok(self.l2.get_mut(off).expect("loaded").data.to_vec())
+    }
+
+    /// Replaces a cached L2 table's contents (dirty until the next write-back).
+    pub(crate) async fn put_l2(&mut self, off: u64, data: Box<[u8]>) -> Result<()> {
+        self.load_l2(off).await?;
+        let slot = self.l2.get_mut(off).expect("loaded");
+        slot.data = data;
+        slot.dirty = true;
+        Ok(())
+    }
+
+    pub(crate) fn set_l1_entry(&mut self, idx: u64, e: L1Entry) {
+        self.set_l1(idx, e);
+    }
+
+    pub(crate) fn mark_l1_dirty(&mut self, idx: u64) {
+        self.l1_dirty_sectors.insert(idx * 8 / 512);
+    }
+
     fn set_l1(&mut self, idx: u64, e: L1Entry) {
         self.l1[idx as usize] = e.encode();
         self.l1_dirty_sectors.insert(idx * 8 / 512);
