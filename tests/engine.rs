@@ -646,7 +646,7 @@ async fn snapshots_are_consistent_under_concurrent_writers() {
     for w in writers {
         w.await.unwrap();
     }
-    let log = log.lock().unwrap();
+    let log = log.lock().unwrap().clone();
     let total: usize = log.iter().map(|w| w.len()).sum();
     let during = snaps.last().unwrap().2;
     assert!(
