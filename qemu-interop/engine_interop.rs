@@ -508,12 +508,10 @@ async fn unsupported_features_are_refused_and_feature_bits_handled_like_qemu() {
     ));
     let datafile = d.join("data.raw");
     let df = mk("df.qcow2", &["-o", &format!("data_file={}", s(&datafile))]);
-    assert!(matches!(
-        Image::open(&df, &OpenOptions::read_only())
-            .await
-            .unwrap_err(),
-        Error::Unsupported { .. }
-    ));
+    assert!(
+        Image::open(&df, &OpenOptions::read_only()).await.is_ok(),
+        "external data files are supported"
+    );
     let bm = mk("bm.qcow2", &[]);
     qemu_ok("qemu-img", &["bitmap", "--add", s(&bm), "b0"]);
     assert!(matches!(
@@ -1114,4 +1112,143 @@ async fn snapshots_interoperate_with_qemu_img_both_ways() {
     assert!(img.create_snapshot("z").await.is_err());
     img.close().await.unwrap();
     assert_check_clean(&r);
+}
+
+/// External data files, with and without data_file_raw: metadata only in the qcow2 file,
+/// guest data at guest offsets in the data file, QEMU reads what we write and we read what
+/// QEMU writes; with raw, the data file *is* the guest disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_data_files_interoperate() {
+    use qcow2_async::{DataFilePolicy, Error};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for raw in [false, true] {
+        // Ours → QEMU.
+        let p = d.join(format!("ours-{raw}.qcow2"));
+        let data = d.join(format!("ours-{raw}.data"));
+        let size = 6u64 << 20;
+        let mut o = CreateOptions::new(size);
+        // QEMU resolves a relative data-file name against its working directory, we against
+        // the image's folder: an absolute name means the same to both.
+        o.data_file = Some(s(&data).to_string());
+        o.data_file_raw = raw;
+        let img = Image::create(&p, &o, &OpenOptions::default())
+            .await
+            .unwrap();
+        let mut model = vec![0u8; size as usize];
+        let mut r = rng(raw as u64);
+        for _ in 0..150 {
+            match random_op(&mut r, size, 65536) {
+                Op::Write { off, data } => {
+                    img.write_at(&data, off).await.unwrap();
+                    model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+                }
+                Op::Zeroes { off, len, unmap } => {
+                    img.write_zeroes(off, len, unmap).await.unwrap();
+                    model[off as usize..(off + len) as usize].fill(0);
+                }
+                Op::Discard { off, len } => {
+                    img.discard(off, len).await.unwrap();
+                    let (first, end) = (off.div_ceil(65536) * 65536, (off + len) / 65536 * 65536);
+                    if end > first {
+                        model[first as usize..end as usize].fill(0);
+                    }
+                }
+                _ => {}
+            }
+        }
+        img.close().await.unwrap();
+        assert_check_clean(&p);
+        let expect = d.join(format!("model-{raw}.raw"));
+        std::fs::write(&expect, &model).unwrap();
+        let out = qemu(
+            "qemu-img",
+            &["compare", "-f", "qcow2", "-F", "raw", s(&p), s(&expect)],
+        );
+        assert!(
+            out.status.success(),
+            "raw={raw}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        if raw {
+            assert!(
+                std::fs::read(&data).unwrap() == model,
+                "the raw data file is the guest disk"
+            );
+        }
+        // No metadata in the data file: every byte of it is guest data (or, without raw,
+        // stale guest data / zeros), so it can never contain a qcow2 table of ours. The qcow2
+        // file in turn holds no guest data: it stays small.
+        assert!(std::fs::metadata(&p).unwrap().len() < 1 << 20);
+        let info = qemu_ok("qemu-img", &["info", "--output=json", s(&p)]);
+        assert!(info.contains("\"data-file\""), "{info}");
+
+        // QEMU → ours.
+        let q = d.join(format!("theirs-{raw}.qcow2"));
+        let qd = d.join(format!("theirs-{raw}.data"));
+        let opt = format!(
+            "data_file={},data_file_raw={}",
+            s(&qd),
+            if raw { "on" } else { "off" }
+        );
+        qemu_ok(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", &opt, s(&q), "4M"],
+        );
+        qemu_ok(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x21 0 100k",
+                "-c",
+                "write -z 64k 64k",
+                "-c",
+                "write -P 0x22 1M 4k",
+                s(&q),
+            ],
+        );
+        assert_reads_like_qemu(&q).await;
+        // The safe policy refuses an absolute data file name; the default follows it.
+        let err = Image::open(
+            &q,
+            &OpenOptions {
+                data_file: DataFilePolicy::BesideImage,
+                ..OpenOptions::read_only()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        let img = Image::open(
+            &q,
+            &OpenOptions {
+                data_file: DataFilePolicy::Override(qd.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        img.write_at(&[0x23; 1000], 2 << 20).await.unwrap();
+        assert!(matches!(
+            img.create_snapshot("x").await.unwrap_err(),
+            Error::Unsupported { .. }
+        ));
+        img.close().await.unwrap();
+        assert_check_clean(&q);
+        let out = qemu_ok(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "read -P 0x23 2M 1000",
+                "-c",
+                "read -P 0x21 0 64k",
+                s(&q),
+            ],
+        );
+        assert!(!out.contains("Pattern verification failed"), "{out}");
+    }
 }

@@ -29,7 +29,9 @@ use crate::error::{Error, Result};
 use crate::io::{open_file, BlockFile, FileOptions, IoBuf};
 use crate::lease::ClusterLeases;
 use crate::meta::{Meta, Pool};
-use crate::options::{BackingFormat, BackingPolicy, CreateOptions, OpenOptions, Preallocation};
+use crate::options::{
+    BackingFormat, BackingPolicy, CreateOptions, DataFilePolicy, OpenOptions, Preallocation,
+};
 use crate::snapshot::SnapshotInfo;
 
 /// An open qcow2 image. Cheap to clone; every clone is the same image, and any number of
@@ -54,6 +56,12 @@ pub struct Image {
 struct Inner {
     path: Option<PathBuf>,
     file: Arc<dyn BlockFile>,
+    /// Where guest data lives: the qcow2 file itself, or the external data file.
+    data: Arc<dyn BlockFile>,
+    /// Guest data is in an external data file (host offset == guest offset, no refcounts).
+    external: bool,
+    /// The external data file is a valid raw image (`data_file_raw`).
+    data_raw: bool,
     meta: Mutex<Meta>,
     leases: ClusterLeases,
     backing: Option<Backing>,
@@ -110,8 +118,22 @@ impl Image {
         )
         .map_err(Error::io("creating the image file"))?;
         let file = wrap_direct(file);
+        if let Some(name) = &create.data_file {
+            // The data file is created (or truncated) to the disk size, as qemu-img does.
+            let p = relative_to(path, name);
+            let d = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(&p)
+                .map_err(Error::io("creating the external data file"))?;
+            d.set_len(create.size.div_ceil(512) * 512)
+                .map_err(Error::io("sizing the external data file"))?;
+        }
         Self::format_file(file.clone(), create).await?;
-        Self::open_handle(file, Some(path.to_path_buf()), open, None).await
+        drop(file);
+        // Reopen by path so that backing and data files are resolved as for any image.
+        Self::open(path, open).await
     }
 
     /// Writes a fresh image into `file` exactly as `qemu-img create` lays it out (reference
@@ -148,10 +170,38 @@ impl Image {
             ));
         }
         let size = o.size.div_ceil(512) * 512;
+        if o.data_file_raw && o.data_file.is_none() {
+            return Err(Error::InvalidArgument(
+                "data_file_raw requires a data_file".into(),
+            ));
+        }
+        if o.data_file.is_some() && !o.version3 {
+            return Err(Error::InvalidArgument(
+                "external data files need compat=1.1".into(),
+            ));
+        }
+        if o.data_file_raw && o.backing_file.is_some() {
+            return Err(Error::InvalidArgument(
+                "a raw external data file cannot have a backing file".into(),
+            ));
+        }
+        // A raw data file is the guest disk itself: every cluster is mapped (QEMU forces
+        // preallocation=metadata).
+        let mut o = o.clone();
+        if o.data_file_raw && o.preallocation == Preallocation::Off {
+            o.preallocation = Preallocation::Metadata;
+        }
+        let o = &o;
         let mut compatible = CompatibleFeatures::empty();
         compatible.set(CompatibleFeatures::LAZY_REFCOUNTS, o.lazy_refcounts);
         let mut incompatible = IncompatibleFeatures::empty();
         incompatible.set(IncompatibleFeatures::COMPRESSION_TYPE, o.zstd);
+        incompatible.set(
+            IncompatibleFeatures::EXTERNAL_DATA_FILE,
+            o.data_file.is_some(),
+        );
+        let mut autoclear = AutoclearFeatures::empty();
+        autoclear.set(AutoclearFeatures::DATA_FILE_RAW, o.data_file_raw);
         let hdr = ImageHeader {
             header: Header {
                 version: if o.version3 { Version::V3 } else { Version::V2 },
@@ -168,7 +218,7 @@ impl Image {
                 snapshots_offset: 0,
                 incompatible,
                 compatible,
-                autoclear: AutoclearFeatures::empty(),
+                autoclear,
                 refcount_order: order,
                 header_length: if o.version3 { 112 } else { 72 },
                 compression_type: if o.zstd {
@@ -180,7 +230,7 @@ impl Image {
             unknown_header_fields: vec![],
             backing_file: o.backing_file.clone(),
             backing_format: o.backing_format.map(|f| f.name().to_string()),
-            data_file: None,
+            data_file: o.data_file.clone(),
             encryption: None,
             bitmaps: None,
             feature_names: vec![],
@@ -226,7 +276,11 @@ impl Image {
         if o.preallocation != Preallocation::Off {
             let mut end = 0;
             for gc in 0..geo.clusters_for(size) {
-                let host = meta.alloc(1, Pool::Data).await?;
+                let host = if o.data_file.is_some() {
+                    gc * cs
+                } else {
+                    meta.alloc(1, Pool::Data).await?
+                };
                 meta.set_entry(
                     gc,
                     L2Entry::Normal {
@@ -237,12 +291,16 @@ impl Image {
                 )
                 .await?;
                 match o.preallocation {
+                    // The data file is the caller's to preallocate; metadata is mapped.
+                    _ if o.data_file.is_some() => Ok(()),
                     Preallocation::Falloc => file.allocate(host, cs).await,
                     Preallocation::Full => file.zero_range(host, cs).await,
                     _ => Ok(()),
                 }
                 .map_err(Error::io("preallocating"))?;
-                end = end.max(host + cs);
+                if o.data_file.is_none() {
+                    end = end.max(host + cs);
+                }
             }
             meta.writeback().await?;
             let len = file.len().await.map_err(Error::io("sizing"))?;
@@ -285,7 +343,28 @@ impl Image {
         chain.push(canon);
         let hdr = read_header(&file).await?;
         let backing = open_backing(&hdr, path, opts, depth, chain).await?;
-        let img = Self::open_handle(file, Some(path.to_path_buf()), opts, backing).await?;
+        let data = if hdr
+            .header
+            .incompatible
+            .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
+        {
+            let dpath = resolve_data_file(&hdr, path, &opts.data_file)?;
+            let f = open_file(
+                &dpath,
+                &FileOptions {
+                    aio: opts.aio,
+                    direct: opts.direct,
+                    read_only: opts.read_only,
+                    create: false,
+                    truncate: false,
+                },
+            )
+            .map_err(Error::io("opening the external data file"))?;
+            Some(wrap_direct(f))
+        } else {
+            None
+        };
+        let img = Self::open_handles(file, data, Some(path.to_path_buf()), opts, backing).await?;
         if direct_align > img.cluster_size() {
             return Err(Error::unsupported(
                 "O_DIRECT with clusters smaller than the device block",
@@ -303,14 +382,53 @@ impl Image {
         opts: &OpenOptions,
         backing: Option<Backing>,
     ) -> Result<Image> {
+        Self::open_handles(file, None, path, opts, backing).await
+    }
+
+    /// As [`Image::open_handle`], with the external data file for images that have one.
+    pub async fn open_handles(
+        file: Arc<dyn BlockFile>,
+        data_file: Option<Arc<dyn BlockFile>>,
+        path: Option<PathBuf>,
+        opts: &OpenOptions,
+        backing: Option<Backing>,
+    ) -> Result<Image> {
         let mut hdr = read_header(&file).await?;
+        let external = hdr
+            .header
+            .incompatible
+            .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE);
+        let data_raw = external
+            && hdr
+                .header
+                .autoclear
+                .contains(AutoclearFeatures::DATA_FILE_RAW);
+        let data = match (external, data_file) {
+            (true, Some(d)) => d,
+            (true, None) => {
+                return Err(Error::InvalidArgument(
+                    "'data-file' is required for this image".into(),
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(Error::InvalidArgument(
+                    "a data file was given for an image without an external data file".into(),
+                ))
+            }
+            (false, None) => file.clone(),
+        };
         check_features(&hdr, opts.read_only, opts.open_for_repair)?;
         let h = &hdr.header;
         let geo = h.geometry().map_err(Error::format("header"))?;
         let size = h.size;
         let compression = h.compression_type;
         let version3 = h.version == Version::V3;
-        let barrier = Barrier::new(opts.barrier, vec![file.clone()]);
+        let mut synced = vec![file.clone()];
+        if external {
+            // Data must be durable before metadata that points at it: sync both files.
+            synced.insert(0, data.clone());
+        }
+        let barrier = Barrier::new(opts.barrier, synced);
         // A writer must clear autoclear bits it does not understand (reference §1.2).
         let rewrite = !opts.read_only && h.autoclear.unknown() != 0;
         if rewrite {
@@ -358,6 +476,9 @@ impl Image {
             inner: Arc::new(Inner {
                 path,
                 file,
+                data,
+                external,
+                data_raw,
                 meta: Mutex::new(meta),
                 leases: ClusterLeases::default(),
                 backing,
@@ -536,7 +657,7 @@ impl Image {
                 Source::Data(host) => {
                     let b = self
                         .inner
-                        .file
+                        .data
                         .read_at(IoBuf::zeroed(n, 1), host)
                         .await
                         .map_err(Error::io("reading guest data"))?;
@@ -592,7 +713,7 @@ impl Image {
 
     async fn write_in_place(&self, host: u64, data: &[u8]) -> Result<()> {
         self.inner
-            .file
+            .data
             .write_at(IoBuf::from_slice(data, 1), host)
             .await
             .map(|_| ())
@@ -608,7 +729,9 @@ impl Image {
             let mut meta = self.inner.meta.lock().await;
             let (entry, _) = meta.lookup(gc).await?;
             if let L2Entry::Normal { host, copied: true } = entry {
-                meta.check_data_target(host.0).await?;
+                if !self.inner.external {
+                    meta.check_data_target(host.0).await?;
+                }
                 drop(meta);
                 return self.write_in_place(host.0 + inc, data).await;
             }
@@ -619,7 +742,9 @@ impl Image {
         let cs = self.cluster_size();
         let (host, fresh) = match entry {
             L2Entry::Normal { host, copied: true } => {
-                meta.check_data_target(host.0).await?;
+                if !self.inner.external {
+                    meta.check_data_target(host.0).await?;
+                }
                 drop(meta);
                 return self.write_in_place(host.0 + inc, data).await;
             }
@@ -628,9 +753,13 @@ impl Image {
                 host: Some(h),
                 copied: true,
             } => (h.0, false),
+            // With an external data file, guest offset == host offset and nothing is counted.
+            _ if self.inner.external => (gc << self.inner.geo.cluster_bits(), false),
             _ => (meta.alloc(1, Pool::Data).await?, true),
         };
-        if let Err(e) = meta.check_data_target(host).await {
+        if self.inner.external {
+            // Writes to the data file need no metadata overlap check (QEMU skips it too).
+        } else if let Err(e) = meta.check_data_target(host).await {
             if fresh {
                 meta.free_now(host, cs).await?;
             }
@@ -666,7 +795,7 @@ impl Image {
         )
         .await?;
         if fresh {
-            release(&mut meta, entry, cs);
+            self.release(&mut meta, entry);
         }
         Ok(())
     }
@@ -700,9 +829,11 @@ impl Image {
                 if new != entry {
                     meta.set_entry(gc, new, SubclusterBitmap::default()).await?;
                     if new.host_cluster().is_none() {
-                        release(&mut meta, entry, cs);
+                        self.release(&mut meta, entry);
                     }
                 }
+                drop(meta);
+                self.raw_data_reads_zero(gc, n, false).await?;
                 continue;
             }
             let reads_zero = {
@@ -753,8 +884,10 @@ impl Image {
             };
             if new != entry {
                 meta.set_entry(gc, new, SubclusterBitmap::default()).await?;
-                release(&mut meta, entry, cs);
+                self.release(&mut meta, entry);
             }
+            drop(meta);
+            self.raw_data_reads_zero(gc, cs, true).await?;
         }
         Ok(())
     }
@@ -852,6 +985,22 @@ impl Image {
         Ok(())
     }
 
+    /// With `data_file_raw` the data file must stay a valid raw image of the guest: zeroed or
+    /// discarded clusters are zeroed (or punched) there too. Called under the cluster's
+    /// exclusive lease.
+    async fn raw_data_reads_zero(&self, gc: u64, len: u64, punch: bool) -> Result<()> {
+        if !self.inner.data_raw {
+            return Ok(());
+        }
+        let off = gc << self.inner.geo.cluster_bits();
+        let r = if punch {
+            self.inner.data.punch_hole(off, len).await
+        } else {
+            self.inner.data.zero_range(off, len).await
+        };
+        r.map_err(Error::io("zeroing the raw data file"))
+    }
+
     /// Makes every write that completed before the call durable (invariant 10).
     #[instrument(level = "debug", skip(self))]
     pub async fn flush(&self) -> Result<()> {
@@ -880,6 +1029,16 @@ impl Image {
     }
 }
 
+impl Image {
+    /// Drops the reference an old mapping held, once the new mapping is durable. Clusters
+    /// of an external data file are not reference counted.
+    fn release(&self, meta: &mut Meta, old: L2Entry) {
+        if !self.inner.external {
+            release(meta, old, self.cluster_size());
+        }
+    }
+}
+
 /// Drops the reference an old mapping held, once the new mapping is durable.
 fn release(meta: &mut Meta, old: L2Entry, cs: u64) {
     match old {
@@ -892,6 +1051,48 @@ fn release(meta: &mut Meta, old: L2Entry, cs: u64) {
             meta.free_later(start, len);
         }
         _ => {}
+    }
+}
+
+/// `name` relative to the folder of `image`, unless absolute.
+fn relative_to(image: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        image.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
+/// Where the external data file is, per the caller's policy. The safe policy refuses names
+/// that leave the image's folder: an image from an untrusted source must not make us read
+/// or write an arbitrary host file (cf. CVE-style data-file disclosure in lima #5441).
+fn resolve_data_file(hdr: &ImageHeader, image: &Path, policy: &DataFilePolicy) -> Result<PathBuf> {
+    let named = || {
+        hdr.data_file
+            .clone()
+            .ok_or_else(|| Error::InvalidArgument("'data-file' is required for this image".into()))
+    };
+    match policy {
+        DataFilePolicy::Override(p) => Ok(p.clone()),
+        DataFilePolicy::FromImage => Ok(relative_to(image, &named()?)),
+        DataFilePolicy::BesideImage => {
+            let name = named()?;
+            let p = Path::new(&name);
+            let escapes = p.is_absolute()
+                || p.components().any(|c| {
+                    !matches!(
+                        c,
+                        std::path::Component::Normal(_) | std::path::Component::CurDir
+                    )
+                });
+            if escapes {
+                return Err(Error::InvalidArgument(format!(
+                    "refusing data file name '{name}': it leaves the image's folder"
+                )));
+            }
+            Ok(relative_to(image, &name))
+        }
     }
 }
 
@@ -930,8 +1131,11 @@ fn check_features(hdr: &ImageHeader, read_only: bool, for_repair: bool) -> Resul
     }
     if h.incompatible
         .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
+        && h.nb_snapshots > 0
     {
-        return Err(Error::unsupported("external data file", ""));
+        return Err(Error::Corrupt(
+            "internal snapshots in an image with an external data file".into(),
+        ));
     }
     if read_only {
         return Ok(());

@@ -39,6 +39,8 @@ pub use barrier::BarrierMode;
 pub use check::{CheckReport, RepairMode, Verdict};
 pub use error::{Error, Result};
 pub use image::Image;
-pub use options::{BackingFormat, BackingPolicy, CreateOptions, OpenOptions, Preallocation};
+pub use options::{
+    BackingFormat, BackingPolicy, CreateOptions, DataFilePolicy, OpenOptions, Preallocation,
+};
 pub use qcow2_format;
 pub use snapshot::SnapshotInfo;

@@ -85,6 +85,10 @@ pub struct CreateOptions {
     pub zstd: bool,
     /// `extended_l2`: refused until extended-L2 writes are implemented.
     pub extended_l2: bool,
+    /// `data_file`: guest data goes to this file (relative to the image's folder).
+    pub data_file: Option<String>,
+    /// `data_file_raw`: keep the data file a valid raw image of the guest disk.
+    pub data_file_raw: bool,
 }
 
 impl CreateOptions {
@@ -101,6 +105,8 @@ impl CreateOptions {
             preallocation: Preallocation::Off,
             zstd: false,
             extended_l2: false,
+            data_file: None,
+            data_file_raw: false,
         }
     }
 }
@@ -118,6 +124,20 @@ pub enum BackingPolicy {
     Ignore,
     /// Use this file and format instead of the one the image names.
     Override(PathBuf, BackingFormat),
+}
+
+/// Where an image's external data file is taken from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum DataFilePolicy {
+    /// The name the image records, relative to the image's folder; absolute names are
+    /// followed (QEMU's behaviour — only for images you trust).
+    #[default]
+    FromImage,
+    /// The recorded name only if it stays inside the image's folder (no absolute path, no
+    /// `..`): the safe choice for images from elsewhere.
+    BesideImage,
+    /// This file, whatever the image says (qemu's `data-file=` option).
+    Override(PathBuf),
 }
 
 /// Parameters for opening an image.
@@ -145,6 +165,8 @@ pub struct OpenOptions {
     /// Open an image marked corrupt read-write so that `check(Some(RepairMode::All))` can
     /// repair it (what `qemu-img check -r` does); refused otherwise.
     pub open_for_repair: bool,
+    /// External data file policy.
+    pub data_file: DataFilePolicy,
 }
 
 impl Default for OpenOptions {
@@ -160,6 +182,7 @@ impl Default for OpenOptions {
             discard_passthrough: false,
             cache_clusters: 512,
             open_for_repair: false,
+            data_file: DataFilePolicy::FromImage,
         }
     }
 }
