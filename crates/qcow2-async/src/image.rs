@@ -808,7 +808,6 @@ impl Image {
         let _instant = self.inner.snap_lock.read().await;
         self.check_writable().await?;
         self.check_range(offset, len)?;
-        let cs = self.cluster_size();
         for (gc, inc, r) in self.pieces(offset, len) {
             let n = (r.end - r.start) as u64;
             if self.is_whole(gc, inc, n) && self.inner.version3 {
