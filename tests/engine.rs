@@ -11,6 +11,7 @@ use qcow2_async::io::{Aio, BlockFile, MemFile};
 use qcow2_async::{Backing, CreateOptions, Image, OpenOptions};
 
 struct Case {
+    extended: bool,
     cluster: u64,
     refcount_bits: u32,
     v3: bool,
@@ -31,6 +32,7 @@ fn cases() -> Vec<Case> {
     ] {
         for backing in [false, true] {
             v.push(Case {
+                extended: false,
                 cluster,
                 refcount_bits,
                 v3,
@@ -38,6 +40,21 @@ fn cases() -> Vec<Case> {
                 size: (cluster * 40).min(64 << 20) + 1536,
             });
         }
+    }
+    for (cluster, backing) in [
+        (65536, false),
+        (65536, true),
+        (16384, true),
+        (1 << 21, true),
+    ] {
+        v.push(Case {
+            extended: true,
+            cluster,
+            refcount_bits: 16,
+            v3: true,
+            backing,
+            size: cluster * 20 + 1536,
+        });
     }
     v
 }
@@ -51,6 +68,7 @@ async fn make(case: &Case, file: Arc<dyn BlockFile>, backing: Option<&Backing>) 
     o.cluster_size = case.cluster;
     o.refcount_bits = case.refcount_bits;
     o.version3 = case.v3;
+    o.extended_l2 = case.extended;
     if backing.is_some() {
         // The name is recorded but the backing image is handed in directly.
         o.backing_file = Some("backing.raw".into());
@@ -178,6 +196,7 @@ async fn model_random_operations_match() {
 #[tokio::test]
 async fn discard_of_a_partial_cluster_changes_nothing() {
     let case = Case {
+        extended: false,
         cluster: 65536,
         refcount_bits: 16,
         v3: true,
@@ -254,6 +273,7 @@ async fn two_writers_on_one_unallocated_cluster_allocate_once() {
 #[tokio::test]
 async fn a_write_to_a_zero_alloc_cluster_is_visible() {
     let case = Case {
+        extended: false,
         cluster: 65536,
         refcount_bits: 16,
         v3: true,
@@ -275,6 +295,7 @@ async fn a_write_to_a_zero_alloc_cluster_is_visible() {
 #[tokio::test]
 async fn out_of_range_and_read_only_are_refused() {
     let case = Case {
+        extended: false,
         cluster: 65536,
         refcount_bits: 16,
         v3: true,
@@ -362,17 +383,22 @@ async fn model_on_real_files_with_both_backends() {
 /// Afterwards `qemu-img check` must report no leaks and no corruptions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stress_64_tasks_overlapping_writes_stay_consistent() {
-    for aio in [Aio::Threads, Aio::IoUring] {
-        stress(aio).await;
+    for (aio, extended) in [
+        (Aio::Threads, false),
+        (Aio::IoUring, false),
+        (Aio::IoUring, true),
+    ] {
+        stress(aio, extended).await;
     }
 }
 
-async fn stress(aio: Aio) {
+async fn stress(aio: Aio, extended: bool) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("stress.qcow2");
     let size: u64 = 32 << 20;
     let mut o = CreateOptions::new(size);
     o.cluster_size = 16384;
+    o.extended_l2 = extended;
     let opts = OpenOptions {
         aio: Some(aio),
         ..Default::default()
@@ -685,4 +711,83 @@ async fn snapshots_are_consistent_under_concurrent_writers() {
     assert_eq!(img.list_snapshots().await.unwrap().len(), 5);
     img.close().await.unwrap();
     assert_check_clean(&path);
+}
+
+/// Regression (Go implementation): extended-L2 images were written with standard entries.
+/// Here a 4 KiB write allocates the cluster once and sets exactly the two 2 KiB subclusters
+/// it covers, like QEMU (reference §2.4: entry 0x8000000000050000, bitmap 0x3).
+#[tokio::test]
+async fn extended_l2_writes_set_subcluster_bitmaps_not_standard_entries() {
+    let file = mem();
+    let mut o = CreateOptions::new(1 << 30);
+    o.extended_l2 = true;
+    Image::format_file(file.clone(), &o).await.unwrap();
+    let img = Image::open_handle(file.clone(), None, &OpenOptions::default(), None)
+        .await
+        .unwrap();
+    img.write_at(&[0xee; 4096], 0).await.unwrap();
+    img.write_zeroes(8192, 2048, false).await.unwrap();
+    img.close().await.unwrap();
+    let mut bytes = vec![0u8; 1 << 20];
+    let b = file
+        .read_at(qcow2_async::io::IoBuf::zeroed(1 << 20, 1), 0)
+        .await
+        .unwrap();
+    bytes.copy_from_slice(&b);
+    let l1 = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
+    let l2 = (u64::from_be_bytes(bytes[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00)
+        as usize;
+    let entry = u64::from_be_bytes(bytes[l2..l2 + 8].try_into().unwrap());
+    let bitmap = u64::from_be_bytes(bytes[l2 + 8..l2 + 16].try_into().unwrap());
+    assert_eq!(entry >> 63, 1, "COPIED");
+    assert_eq!(
+        bitmap, 0x0000_0010_0000_0003,
+        "subclusters 0 and 1 allocated, 4 zero"
+    );
+}
+
+/// The point of subclusters: a 4 KiB allocating write over a backing file writes 4 KiB of
+/// data, not a 64 KiB cluster (measured by the file's write counter before any metadata is
+/// written back).
+#[tokio::test]
+async fn extended_l2_small_writes_over_a_backing_file_copy_no_whole_cluster() {
+    for extended in [true, false] {
+        let backing: Arc<dyn BlockFile> = Arc::new(MemFile::from_bytes(vec![7u8; 8 << 20]));
+        let file = Arc::new(MemFile::from_bytes(Vec::new()));
+        let mut o = CreateOptions::new(8 << 20);
+        o.extended_l2 = extended;
+        o.backing_file = Some("b.raw".into());
+        o.backing_format = Some(qcow2_async::BackingFormat::Raw);
+        let dynfile: Arc<dyn BlockFile> = file.clone();
+        Image::format_file(dynfile.clone(), &o).await.unwrap();
+        let img = Image::open_handle(
+            dynfile,
+            None,
+            &OpenOptions::default(),
+            Some(Backing::Raw(backing, 8 << 20)),
+        )
+        .await
+        .unwrap();
+        let before = file.bytes_written();
+        let n = 64u64;
+        for i in 0..n {
+            img.write_at(&[1; 4096], i * 65536 + 8192).await.unwrap();
+        }
+        let per_write = (file.bytes_written() - before) / n;
+        if extended {
+            assert!(
+                per_write <= 8192,
+                "extended L2: {per_write} bytes per 4 KiB write"
+            );
+        } else {
+            assert_eq!(per_write, 65536, "standard L2 copies the whole cluster");
+        }
+        let mut b = vec![0u8; 65536];
+        img.read_at(&mut b, 65536).await.unwrap();
+        assert!(
+            b[..8192].iter().all(|&x| x == 7)
+                && b[8192..12288].iter().all(|&x| x == 1)
+                && b[12288..].iter().all(|&x| x == 7)
+        );
+    }
 }

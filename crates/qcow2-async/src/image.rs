@@ -11,6 +11,8 @@
 //! * the L2 update is made only after the data write completed, and reaches the disk only
 //!   after a barrier (see [`crate::meta`]) — metadata never points at data that is not there.
 
+mod subcluster;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -158,10 +160,15 @@ impl Image {
                 "lazy refcounts and zstd compression need compat=1.1".into(),
             ));
         }
-        if o.extended_l2 {
-            return Err(Error::unsupported(
-                "extended L2 entries",
-                "creating extended-L2 images lands with subcluster writes",
+        if o.extended_l2 && !o.version3 {
+            return Err(Error::InvalidArgument(
+                "extended L2 entries need compat=1.1".into(),
+            ));
+        }
+        if o.extended_l2 && cs < 16384 {
+            return Err(Error::InvalidArgument(
+                "extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
+                    .into(),
             ));
         }
         if o.backing_file.is_some() && o.backing_format.is_none() {
@@ -196,6 +203,7 @@ impl Image {
         compatible.set(CompatibleFeatures::LAZY_REFCOUNTS, o.lazy_refcounts);
         let mut incompatible = IncompatibleFeatures::empty();
         incompatible.set(IncompatibleFeatures::COMPRESSION_TYPE, o.zstd);
+        incompatible.set(IncompatibleFeatures::EXTENDED_L2, o.extended_l2);
         incompatible.set(
             IncompatibleFeatures::EXTERNAL_DATA_FILE,
             o.data_file.is_some(),
@@ -281,13 +289,18 @@ impl Image {
                 } else {
                     meta.alloc(1, Pool::Data).await?
                 };
+                let bm = if o.extended_l2 {
+                    SubclusterBitmap::new(u32::MAX, 0)
+                } else {
+                    SubclusterBitmap::default()
+                };
                 meta.set_entry(
                     gc,
                     L2Entry::Normal {
                         host: qcow2_format::HostOffset(host),
                         copied: true,
                     },
-                    SubclusterBitmap::default(),
+                    bm,
                 )
                 .await?;
                 match o.preallocation {
@@ -721,6 +734,9 @@ impl Image {
     }
 
     async fn write_cluster(&self, gc: u64, inc: u64, data: &[u8]) -> Result<()> {
+        if self.inner.geo.extended_l2() {
+            return self.write_subclusters(gc, inc, data).await;
+        }
         // With O_DIRECT an unaligned write is a read-modify-write of whole blocks: it must
         // not run beside another writer of the same cluster (see `direct.rs`).
         let a = self.inner.direct_align;
@@ -810,6 +826,11 @@ impl Image {
         self.check_range(offset, len)?;
         for (gc, inc, r) in self.pieces(offset, len) {
             let n = (r.end - r.start) as u64;
+            if self.inner.geo.extended_l2() {
+                self.zero_subclusters(gc, inc, n, unmap).await?;
+                self.raw_data_reads_zero(gc, n, false).await?;
+                continue;
+            }
             if self.is_whole(gc, inc, n) && self.inner.version3 {
                 let _lease = self.inner.leases.exclusive(gc).await;
                 let mut meta = self.inner.meta.lock().await;
@@ -861,6 +882,11 @@ impl Image {
         let cs = self.cluster_size();
         for (gc, inc, r) in self.pieces(offset, len) {
             if !self.is_whole(gc, inc, (r.end - r.start) as u64) {
+                continue;
+            }
+            if self.inner.geo.extended_l2() {
+                self.discard_extended(gc).await?;
+                self.raw_data_reads_zero(gc, cs, true).await?;
                 continue;
             }
             let _lease = self.inner.leases.exclusive(gc).await;
@@ -1142,12 +1168,6 @@ fn check_features(hdr: &ImageHeader, read_only: bool, for_repair: bool) -> Resul
     if h.incompatible.contains(IncompatibleFeatures::CORRUPT) && !for_repair {
         return Err(Error::Corrupt(
             "image is corrupt; cannot be opened read/write".into(),
-        ));
-    }
-    if h.incompatible.contains(IncompatibleFeatures::EXTENDED_L2) {
-        return Err(Error::unsupported(
-            "writing extended L2 entries",
-            "open read-only",
         ));
     }
     if hdr.bitmaps.is_some() {
