@@ -23,8 +23,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use qcow2_format::bitmap::{
+    bitmap_table_size, decode_bitmap_table, BitmapDirectory, BitmapTableEntry,
+};
 use qcow2_format::header::qemu_feature_table;
 use qcow2_format::l2::decode_extended;
+use qcow2_format::luks::LuksHeader;
+use qcow2_format::snapshot::{SnapshotEntry, SnapshotTable};
 use qcow2_format::{
     AutoclearFeatures, CompatibleFeatures, CompressionType, CryptMethod, HostOffset, ImageHeader,
     IncompatibleFeatures, L1Entry, L2Entry, L2Format, Limits, ReftableEntry, SubclusterState,
@@ -418,9 +423,9 @@ struct Decoded {
     l1: Vec<L1Entry>,
     /// Refcount blocks by reftable index.
     refblocks: BTreeMap<u64, Vec<u8>>,
-    snapshots: Vec<raw::Snapshot>,
+    snapshots: Vec<SnapshotEntry>,
     snapshot_table_len: u64,
-    bitmaps: Vec<raw::Bitmap>,
+    bitmaps: BitmapDirectory,
 }
 
 impl Decoded {
@@ -455,11 +460,21 @@ impl Decoded {
                 refblocks.insert(i as u64, read_at(&file, off, cs));
             }
         }
-        let (snapshots, snapshot_table_len) =
-            raw::snapshots(&file, h.snapshots_offset, h.nb_snapshots);
+        let (snapshots, snapshot_table_len) = decode_snapshots(&file, &hdr, cs);
         let bitmaps = match &hdr.bitmaps {
-            Some(b) => raw::bitmaps(&file, b.directory_offset, b.directory_size, b.nb_bitmaps),
-            None => vec![],
+            Some(b) => {
+                let bytes = read_at(&file, b.directory_offset, b.directory_size);
+                let dir = BitmapDirectory::decode(&bytes, b.nb_bitmaps, &Limits::QEMU)
+                    .unwrap_or_else(|e| panic!("bitmap directory does not decode: {e}"));
+                dir.validate_qemu(cs, h.size, &Limits::QEMU)
+                    .unwrap_or_else(|(i, e)| panic!("bitmap {i} fails QEMU's checks: {e}"));
+                assert!(
+                    dir.encode().unwrap() == bytes,
+                    "bitmap directory re-encodes differently"
+                );
+                dir
+            }
+            None => BitmapDirectory::default(),
         };
         Decoded {
             file,
@@ -535,148 +550,31 @@ fn decode_l1(file: &[u8], off: u64, size: u32, cluster_bits: u32) -> Vec<L1Entry
         .collect()
 }
 
-/// Parsers for structures whose decoders are not in the crate yet.
-// TODO: replace with snapshot::SnapshotTable / bitmap::BitmapDirectory / luks::LuksHeader
-// once they land (branch helper-tables).
-mod raw {
-    use super::{be32, be64, read_at};
-
-    pub struct Snapshot {
-        pub l1_offset: u64,
-        pub l1_size: u32,
-        pub id: String,
-        pub name: String,
-        pub date_sec: u32,
-        pub date_nsec: u32,
-        pub vm_clock_nsec: u64,
-        pub vm_state_size: u64,
-        pub disk_size: Option<u64>,
-        pub icount: Option<u64>,
-        pub extra_data_size: u32,
+/// The snapshot table through `SnapshotTable`, checked against QEMU's rules and re-encoded
+/// byte for byte. Returns the entries and the table's length in bytes.
+fn decode_snapshots(file: &[u8], hdr: &ImageHeader, cs: u64) -> (Vec<SnapshotEntry>, u64) {
+    let h = &hdr.header;
+    if h.nb_snapshots == 0 {
+        return (vec![], 0);
     }
-
-    /// Returns the entries and the table's byte length.
-    pub fn snapshots(file: &[u8], off: u64, nb: u32) -> (Vec<Snapshot>, u64) {
-        let mut pos = 0u64;
-        let mut out = Vec::new();
-        for _ in 0..nb {
-            pos = pos.next_multiple_of(8);
-            let fixed = read_at(file, off + pos, 40);
-            let id_len = u16::from_be_bytes([fixed[12], fixed[13]]) as u64;
-            let name_len = u16::from_be_bytes([fixed[14], fixed[15]]) as u64;
-            let extra_size = be32(&fixed, 36);
-            let extra = read_at(file, off + pos + 40, u64::from(extra_size));
-            let strings = read_at(
-                file,
-                off + pos + 40 + u64::from(extra_size),
-                id_len + name_len,
-            );
-            let vm32 = u64::from(be32(&fixed, 32));
-            out.push(Snapshot {
-                l1_offset: be64(&fixed, 0),
-                l1_size: be32(&fixed, 8),
-                id: String::from_utf8(strings[..id_len as usize].to_vec()).unwrap(),
-                name: String::from_utf8(strings[id_len as usize..].to_vec()).unwrap(),
-                date_sec: be32(&fixed, 16),
-                date_nsec: be32(&fixed, 20),
-                vm_clock_nsec: be64(&fixed, 24),
-                vm_state_size: if extra_size >= 8 {
-                    be64(&extra, 0)
-                } else {
-                    vm32
-                },
-                disk_size: (extra_size >= 16).then(|| be64(&extra, 8)),
-                icount: (extra_size >= 24).then(|| be64(&extra, 16)),
-                extra_data_size: extra_size,
-            });
-            pos += 40 + u64::from(extra_size) + id_len + name_len;
-        }
-        (out, pos)
+    // The table's length is not stored: hand the decoder the rest of the file.
+    let rest = read_at(
+        file,
+        h.snapshots_offset,
+        file.len() as u64 - h.snapshots_offset,
+    );
+    let (table, len) =
+        SnapshotTable::decode(&rest, h.nb_snapshots, h.version.number(), &Limits::QEMU)
+            .unwrap_or_else(|e| panic!("snapshot table does not decode: {e}"));
+    for e in &table.entries {
+        e.validate(cs, &Limits::QEMU)
+            .unwrap_or_else(|err| panic!("snapshot {}: {err}", e.name));
     }
-
-    pub struct Bitmap {
-        pub table_offset: u64,
-        pub table_size: u32,
-        pub flags: u32,
-        pub kind: u8,
-        pub granularity_bits: u8,
-        pub name: String,
-    }
-
-    pub fn bitmaps(file: &[u8], off: u64, size: u64, nb: u32) -> Vec<Bitmap> {
-        let dir = read_at(file, off, size);
-        let mut pos = 0usize;
-        let mut out = Vec::new();
-        for _ in 0..nb {
-            let name_len = u16::from_be_bytes([dir[pos + 18], dir[pos + 19]]) as usize;
-            let extra = be32(&dir, pos + 20) as usize;
-            let name_at = pos + 24 + extra;
-            out.push(Bitmap {
-                table_offset: be64(&dir, pos),
-                table_size: be32(&dir, pos + 8),
-                flags: be32(&dir, pos + 12),
-                kind: dir[pos + 16],
-                granularity_bits: dir[pos + 17],
-                name: String::from_utf8(dir[name_at..name_at + name_len].to_vec()).unwrap(),
-            });
-            pos = (name_at + name_len).next_multiple_of(8);
-        }
-        assert_eq!(
-            pos as u64, size,
-            "bitmap entries must fill the directory exactly"
-        );
-        out
-    }
-
-    pub struct LuksSlot {
-        pub active: bool,
-        pub iterations: u32,
-        pub key_offset_sectors: u32,
-        pub stripes: u32,
-    }
-
-    pub struct Luks {
-        pub cipher_name: String,
-        pub cipher_mode: String,
-        pub hash_spec: String,
-        pub payload_offset_sectors: u32,
-        pub key_bytes: u32,
-        pub master_key_iterations: u32,
-        pub uuid: String,
-        pub slots: Vec<LuksSlot>,
-    }
-
-    fn cstr(b: &[u8]) -> String {
-        let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-        String::from_utf8(b[..end].to_vec()).unwrap()
-    }
-
-    pub fn luks(b: &[u8]) -> Luks {
-        assert_eq!(&b[..6], b"LUKS\xba\xbe", "LUKS magic");
-        assert_eq!(u16::from_be_bytes([b[6], b[7]]), 1, "LUKS version");
-        Luks {
-            cipher_name: cstr(&b[8..40]),
-            cipher_mode: cstr(&b[40..72]),
-            hash_spec: cstr(&b[72..104]),
-            payload_offset_sectors: be32(b, 104),
-            key_bytes: be32(b, 108),
-            master_key_iterations: be32(b, 164),
-            uuid: cstr(&b[168..208]),
-            slots: (0..8)
-                .map(|i| {
-                    let s = 208 + 48 * i;
-                    let active = be32(b, s);
-                    assert!(active == 0x00ac_71f3 || active == 0x0000_dead, "slot state");
-                    LuksSlot {
-                        active: active == 0x00ac_71f3,
-                        iterations: be32(b, s + 4),
-                        key_offset_sectors: be32(b, s + 40),
-                        stripes: be32(b, s + 44),
-                    }
-                })
-                .collect(),
-        }
-    }
+    assert!(
+        table.encode(h.version.number()).unwrap() == rest[..len],
+        "snapshot table re-encodes differently"
+    );
+    (table.entries, len as u64)
 }
 
 // ------------------------------------------------------------------------------------------
@@ -853,9 +751,18 @@ fn compare_encryption(ctx: &str, d: &Decoded, info: Option<Value>) {
             assert_eq!(format, "luks", "{ctx}");
             let ext = d.hdr.encryption.expect("LUKS without crypto extension");
             assert_eq!(ext.offset % d.cs, 0);
-            let luks = raw::luks(&read_at(&d.file, ext.offset, 592));
+            let bytes = read_at(&d.file, ext.offset, 592);
+            let luks = LuksHeader::decode(&bytes)
+                .unwrap_or_else(|e| panic!("{ctx}: LUKS header does not decode: {e}"));
+            luks.validate_qemu()
+                .unwrap_or_else(|e| panic!("{ctx}: LUKS header fails QEMU's checks: {e}"));
+            assert!(
+                luks.encode().unwrap()[..] == bytes[..],
+                "{ctx}: LUKS header re-encodes"
+            );
+            let cm = luks.parsed_cipher_mode().unwrap();
+            let (mode, ivgen, ivhash) = (cm.mode, cm.ivgen, cm.ivhash);
             // cipher name + key size → "aes-256" (XTS keys are two cipher keys).
-            let (mode, ivgen) = luks.cipher_mode.split_once('-').unwrap();
             let key_bits = if mode == "xts" {
                 luks.key_bytes * 4
             } else {
@@ -872,10 +779,6 @@ fn compare_encryption(ctx: &str, d: &Decoded, info: Option<Value>) {
                 mode,
                 "{ctx}: cipher-mode"
             );
-            let (ivgen, ivhash) = match ivgen.split_once(':') {
-                Some((g, hsh)) => (g, Some(hsh)),
-                None => (ivgen, None),
-            };
             assert_eq!(take(&mut enc, "ivgen-alg", ctx), ivgen, "{ctx}: ivgen-alg");
             assert_eq!(
                 enc.remove("ivgen-hash-alg")
@@ -899,7 +802,7 @@ fn compare_encryption(ctx: &str, d: &Decoded, info: Option<Value>) {
             assert_eq!(ext.length, payload, "{ctx}: crypto extension length");
             assert_eq!(
                 take(&mut enc, "master-key-iters", ctx),
-                luks.master_key_iterations,
+                luks.mk_digest_iterations,
                 "{ctx}: master-key-iters"
             );
             assert_eq!(
@@ -911,8 +814,8 @@ fn compare_encryption(ctx: &str, d: &Decoded, info: Option<Value>) {
             let Value::Array(slots) = take(&mut enc, "slots", ctx) else {
                 panic!()
             };
-            assert_eq!(slots.len(), luks.slots.len(), "{ctx}: slot count");
-            for (i, (info, slot)) in slots.into_iter().zip(&luks.slots).enumerate() {
+            assert_eq!(slots.len(), luks.key_slots.len(), "{ctx}: slot count");
+            for (i, (info, slot)) in slots.into_iter().zip(&luks.key_slots).enumerate() {
                 let Value::Object(mut info) = info else {
                     panic!()
                 };
@@ -920,7 +823,7 @@ fn compare_encryption(ctx: &str, d: &Decoded, info: Option<Value>) {
                 assert_eq!(take(&mut info, "active", &sctx), slot.active, "{sctx}");
                 assert_eq!(
                     take(&mut info, "key-offset", &sctx),
-                    u64::from(slot.key_offset_sectors) * 512,
+                    u64::from(slot.key_material_offset_sectors) * 512,
                     "{sctx}: key-offset"
                 );
                 // QEMU 10 prints iterations and stripes for active slots only.
@@ -935,8 +838,11 @@ fn compare_encryption(ctx: &str, d: &Decoded, info: Option<Value>) {
             assert_eq!((luks.cipher_name.as_str(), luks.key_bytes), ("aes", 64));
             assert_eq!(luks.cipher_mode, "xts-plain64");
             assert_eq!(luks.payload_offset_sectors, 4040);
-            for (i, s) in luks.slots.iter().enumerate() {
-                assert_eq!(s.key_offset_sectors, 8 + 504 * i as u32);
+            let layout = LuksHeader::qemu_layout(luks.key_bytes).unwrap();
+            assert_eq!(layout.region_bytes(), ext.length, "{ctx}: LUKS region");
+            for (i, s) in luks.key_slots.iter().enumerate() {
+                assert_eq!(s.key_material_offset_sectors, 8 + 504 * i as u32);
+                assert_eq!(s.key_material_offset_sectors, layout.key_slot_offsets[i]);
                 assert_eq!(s.active, i == 0);
             }
         }
@@ -961,7 +867,7 @@ fn compare_bitmaps_info(ctx: &str, d: &Decoded, info: Option<Value>) {
     );
     assert_eq!(ext.nb_bitmaps as usize, list.len(), "{ctx}: nb_bitmaps");
     assert_eq!(ext.directory_offset % d.cs, 0);
-    for (info, bm) in list.into_iter().zip(&d.bitmaps) {
+    for (info, bm) in list.into_iter().zip(&d.bitmaps.entries) {
         let Value::Object(mut info) = info else {
             panic!()
         };
@@ -973,10 +879,10 @@ fn compare_bitmaps_info(ctx: &str, d: &Decoded, info: Option<Value>) {
             "{bctx}"
         );
         let mut flags = Vec::new();
-        if bm.flags & 1 != 0 {
+        if bm.flags.in_use() {
             flags.push("in-use");
         }
-        if bm.flags & 2 != 0 {
+        if bm.flags.auto() {
             flags.push("auto");
         }
         assert_eq!(
@@ -984,7 +890,15 @@ fn compare_bitmaps_info(ctx: &str, d: &Decoded, info: Option<Value>) {
             serde_json::json!(flags),
             "{bctx}: flags"
         );
-        assert_eq!(bm.kind, 1, "{bctx}: type");
+        assert_eq!(bm.bitmap_type, 1, "{bctx}: type");
+        assert!(bm.extra_data.is_empty(), "{bctx}: extra data");
+        assert_eq!(bm.flags.bits() & !3, 0, "{bctx}: flags {:?}", bm.flags);
+        let table = u64::from(bm.bitmap_table_size);
+        assert_eq!(
+            table,
+            bitmap_table_size(h.size, bm.granularity_bits, d.cs),
+            "{bctx}"
+        );
         assert_consumed(&info, &bctx);
     }
 }
@@ -1035,15 +949,15 @@ fn compare_snapshots_info(ctx: &str, d: &Decoded, info: Option<Value>) {
             "{sctx}: vm-clock-nsec"
         );
         // -1 (or no field) means "not recorded" and is not shown.
-        let icount = sn.icount.filter(|&i| i != u64::MAX);
+        let icount = sn.icount.filter(|&i| i != -1);
         assert_eq!(
-            info.remove("icount").and_then(|v| v.as_u64()),
+            info.remove("icount").and_then(|v| v.as_i64()),
             icount,
             "{sctx}: icount"
         );
         assert_consumed(&info, &sctx);
         // What `qemu-img snapshot -c` writes (reference §4.1).
-        assert_eq!(sn.extra_data_size, 24, "{sctx}: extra data size");
+        assert!(sn.unknown_extra.is_empty(), "{sctx}: extra data size");
         assert_eq!(sn.disk_size, Some(h.size), "{sctx}: disk size");
         assert_eq!(sn.icount, Some(0), "{sctx}: icount");
         assert_eq!(sn.date_nsec % 1000, 0, "{sctx}: microsecond resolution");
@@ -1117,7 +1031,7 @@ fn compare_snapshot_list(case: &Case, dir: &Path, d: &Decoded) {
             clock / 1_000_000 % 1000
         );
         assert_eq!(row[6], want, "{ctx}: vm clock");
-        let icount = sn.icount.filter(|&i| i != u64::MAX).map(|i| i.to_string());
+        let icount = sn.icount.filter(|&i| i != -1).map(|i| i.to_string());
         assert_eq!(row.get(7).map(|s| s.to_string()), icount, "{ctx}: icount");
         assert_eq!(row.len(), 7 + usize::from(icount.is_some()), "{ctx}");
     }
@@ -1288,8 +1202,8 @@ fn check_refcounts(case: &Case, dir: &Path, d: &Decoded) {
     let alloc = walk_l1(d, &d.l1, &mut refs);
     add_range(&mut refs, cs, h.snapshots_offset, d.snapshot_table_len);
     for sn in &d.snapshots {
-        add_range(&mut refs, cs, sn.l1_offset, u64::from(sn.l1_size) * 8);
-        let l1 = decode_l1(&d.file, sn.l1_offset, sn.l1_size, h.cluster_bits);
+        add_range(&mut refs, cs, sn.l1_table_offset, u64::from(sn.l1_size) * 8);
+        let l1 = decode_l1(&d.file, sn.l1_table_offset, sn.l1_size, h.cluster_bits);
         walk_l1(d, &l1, &mut refs);
     }
     if let Some(e) = &d.hdr.encryption {
@@ -1297,18 +1211,18 @@ fn check_refcounts(case: &Case, dir: &Path, d: &Decoded) {
     }
     if let Some(b) = &d.hdr.bitmaps {
         add_range(&mut refs, cs, b.directory_offset, b.directory_size);
-        for bm in &d.bitmaps {
-            add_range(&mut refs, cs, bm.table_offset, u64::from(bm.table_size) * 8);
-            let table = read_at(&d.file, bm.table_offset, u64::from(bm.table_size) * 8);
-            for raw in be64s(&table) {
-                assert_eq!(
-                    raw & 0xff00_0000_0000_01fe,
-                    0,
-                    "{ctx}: bitmap table entry {raw:#x}"
-                );
-                let off = raw & 0x00ff_ffff_ffff_fe00;
-                if off != 0 {
-                    add_range(&mut refs, cs, off, cs);
+        for bm in &d.bitmaps.entries {
+            let len = u64::from(bm.bitmap_table_size) * 8;
+            add_range(&mut refs, cs, bm.bitmap_table_offset, len);
+            let bytes = read_at(&d.file, bm.bitmap_table_offset, len);
+            let table = decode_bitmap_table(&bytes, bm.bitmap_table_size, cs, &Limits::QEMU)
+                .unwrap_or_else(|e| panic!("{ctx}: bitmap table of {}: {e}", bm.name));
+            for e in table {
+                match e {
+                    BitmapTableEntry::Data(off) => add_range(&mut refs, cs, off, cs),
+                    BitmapTableEntry::Zeros => {}
+                    // QEMU never writes all-ones entries.
+                    BitmapTableEntry::Ones => panic!("{ctx}: all-ones bitmap table entry"),
                 }
             }
         }
@@ -1461,7 +1375,7 @@ fn check_written(case: &Case, d: &Decoded) {
             assert!(matches!(e4, L2Entry::Compressed(_)), "{ctx}: {e4:?}");
             let sn_l1 = decode_l1(
                 &d.file,
-                d.snapshots[0].l1_offset,
+                d.snapshots[0].l1_table_offset,
                 1,
                 d.hdr.header.cluster_bits,
             );
