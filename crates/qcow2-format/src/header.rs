@@ -729,7 +729,9 @@ impl ImageHeader {
 
     fn decode_backing_name(&mut self, bytes: &[u8], limits: &Limits) -> Result<()> {
         let h = &self.header;
-        if h.backing_file_offset == 0 {
+        // An empty name means no backing file, as in QEMU (which checks `backing_file[0]`);
+        // keeping `Some("")` would not survive `encode`, which writes no name and offset 0.
+        if h.backing_file_offset == 0 || h.backing_file_size == 0 {
             return Ok(());
         }
         if h.backing_file_size > limits.max_backing_file_name {
@@ -1032,6 +1034,29 @@ mod tests {
         b[72..80].copy_from_slice(&0x20u64.to_be_bytes());
         let e = ImageHeader::decode(&b, &Limits::QEMU).unwrap_err();
         assert!(e.to_string().contains("Unknown incompatible feature: 20"), "{e}");
+    }
+
+    #[test]
+    fn empty_backing_name_is_no_backing_file() {
+        // Fuzz regression (target `header`): backing_file_offset 6 with size 0 decoded as
+        // `Some("")`, which encodes as no backing file at all.
+        let mut b = fresh_1g().encode().unwrap();
+        b[8..16].copy_from_slice(&6u64.to_be_bytes());
+        let h = ImageHeader::decode(&b, &Limits::QEMU).unwrap();
+        assert_eq!(h.backing_file, None);
+        let back = ImageHeader::decode(&h.encode().unwrap(), &Limits::QEMU).unwrap();
+        assert_eq!(back.backing_file, None);
+        // The minimized fuzzer input itself (106 bytes, truncated header).
+        let crash: &[u8] = &[
+            0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0, 0x10,
+            0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0,
+            1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 4, 0, 0, 0, 0x70, 0, 0,
+        ];
+        let h = ImageHeader::decode(crash, &Limits::QEMU).unwrap();
+        assert_eq!(h.backing_file, None);
+        let back = ImageHeader::decode(&h.encode().unwrap(), &Limits::QEMU).unwrap();
+        assert_eq!(back.backing_file, h.backing_file);
     }
 
     #[test]
