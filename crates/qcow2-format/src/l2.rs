@@ -7,6 +7,7 @@
 
 use crate::compressed::CompressedDescriptor;
 use crate::error::{Error, Result};
+use crate::geometry::Geometry;
 use crate::offset::HostOffset;
 
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -40,6 +41,14 @@ impl Default for L2Format {
     }
 }
 
+impl L2Format {
+    /// `cluster_size - 1`, refusing cluster sizes QEMU does not support (and shifts that
+    /// would overflow): the fields are public, so they are as untrusted as the entries.
+    fn cluster_mask(&self) -> Result<u64> {
+        Ok(Geometry::new(self.cluster_bits, false)?.cluster_size() - 1)
+    }
+}
+
 /// What one L2 entry says about a guest cluster (ignoring subclusters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum L2Entry {
@@ -67,6 +76,7 @@ pub enum L2Entry {
 impl L2Entry {
     /// Decodes the first (or only) 64-bit word of an entry.
     pub fn decode(raw: u64, fmt: L2Format) -> Result<Self> {
+        let cluster_mask = fmt.cluster_mask()?;
         if raw & COMPRESSED != 0 {
             if raw & COPIED != 0 {
                 return Err(Error::invalid(
@@ -94,7 +104,6 @@ impl L2Entry {
         }
         let off = raw & OFFSET_MASK;
         let copied = raw & COPIED != 0;
-        let cluster_mask = (1u64 << fmt.cluster_bits) - 1;
         if off & cluster_mask != 0 {
             return Err(Error::Unaligned {
                 what: "L2 entry host offset",
@@ -126,7 +135,7 @@ impl L2Entry {
 
     /// Encodes the first 64-bit word. Refuses what `fmt` does not allow.
     pub fn encode(&self, fmt: L2Format) -> Result<u64> {
-        let cluster_mask = (1u64 << fmt.cluster_bits) - 1;
+        let cluster_mask = fmt.cluster_mask()?;
         let host_bits = |h: HostOffset, what| {
             if h.0 & !OFFSET_MASK != 0 || h.0 & cluster_mask != 0 {
                 Err(Error::Unaligned {
@@ -403,6 +412,21 @@ mod tests {
         assert!(L2Entry::Zero { host: None, copied: false }.encode(EXT).is_err());
         assert!(encode_extended(&L2Entry::Unallocated, SubclusterBitmap::new(1, 0), EXT).is_err());
         assert!(encode_extended(&L2Entry::Unallocated, SubclusterBitmap(0), STD).is_err());
+    }
+
+    #[test]
+    fn unsupported_cluster_sizes_are_errors_not_panics() {
+        // Fuzz regression (target `l2_table`, input d4 00 + eight zero bytes: cluster_bits 84,
+        // raw 0): `1 << cluster_bits` overflowed for 64 and more.
+        for bits in [0, 8, 22, 63, 64, 65, 84, 127, u32::MAX] {
+            let fmt = L2Format { cluster_bits: bits, ..STD };
+            for raw in [0, 1, 0x8000_0000_0005_0000, 0x4340_0000_0005_0000] {
+                assert!(L2Entry::decode(raw, fmt).is_err(), "bits {bits} raw {raw:#x}");
+            }
+            assert!(L2Entry::Unallocated.encode(fmt).is_err());
+            let ext = L2Format { extended_l2: true, ..fmt };
+            assert!(decode_extended(0, 0, ext).is_err());
+        }
     }
 
     #[test]
