@@ -119,9 +119,11 @@ impl L2Entry {
                     "zero cluster entry in a pre-v3 image",
                 ));
             }
+            // COPIED describes the preallocated cluster; without one it means nothing (QEMU's
+            // check ignores it on ZERO_PLAIN) and `encode` drops it, so drop it here too.
             return Ok(L2Entry::Zero {
                 host: (off != 0).then_some(HostOffset(off)),
-                copied,
+                copied: copied && off != 0,
             });
         }
         if off == 0 && !(fmt.external_data_file && copied) {
@@ -366,6 +368,16 @@ mod tests {
             L2Entry::decode(0x4340_0000_0005_0000, STD).unwrap(),
             L2Entry::Compressed(_)
         ));
+    }
+
+    #[test]
+    fn copied_without_a_preallocated_cluster_is_dropped() {
+        // Fuzz regression (target `l2_table`): 0x8000000000000001 decoded as a plain zero
+        // cluster with COPIED, which re-encoded as 0x1 and claimed `is_copied()`.
+        let e = L2Entry::decode(0x8000_0000_0000_0001, STD).unwrap();
+        assert_eq!(e, L2Entry::Zero { host: None, copied: false });
+        assert!(!e.is_copied());
+        assert_eq!(L2Entry::decode(e.encode(STD).unwrap(), STD).unwrap(), e);
     }
 
     #[test]
