@@ -1,3 +1,41 @@
 //! qcow2-async: a Tokio-native engine for QEMU's qcow2 image format.
+//!
+//! ```no_run
+//! # async fn demo() -> qcow2_async::Result<()> {
+//! use qcow2_async::{CreateOptions, Image, OpenOptions};
+//! let img = Image::create("disk.qcow2", &CreateOptions::new(1 << 30), &OpenOptions::default()).await?;
+//! let tasks: Vec<_> = (0..8u64)
+//!     .map(|i| {
+//!         let img = img.clone();
+//!         tokio::spawn(async move { img.write_at(&[i as u8; 4096], i * 65536).await })
+//!     })
+//!     .collect();
+//! for t in tasks {
+//!     t.await.unwrap()?;
+//! }
+//! img.close().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! See `docs/architecture.md` for the data path and the invariants each module enforces.
 
+mod backing;
+mod barrier;
+mod cache;
+mod check;
+mod compress;
+mod direct;
+mod error;
+mod image;
 pub mod io;
+mod lease;
+mod meta;
+mod options;
+
+pub use backing::Backing;
+pub use barrier::BarrierMode;
+pub use check::{CheckReport, RepairMode, Verdict};
+pub use error::{Error, Result};
+pub use image::Image;
+pub use options::{BackingFormat, BackingPolicy, CreateOptions, OpenOptions, Preallocation};
+pub use qcow2_format;

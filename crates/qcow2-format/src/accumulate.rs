@@ -123,8 +123,22 @@ mod tests {
         a.add(0x1ffff, 2).unwrap(); // compressed payload spanning two clusters
         assert_eq!((a.get(0), a.get(1), a.get(2), a.get(99)), (1, 1, 1, 0));
         a.add(0x10000, 1).unwrap();
-        assert_eq!(compare(1, 1, &a), Some(RefcountMismatch::Corruption { cluster: 1, on_disk: 1, expected: 2 }));
-        assert_eq!(compare(5, 1, &a), Some(RefcountMismatch::Leak { cluster: 5, on_disk: 1, expected: 0 }));
+        assert_eq!(
+            compare(1, 1, &a),
+            Some(RefcountMismatch::Corruption {
+                cluster: 1,
+                on_disk: 1,
+                expected: 2
+            })
+        );
+        assert_eq!(
+            compare(5, 1, &a),
+            Some(RefcountMismatch::Leak {
+                cluster: 5,
+                on_disk: 1,
+                expected: 0
+            })
+        );
         assert_eq!(compare(0, 1, &a), None);
     }
 

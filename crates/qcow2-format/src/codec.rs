@@ -110,9 +110,6 @@ impl Writer {
         let pad = (align - self.buf.len() % align) % align;
         self.buf.resize(self.buf.len() + pad, 0);
     }
-    pub(crate) fn len(&self) -> usize {
-        self.buf.len()
-    }
     pub(crate) fn into_inner(self) -> Vec<u8> {
         self.buf
     }

@@ -14,54 +14,86 @@ pub enum Error {
     /// The input ended before a structure was complete.
     #[error("{what}: truncated, need {needed} bytes, have {available}")]
     Truncated {
+        /// Which structure or field.
         what: &'static str,
+        /// Bytes required.
         needed: u64,
+        /// Bytes present.
         available: u64,
     },
     /// A magic number did not match.
     #[error("{what}: bad magic {found:#x}")]
-    BadMagic { what: &'static str, found: u64 },
+    BadMagic {
+        /// Which structure.
+        what: &'static str,
+        /// The magic found.
+        found: u64,
+    },
     /// A field holds a value the format (or QEMU) does not allow.
     #[error("{what}: invalid value {value:#x}{}", detail_suffix(detail))]
     InvalidField {
+        /// Which structure or field.
         what: &'static str,
+        /// The offending value.
         value: u64,
+        /// Why it is invalid.
         detail: &'static str,
     },
     /// A value exceeds a sanity limit from [`crate::Limits`].
     #[error("{what}: {value} exceeds the limit of {limit}")]
     LimitExceeded {
+        /// Which structure or field.
         what: &'static str,
+        /// The offending value.
         value: u64,
+        /// The limit.
         limit: u64,
     },
     /// An offset that must be cluster (or sector) aligned is not.
     #[error("{what}: offset {offset:#x} is not aligned to {alignment}")]
     Unaligned {
+        /// Which structure or field.
         what: &'static str,
+        /// The offset.
         offset: u64,
+        /// Required alignment.
         alignment: u64,
     },
     /// Arithmetic on values read from the image would overflow.
     #[error("{what}: arithmetic overflow")]
-    Overflow { what: &'static str },
+    Overflow {
+        /// Which computation.
+        what: &'static str,
+    },
     /// Reserved bits are set where the format requires zeros.
     #[error("{what}: reserved bits set in {value:#x}")]
-    ReservedBits { what: &'static str, value: u64 },
+    ReservedBits {
+        /// Which structure.
+        what: &'static str,
+        /// The raw value.
+        value: u64,
+    },
     /// The image uses a feature this crate does not understand (e.g. unknown incompatible
     /// feature bits), so it must not be interpreted.
     #[error("unsupported: {what}{}", detail_suffix(detail))]
     Unsupported {
+        /// Which structure or field.
         what: &'static str,
+        /// Why it is invalid.
         detail: String,
     },
     /// A string field is not valid UTF-8 (or contains forbidden bytes).
     #[error("{what}: not a valid string")]
-    BadString { what: &'static str },
+    BadString {
+        /// Which field.
+        what: &'static str,
+    },
     /// Two structures that must not overlap do.
     #[error("{what}: overlaps {other}")]
     Overlap {
+        /// Which structure or field.
         what: &'static str,
+        /// The structure it overlaps.
         other: &'static str,
     },
 }

@@ -141,8 +141,14 @@ mod tests {
         // qemu-img create 1G: l1_size 2
         assert_eq!(g.l1_entries_for(1 << 30), 2);
         // Reference §1.4: 512 B clusters, 1 GiB -> l1_size 0x8000; 4 KiB -> 0x200; 2 MiB -> 1.
-        assert_eq!(Geometry::new(9, false).unwrap().l1_entries_for(1 << 30), 0x8000);
-        assert_eq!(Geometry::new(12, false).unwrap().l1_entries_for(1 << 30), 0x200);
+        assert_eq!(
+            Geometry::new(9, false).unwrap().l1_entries_for(1 << 30),
+            0x8000
+        );
+        assert_eq!(
+            Geometry::new(12, false).unwrap().l1_entries_for(1 << 30),
+            0x200
+        );
         assert_eq!(Geometry::new(21, false).unwrap().l1_entries_for(1 << 30), 1);
     }
 
@@ -165,6 +171,13 @@ mod tests {
     fn locate_splits_offsets() {
         let g = Geometry::new(16, false).unwrap();
         let p = g.locate(GuestOffset((3 << 29) + (5 << 16) + 123));
-        assert_eq!(p, L2Position { l1_index: 3, l2_index: 5, in_cluster: 123 });
+        assert_eq!(
+            p,
+            L2Position {
+                l1_index: 3,
+                l2_index: 5,
+                in_cluster: 123
+            }
+        );
     }
 }

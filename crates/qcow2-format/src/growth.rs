@@ -93,6 +93,8 @@ pub struct RefcountAreaPlan {
 /// Plans a self-covering refcount area at `start_offset` (which must be cluster aligned and
 /// past everything in use). `old_table` is the current refcount table; `new_block` an
 /// optional `(index, offset)` to insert first (the block the caller just placed).
+// The parameters are QEMU's `qcow2_refcount_area` plus the state it reads from `s`.
+#[allow(clippy::too_many_arguments)]
 pub fn plan_refcount_area(
     start_offset: u64,
     additional_clusters: u64,
@@ -119,7 +121,11 @@ pub fn plan_refcount_area(
         !exact,
     )?;
     if total_blocks > max_entries {
-        return Err(Error::limit("refcount table", total_blocks * 8, max_entries * 8));
+        return Err(Error::limit(
+            "refcount table",
+            total_blocks * 8,
+            max_entries * 8,
+        ));
     }
     let per_block = order.entries_per_block(cluster_bits);
     let area_index = (start_offset / cs) / per_block;
@@ -130,7 +136,11 @@ pub fn plan_refcount_area(
     };
     table_size = table_size.div_ceil(cs / 8) * (cs / 8);
     if table_size > max_entries {
-        return Err(Error::limit("refcount table", table_size * 8, max_entries * 8));
+        return Err(Error::limit(
+            "refcount table",
+            table_size * 8,
+            max_entries * 8,
+        ));
     }
     let table_clusters = table_size * 8 / cs;
     let mut table = vec![0u64; table_size as usize];

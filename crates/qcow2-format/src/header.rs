@@ -123,7 +123,8 @@ impl Header {
     pub fn geometry(&self) -> Result<Geometry> {
         Geometry::new(
             self.cluster_bits,
-            self.incompatible.contains(IncompatibleFeatures::EXTENDED_L2),
+            self.incompatible
+                .contains(IncompatibleFeatures::EXTENDED_L2),
         )
     }
 
@@ -186,7 +187,11 @@ impl Header {
         // L1: size limit, alignment, and enough entries for the virtual size.
         let l1_bytes = u64::from(self.l1_size) * 8;
         if l1_bytes > limits.max_l1_bytes {
-            return Err(Error::limit("active L1 table", l1_bytes, limits.max_l1_bytes));
+            return Err(Error::limit(
+                "active L1 table",
+                l1_bytes,
+                limits.max_l1_bytes,
+            ));
         }
         let needed = geo.l1_entries_for(self.size);
         if needed > i32::MAX as u64 {
@@ -199,7 +204,13 @@ impl Header {
                 "L1 table is too small",
             ));
         }
-        check_table("active L1 table", self.l1_table_offset, l1_bytes, cs, limits)?;
+        check_table(
+            "active L1 table",
+            self.l1_table_offset,
+            l1_bytes,
+            cs,
+            limits,
+        )?;
         if self.l1_size > 0 && self.l1_table_offset == 0 {
             return Err(Error::invalid("l1_table_offset", 0, "L1 table at offset 0"));
         }
@@ -232,21 +243,12 @@ impl Header {
             cs,
             limits,
         )?;
-        if self.version == Version::V2 {
-            if self.refcount_order != RefcountOrder::DEFAULT {
-                return Err(Error::invalid(
-                    "refcount_order",
-                    self.refcount_order.order().into(),
-                    "v2 images have 16-bit refcounts",
-                ));
-            }
-        }
-        let ext_data = self
-            .incompatible
-            .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE);
-        if self.autoclear.contains(AutoclearFeatures::DATA_FILE_RAW) && !ext_data {
-            // QEMU ignores (and clears on write) the raw bit without a data file; treat it as
-            // not set rather than refusing the image.
+        if self.version == Version::V2 && self.refcount_order != RefcountOrder::DEFAULT {
+            return Err(Error::invalid(
+                "refcount_order",
+                self.refcount_order.order().into(),
+                "v2 images have 16-bit refcounts",
+            ));
         }
         if self
             .incompatible
@@ -263,7 +265,13 @@ impl Header {
     }
 }
 
-fn check_table(what: &'static str, offset: u64, bytes: u64, cs: u64, limits: &Limits) -> Result<()> {
+fn check_table(
+    what: &'static str,
+    offset: u64,
+    bytes: u64,
+    cs: u64,
+    limits: &Limits,
+) -> Result<()> {
     if offset % cs != 0 {
         return Err(Error::Unaligned {
             what,
@@ -709,7 +717,9 @@ impl ImageHeader {
                     offset
                         .checked_add(length)
                         .filter(|e| *e <= limits.max_host_offset)
-                        .ok_or_else(|| Error::invalid("crypto extension", offset, "out of range"))?;
+                        .ok_or_else(|| {
+                            Error::invalid("crypto extension", offset, "out of range")
+                        })?;
                     self.encryption = Some(EncryptionExtension { offset, length });
                 }
                 ext_magic::DATA_FILE => {
@@ -775,7 +785,10 @@ impl ImageHeader {
             .filter(|f| f.kind == FeatureType::Incompatible && f.bit < 64)
             .fold(0, |m, f| m | (1 << f.bit));
         if unknown & !named != 0 {
-            names.push(format!("Unknown incompatible feature: {:x}", unknown & !named));
+            names.push(format!(
+                "Unknown incompatible feature: {:x}",
+                unknown & !named
+            ));
         }
         Error::Unsupported {
             what: "qcow2 feature(s)",
@@ -892,11 +905,7 @@ impl ImageHeader {
             out[8..16].copy_from_slice(&(off as u64).to_be_bytes());
         }
         if out.len() > cs {
-            return Err(Error::limit(
-                "header cluster",
-                out.len() as u64,
-                cs as u64,
-            ));
+            return Err(Error::limit("header cluster", out.len() as u64, cs as u64));
         }
         out.resize(cs, 0);
         Ok(out)
@@ -1033,7 +1042,10 @@ mod tests {
         let mut b = fresh_1g().encode().unwrap();
         b[72..80].copy_from_slice(&0x20u64.to_be_bytes());
         let e = ImageHeader::decode(&b, &Limits::QEMU).unwrap_err();
-        assert!(e.to_string().contains("Unknown incompatible feature: 20"), "{e}");
+        assert!(
+            e.to_string().contains("Unknown incompatible feature: 20"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1066,46 +1078,88 @@ mod tests {
         h.header.header_length = 72;
         let bytes = h.encode().unwrap();
         assert_eq!(&bytes[72..80], &[0u8; 8]); // END right after the v2 header
-        assert_eq!(ImageHeader::decode(&bytes, &Limits::QEMU).unwrap().header, h.header);
+        assert_eq!(
+            ImageHeader::decode(&bytes, &Limits::QEMU).unwrap().header,
+            h.header
+        );
     }
 
     fn arb_header() -> impl Strategy<Value = ImageHeader> {
         (
-            (12u32..=21, any::<bool>(), 0u64..(1 << 40), 0u32..=6, any::<bool>()),
-            (proptest::option::of("[a-z./]{1,40}"), proptest::option::of("[a-z]{1,15}")),
-            proptest::collection::vec((1u32..u32::MAX, proptest::collection::vec(any::<u8>(), 0..20)), 0..3),
-            (any::<bool>(), any::<bool>(), proptest::collection::vec(any::<u8>(), 0..3)),
+            (
+                12u32..=21,
+                any::<bool>(),
+                0u64..(1 << 40),
+                0u32..=6,
+                any::<bool>(),
+            ),
+            (
+                proptest::option::of("[a-z./]{1,40}"),
+                proptest::option::of("[a-z]{1,15}"),
+            ),
+            proptest::collection::vec(
+                (
+                    1u32..u32::MAX,
+                    proptest::collection::vec(any::<u8>(), 0..20),
+                ),
+                0..3,
+            ),
+            (
+                any::<bool>(),
+                any::<bool>(),
+                proptest::collection::vec(any::<u8>(), 0..3),
+            ),
         )
-            .prop_map(|((bits, v3, size, order, zstd), (backing, fmt), unknown, (lazy, bm, extra))| {
-                let mut h = fresh_1g();
-                let geo = Geometry::new(bits, false).unwrap();
-                h.header.cluster_bits = bits;
-                h.header.size = size & !511;
-                h.header.l1_size = geo.l1_entries_for(h.header.size) as u32;
-                h.header.l1_table_offset = 3 << bits;
-                h.header.refcount_table_offset = 1 << bits;
-                if v3 {
-                    h.header.refcount_order = RefcountOrder::new(order).unwrap();
-                    if zstd {
-                        h.header.compression_type = CompressionType::Zstd;
-                        h.header.incompatible = IncompatibleFeatures::COMPRESSION_TYPE;
+            .prop_map(
+                |((bits, v3, size, order, zstd), (backing, fmt), unknown, (lazy, bm, extra))| {
+                    let mut h = fresh_1g();
+                    let geo = Geometry::new(bits, false).unwrap();
+                    h.header.cluster_bits = bits;
+                    h.header.size = size & !511;
+                    h.header.l1_size = geo.l1_entries_for(h.header.size) as u32;
+                    h.header.l1_table_offset = 3 << bits;
+                    h.header.refcount_table_offset = 1 << bits;
+                    if v3 {
+                        h.header.refcount_order = RefcountOrder::new(order).unwrap();
+                        if zstd {
+                            h.header.compression_type = CompressionType::Zstd;
+                            h.header.incompatible = IncompatibleFeatures::COMPRESSION_TYPE;
+                        }
+                        h.header
+                            .compatible
+                            .set(CompatibleFeatures::LAZY_REFCOUNTS, lazy);
+                        if bm {
+                            h.header.autoclear = AutoclearFeatures::BITMAPS;
+                            h.bitmaps = Some(BitmapsExtension {
+                                nb_bitmaps: 1,
+                                directory_size: 40,
+                                directory_offset: 5 << bits,
+                            });
+                        }
+                        h.unknown_header_fields = extra.iter().flat_map(|b| [*b; 8]).collect();
+                        h.unknown_extensions = unknown
+                            .into_iter()
+                            .filter(|(m, _)| {
+                                ![
+                                    0xe279_2aca,
+                                    0x6803_f857,
+                                    0x2385_2875,
+                                    0x0537_be77,
+                                    0x4441_5441,
+                                ]
+                                .contains(m)
+                            })
+                            .collect();
+                    } else {
+                        h.header.version = Version::V2;
+                        h.header.header_length = 72;
                     }
-                    h.header.compatible.set(CompatibleFeatures::LAZY_REFCOUNTS, lazy);
-                    if bm {
-                        h.header.autoclear = AutoclearFeatures::BITMAPS;
-                        h.bitmaps = Some(BitmapsExtension { nb_bitmaps: 1, directory_size: 40, directory_offset: 5 << bits });
-                    }
-                    h.unknown_header_fields = extra.iter().flat_map(|b| [*b; 8]).collect();
-                    h.unknown_extensions = unknown.into_iter().filter(|(m, _)| ![0xe279_2aca, 0x6803_f857, 0x2385_2875, 0x0537_be77, 0x4441_5441].contains(m)).collect();
-                } else {
-                    h.header.version = Version::V2;
-                    h.header.header_length = 72;
-                }
-                h.header.backing_file_size = backing.as_ref().map_or(0, |b| b.len() as u32);
-                h.backing_file = backing;
-                h.backing_format = fmt;
-                h
-            })
+                    h.header.backing_file_size = backing.as_ref().map_or(0, |b| b.len() as u32);
+                    h.backing_file = backing;
+                    h.backing_format = fmt;
+                    h
+                },
+            )
     }
 
     proptest! {

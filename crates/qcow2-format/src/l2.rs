@@ -266,7 +266,11 @@ impl SubclusterBitmap {
         if first >= 32 || end <= first {
             return 0;
         }
-        let hi = if end == 32 { u32::MAX } else { (1u32 << end) - 1 };
+        let hi = if end == 32 {
+            u32::MAX
+        } else {
+            (1u32 << end) - 1
+        };
         hi & !((1u32 << first) - 1)
     }
     /// Marks `mask` allocated (clearing their zero bits).
@@ -284,11 +288,19 @@ impl SubclusterBitmap {
 }
 
 /// Decodes a 128-bit extended entry, validating the bitmap as QEMU does.
-pub fn decode_extended(raw: u64, bitmap: u64, fmt: L2Format) -> Result<(L2Entry, SubclusterBitmap)> {
+pub fn decode_extended(
+    raw: u64,
+    bitmap: u64,
+    fmt: L2Format,
+) -> Result<(L2Entry, SubclusterBitmap)> {
     debug_assert!(fmt.extended_l2);
     // Bit 0 of a standard descriptor is ignored with extended L2; of a compressed one it is
     // part of the payload offset.
-    let raw = if raw & COMPRESSED == 0 { raw & !ZERO } else { raw };
+    let raw = if raw & COMPRESSED == 0 {
+        raw & !ZERO
+    } else {
+        raw
+    };
     let entry = L2Entry::decode(raw, fmt)?;
     let bm = SubclusterBitmap(bitmap);
     match entry {
@@ -312,7 +324,11 @@ pub fn decode_extended(raw: u64, bitmap: u64, fmt: L2Format) -> Result<(L2Entry,
 }
 
 /// Encodes a 128-bit extended entry; refuses combinations QEMU treats as corruption.
-pub fn encode_extended(entry: &L2Entry, bitmap: SubclusterBitmap, fmt: L2Format) -> Result<(u64, u64)> {
+pub fn encode_extended(
+    entry: &L2Entry,
+    bitmap: SubclusterBitmap,
+    fmt: L2Format,
+) -> Result<(u64, u64)> {
     if !fmt.extended_l2 {
         return Err(Error::invalid("L2 entry", 0, "not an extended-L2 image"));
     }
@@ -353,15 +369,24 @@ mod tests {
         // Reference §2.5.
         assert_eq!(
             L2Entry::decode(0x8000_0000_0005_0000, STD).unwrap(),
-            L2Entry::Normal { host: HostOffset(0x50000), copied: true }
+            L2Entry::Normal {
+                host: HostOffset(0x50000),
+                copied: true
+            }
         );
         assert_eq!(
             L2Entry::decode(1, STD).unwrap(),
-            L2Entry::Zero { host: None, copied: false }
+            L2Entry::Zero {
+                host: None,
+                copied: false
+            }
         );
         assert_eq!(
             L2Entry::decode(0x8000_0000_0005_0001, STD).unwrap(),
-            L2Entry::Zero { host: Some(HostOffset(0x50000)), copied: true }
+            L2Entry::Zero {
+                host: Some(HostOffset(0x50000)),
+                copied: true
+            }
         );
         assert_eq!(L2Entry::decode(0, STD).unwrap(), L2Entry::Unallocated);
         assert!(matches!(
@@ -382,26 +407,49 @@ mod tests {
 
     #[test]
     fn zero_flag_in_v2_is_corruption() {
-        let v2 = L2Format { zero_flag: false, ..STD };
+        let v2 = L2Format {
+            zero_flag: false,
+            ..STD
+        };
         assert!(L2Entry::decode(1, v2).is_err());
-        assert!(L2Entry::Zero { host: None, copied: false }.encode(v2).is_err());
+        assert!(L2Entry::Zero {
+            host: None,
+            copied: false
+        }
+        .encode(v2)
+        .is_err());
     }
 
     #[test]
     fn external_data_file_maps_offset_zero_with_copied() {
-        let ext = L2Format { external_data_file: true, ..STD };
+        let ext = L2Format {
+            external_data_file: true,
+            ..STD
+        };
         assert_eq!(
             L2Entry::decode(0x8000_0000_0000_0000, ext).unwrap(),
-            L2Entry::Normal { host: HostOffset(0), copied: true }
+            L2Entry::Normal {
+                host: HostOffset(0),
+                copied: true
+            }
         );
-        assert_eq!(L2Entry::decode(0x8000_0000_0000_0000, STD).unwrap(), L2Entry::Unallocated);
+        assert_eq!(
+            L2Entry::decode(0x8000_0000_0000_0000, STD).unwrap(),
+            L2Entry::Unallocated
+        );
     }
 
     #[test]
     fn extended_entries_follow_qemu_experiments() {
         // Reference §2.4 table.
         let (e, bm) = decode_extended(0x8000_0000_0005_0000, 0x3, EXT).unwrap();
-        assert_eq!(e, L2Entry::Normal { host: HostOffset(0x50000), copied: true });
+        assert_eq!(
+            e,
+            L2Entry::Normal {
+                host: HostOffset(0x50000),
+                copied: true
+            }
+        );
         assert_eq!(bm.state(0), SubclusterState::Allocated);
         assert_eq!(bm.state(2), SubclusterState::Unallocated);
         let (_, bm) = decode_extended(0x8000_0000_0005_0000, 0x0000_0010_0000_0003, EXT).unwrap();
@@ -419,9 +467,24 @@ mod tests {
 
     #[test]
     fn encoders_refuse_illegal_states() {
-        assert!(L2Entry::Normal { host: HostOffset(0x50200), copied: true }.encode(STD).is_err());
-        assert!(L2Entry::Normal { host: HostOffset(0), copied: true }.encode(STD).is_err());
-        assert!(L2Entry::Zero { host: None, copied: false }.encode(EXT).is_err());
+        assert!(L2Entry::Normal {
+            host: HostOffset(0x50200),
+            copied: true
+        }
+        .encode(STD)
+        .is_err());
+        assert!(L2Entry::Normal {
+            host: HostOffset(0),
+            copied: true
+        }
+        .encode(STD)
+        .is_err());
+        assert!(L2Entry::Zero {
+            host: None,
+            copied: false
+        }
+        .encode(EXT)
+        .is_err());
         assert!(encode_extended(&L2Entry::Unallocated, SubclusterBitmap::new(1, 0), EXT).is_err());
         assert!(encode_extended(&L2Entry::Unallocated, SubclusterBitmap(0), STD).is_err());
     }
@@ -456,8 +519,10 @@ mod tests {
                 host: (c != 0).then_some(HostOffset(c << 16)),
                 copied: copied && c != 0,
             }),
-            (1u64..1 << 30, any::<bool>())
-                .prop_map(|(c, copied)| L2Entry::Normal { host: HostOffset(c << 16), copied }),
+            (1u64..1 << 30, any::<bool>()).prop_map(|(c, copied)| L2Entry::Normal {
+                host: HostOffset(c << 16),
+                copied
+            }),
             (0u64..1 << 40, 1u64..65536).prop_map(|(o, l)| L2Entry::Compressed(
                 CompressedDescriptor::new(o, l, 16).unwrap()
             )),

@@ -9,9 +9,19 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-mod codec;
+//! ```
+//! use qcow2_format::{Geometry, GuestOffset, L2Entry, L2Format};
+//!
+//! let geo = Geometry::new(16, false).unwrap(); // 64 KiB clusters, standard L2 entries
+//! let pos = geo.locate(GuestOffset(0x1_2345_6789));
+//! assert_eq!(pos.l1_index, 9);
+//! let entry = L2Entry::decode(0x8000_0000_0005_0000, L2Format::default()).unwrap();
+//! assert!(matches!(entry, L2Entry::Normal { copied: true, .. }));
+//! ```
+
 pub mod accumulate;
 pub mod bitmap;
+mod codec;
 pub mod compressed;
 pub mod error;
 pub mod features;
@@ -26,16 +36,19 @@ pub mod offset;
 pub mod refcount;
 pub mod snapshot;
 
-pub use error::{Error, Result};
-pub use limits::Limits;
+pub use bitmap::{BitmapDirectory, BitmapDirectoryEntry, BitmapTableEntry};
 pub use compressed::CompressedDescriptor;
+pub use error::{Error, Result};
 pub use features::{AutoclearFeatures, CompatibleFeatures, IncompatibleFeatures};
 pub use geometry::{Geometry, L2Position};
 pub use header::{
-    BitmapsExtension, CompressionType, CryptMethod, EncryptionExtension, FeatureName,
-    FeatureType, Header, HeaderExtension, ImageHeader, Version,
+    BitmapsExtension, CompressionType, CryptMethod, EncryptionExtension, FeatureName, FeatureType,
+    Header, HeaderExtension, ImageHeader, Version,
 };
 pub use l1::L1Entry;
 pub use l2::{L2Entry, L2Format, SubclusterBitmap, SubclusterState};
+pub use limits::Limits;
+pub use luks::{KeySlot, LuksHeader};
 pub use offset::{GuestOffset, HostOffset};
 pub use refcount::{RefcountOrder, ReftableEntry};
+pub use snapshot::{SnapshotEntry, SnapshotTable};

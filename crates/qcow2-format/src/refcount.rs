@@ -201,7 +201,10 @@ mod tests {
 
     #[test]
     fn reftable_entries() {
-        assert_eq!(ReftableEntry::decode(0x20000, 16).unwrap(), ReftableEntry(Some(0x20000)));
+        assert_eq!(
+            ReftableEntry::decode(0x20000, 16).unwrap(),
+            ReftableEntry(Some(0x20000))
+        );
         assert!(ReftableEntry::decode(0x20001, 16).is_err());
         assert!(ReftableEntry::decode(0x20200, 16).is_err());
         assert_eq!(ReftableEntry::decode(0, 16).unwrap(), ReftableEntry(None));

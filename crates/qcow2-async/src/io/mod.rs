@@ -13,6 +13,8 @@ use std::pin::Pin;
 mod buf;
 mod mem;
 mod open;
+#[cfg(test)]
+mod testsuite;
 mod threads;
 #[cfg(target_os = "linux")]
 mod uring;
@@ -31,6 +33,9 @@ pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + '
 ///
 /// Reads past the end of the file return zeros for the missing part (qcow2 images routinely
 /// end before the last byte of their last cluster). Writes extend the file.
+// `len` is an asynchronous query of the file size, not a container length; an `is_empty`
+// companion would be noise.
+#[allow(clippy::len_without_is_empty)]
 pub trait BlockFile: Send + Sync + Debug + 'static {
     /// Fills `buf` from `offset`; bytes past EOF read as zeros. Returns the buffer.
     fn read_at(&self, buf: IoBuf, offset: u64) -> IoFuture<'_, IoBuf>;
@@ -50,6 +55,10 @@ pub trait BlockFile: Send + Sync + Debug + 'static {
     /// (FALLOC_FL_ZERO_RANGE, falling back to writing zeros). The file grows if needed.
     fn zero_range(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
     /// Required alignment of offsets, lengths and buffers (1 unless opened with O_DIRECT).
+    ///
+    /// The backends reject misaligned reads and writes with `InvalidInput` rather than passing
+    /// them to the kernel, so an engine using O_DIRECT must build its buffers with
+    /// `IoBuf::zeroed(len, file.alignment())` and keep offsets and lengths aligned.
     fn alignment(&self) -> usize {
         1
     }

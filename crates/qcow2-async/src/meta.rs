@@ -1,0 +1,624 @@
+//! Metadata state of an open image: L1 table, L2 cache, refcounts and the two allocators.
+//!
+//! Everything here runs under the image's metadata lock (a Tokio mutex), which is never held
+//! during guest data I/O. Changes are made in memory and written back in phases
+//! ([`Meta::writeback`]):
+//!
+//! 1. refcount blocks (they only ever carry increments, or decrements for clusters nothing
+//!    durable references any more, so writing them early is always safe);
+//! 2. barrier — data and refcounts are durable;
+//! 3. L2 tables; barrier; then the L1 entries pointing at new L2 tables; barrier;
+//! 4. deferred frees: refcount decrements of clusters whose last reference was just removed
+//!    on disk (invariant 1: decreases only after the reference is gone).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use qcow2_format::growth::{growth_area_start, plan_refcount_area, refblock_covers_itself};
+use qcow2_format::l2::{decode_extended, encode_extended};
+use qcow2_format::{
+    Geometry, ImageHeader, L1Entry, L2Entry, L2Format, Limits, RefcountOrder, ReftableEntry,
+    SubclusterBitmap,
+};
+
+use crate::barrier::Barrier;
+use crate::cache::MetadataCache;
+use crate::error::{Error, Result};
+use crate::io::{BlockFile, IoBuf};
+
+/// Which allocator a cluster comes from (invariant 3: their free-space views are separate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pool {
+    /// `MetadataAllocator`: L2 tables, refcount blocks, tables; always in the qcow2 file.
+    Metadata,
+    /// `DataAllocator`: guest data clusters (the qcow2 file itself until external data files
+    /// land); sequential writes get contiguous clusters from its own cursor.
+    Data,
+}
+
+pub(crate) struct Meta {
+    pub(crate) file: Arc<dyn BlockFile>,
+    pub(crate) barrier: Barrier,
+    pub(crate) hdr: ImageHeader,
+    pub(crate) geo: Geometry,
+    pub(crate) fmt: L2Format,
+    pub(crate) order: RefcountOrder,
+    pub(crate) limits: Limits,
+    pub(crate) l1: Vec<u64>,
+    l1_dirty_sectors: std::collections::BTreeSet<u64>,
+    l2: MetadataCache,
+    pub(crate) reftable: Vec<u64>,
+    blocks: MetadataCache,
+    pending_free: Vec<(u64, u64)>,
+    meta_cursor: u64,
+    data_cursor: u64,
+    pub(crate) discard_passthrough: bool,
+    pub(crate) corrupt: Option<String>,
+    cache_clusters: usize,
+}
+
+type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+impl Meta {
+    pub(crate) async fn load(
+        file: Arc<dyn BlockFile>,
+        barrier: Barrier,
+        hdr: ImageHeader,
+        limits: Limits,
+        cache_clusters: usize,
+    ) -> Result<Meta> {
+        let h = &hdr.header;
+        let geo = h.geometry().map_err(Error::format("header"))?;
+        let fmt = L2Format {
+            cluster_bits: geo.cluster_bits(),
+            extended_l2: geo.extended_l2(),
+            external_data_file: h
+                .incompatible
+                .contains(qcow2_format::IncompatibleFeatures::EXTERNAL_DATA_FILE),
+            zero_flag: h.version == qcow2_format::Version::V3,
+        };
+        let l1_bytes = read_exact(&file, h.l1_table_offset, u64::from(h.l1_size) * 8).await?;
+        let l1 = be64s(&l1_bytes);
+        for (i, e) in l1.iter().enumerate() {
+            L1Entry::decode(*e, geo.cluster_bits())
+                .map_err(|e| Error::Corrupt(format!("L1 entry {i}: {e}")))?;
+        }
+        let rt_bytes = read_exact(
+            &file,
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * geo.cluster_size(),
+        )
+        .await?;
+        let reftable = be64s(&rt_bytes);
+        for (i, e) in reftable.iter().enumerate() {
+            ReftableEntry::decode(*e, geo.cluster_bits())
+                .map_err(|e| Error::Corrupt(format!("refcount table entry {i}: {e}")))?;
+        }
+        Ok(Meta {
+            order: h.refcount_order,
+            file,
+            barrier,
+            geo,
+            fmt,
+            limits,
+            l1,
+            l1_dirty_sectors: Default::default(),
+            l2: MetadataCache::new(cache_clusters),
+            reftable,
+            blocks: MetadataCache::new(cache_clusters),
+            pending_free: Vec::new(),
+            meta_cursor: 0,
+            data_cursor: 0,
+            discard_passthrough: false,
+            corrupt: None,
+            cache_clusters,
+            hdr,
+        })
+    }
+
+    pub(crate) fn cs(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+
+    pub(crate) async fn read_cluster(&self, off: u64) -> Result<Box<[u8]>> {
+        Ok(read_exact(&self.file, off, self.cs())
+            .await?
+            .into_boxed_slice())
+    }
+
+    pub(crate) async fn write(&self, off: u64, data: &[u8], what: &'static str) -> Result<()> {
+        // Cluster 0 holds the header; nothing else may ever be written there.
+        if off < self.cs() && what != "header" {
+            return Err(Error::Corrupt(format!(
+                "refusing to write {what} over the image header at {off:#x}"
+            )));
+        }
+        self.file
+            .write_at(IoBuf::from_slice(data, 1), off)
+            .await
+            .map(|_| ())
+            .map_err(Error::io(what))
+    }
+
+    pub(crate) async fn write_header(&mut self) -> Result<()> {
+        let bytes = self.hdr.encode().map_err(Error::format("header"))?;
+        self.write(0, &bytes, "header").await
+    }
+
+    // ---------------------------------------------------------------- refcounts
+
+    pub(crate) fn block_bits(&self) -> u32 {
+        self.order.block_bits(self.geo.cluster_bits())
+    }
+
+    async fn load_block(&mut self, off: u64) -> Result<()> {
+        if !self.blocks.contains(off) {
+            self.evict_blocks().await?;
+            let data = self.read_cluster(off).await?;
+            self.blocks.insert(off, data, false);
+        }
+        Ok(())
+    }
+
+    fn block_offset(&self, cluster: u64) -> Option<u64> {
+        let rt = cluster >> self.block_bits();
+        self.reftable
+            .get(usize::try_from(rt).ok()?)
+            .copied()
+            .filter(|&o| o != 0)
+    }
+
+    pub(crate) async fn refcount(&mut self, cluster: u64) -> Result<u64> {
+        let Some(off) = self.block_offset(cluster) else {
+            return Ok(0);
+        };
+        self.load_block(off).await?;
+        let idx = cluster & ((1 << self.block_bits()) - 1);
+        let slot = self.blocks.get_mut(off).expect("loaded");
+        self.order
+            .get(&slot.data, idx)
+            .map_err(Error::format("refcount block"))
+    }
+
+    /// Sets the refcount of a cluster whose refcount block exists.
+    pub(crate) async fn set_refcount(&mut self, cluster: u64, value: u64) -> Result<()> {
+        let off = self
+            .block_offset(cluster)
+            .ok_or_else(|| Error::Corrupt(format!("no refcount block for cluster {cluster}")))?;
+        self.load_block(off).await?;
+        let idx = cluster & ((1 << self.block_bits()) - 1);
+        let order = self.order;
+        let slot = self.blocks.get_mut(off).expect("loaded");
+        order
+            .set(&mut slot.data, idx, value)
+            .map_err(Error::format("refcount block"))?;
+        slot.dirty = true;
+        Ok(())
+    }
+
+    /// Adds `delta` to the refcount of every cluster overlapping `[off, off + len)`.
+    pub(crate) async fn update_refcount(&mut self, off: u64, len: u64, delta: i64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = off >> self.geo.cluster_bits();
+        let last = (off + len - 1) >> self.geo.cluster_bits();
+        for c in first..=last {
+            if delta > 0 {
+                while self.ensure_block(c).await? {}
+            }
+            let old = self.refcount(c).await?;
+            let new = if delta >= 0 {
+                old.checked_add(delta as u64)
+                    .filter(|&v| v <= self.order.max())
+                    .ok_or_else(|| {
+                        Error::NoSpace(format!("refcount overflow for cluster {c} ({old}+{delta})"))
+                    })?
+            } else {
+                old.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
+                    Error::Corrupt(format!("refcount underflow for cluster {c} ({old}{delta})"))
+                })?
+            };
+            self.set_refcount(c, new).await?;
+            if new == 0 {
+                self.cluster_freed(c).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn cluster_freed(&mut self, c: u64) -> Result<()> {
+        let off = c << self.geo.cluster_bits();
+        // A freed cluster may be reused for anything: stale cached copies must not be
+        // written over its new contents.
+        self.l2.remove(off);
+        self.blocks.remove(off);
+        self.meta_cursor = self.meta_cursor.min(c);
+        self.data_cursor = self.data_cursor.min(c);
+        if self.discard_passthrough {
+            let _ = self.file.punch_hole(off, self.cs()).await;
+        }
+        Ok(())
+    }
+
+    /// Makes sure the refcount block covering `cluster` exists. Returns true when it had to
+    /// create one, in which case allocation must restart: the new block (and a grown table)
+    /// may occupy the clusters the caller was about to take (QEMU's -EAGAIN).
+    fn ensure_block(&mut self, cluster: u64) -> BoxFut<'_, bool> {
+        Box::pin(async move {
+            if self.block_offset(cluster).is_some() {
+                return Ok(false);
+            }
+            let cs = self.cs();
+            let rt = cluster >> self.block_bits();
+            let new_block = self.find_free(self.meta_cursor, 1).await?;
+            self.meta_cursor = new_block + 1;
+            if new_block == 0 {
+                return Err(Error::Corrupt(
+                    "preventing invalid allocation of refcount block at offset 0".into(),
+                ));
+            }
+            let new_off = new_block * cs;
+            if refblock_covers_itself(new_off, rt, self.geo.cluster_bits(), self.order) {
+                let mut data = vec![0u8; cs as usize].into_boxed_slice();
+                let idx = new_block & ((1 << self.block_bits()) - 1);
+                self.order
+                    .set(&mut data, idx, 1)
+                    .map_err(Error::format("refcount block"))?;
+                self.evict_blocks().await?;
+                self.blocks.insert(new_off, data, true);
+            } else {
+                // The new block lives in a range some other (maybe new) block covers.
+                while self.ensure_block(new_block).await? {}
+                if self.refcount(new_block).await? != 0 {
+                    // Taken by the block created just now: start over.
+                    return Ok(true);
+                }
+                self.set_refcount(new_block, 1).await?;
+                self.evict_blocks().await?;
+                self.blocks
+                    .insert(new_off, vec![0u8; cs as usize].into_boxed_slice(), true);
+            }
+            // The block must be on disk before anything points at it.
+            self.write_blocks().await?;
+            self.barrier.order().await?;
+            if (rt as usize) < self.reftable.len() {
+                self.reftable[rt as usize] = new_off;
+                let entry_off = self.hdr.header.refcount_table_offset + rt * 8;
+                self.write(entry_off, &new_off.to_be_bytes(), "refcount table entry")
+                    .await?;
+                self.barrier.order().await?;
+                return Ok(true);
+            }
+            self.grow_reftable(cluster, rt, new_off).await?;
+            Ok(true)
+        })
+    }
+
+    /// QEMU's reftable growth (reference §3.3 step 6 and §3.4).
+    async fn grow_reftable(&mut self, cluster: u64, rt: u64, new_off: u64) -> Result<()> {
+        let cs = self.cs();
+        let bits = self.geo.cluster_bits();
+        let start = growth_area_start(cluster, new_off, bits, self.order)
+            .map_err(Error::format("refcount growth"))?;
+        let plan = plan_refcount_area(
+            start,
+            0,
+            false,
+            bits,
+            self.order,
+            &self.reftable,
+            Some((rt, new_off)),
+            &self.limits,
+        )
+        .map_err(|e| Error::NoSpace(format!("refcount table cannot grow: {e}")))?;
+        for &(_, off) in &plan.new_blocks {
+            self.evict_blocks().await?;
+            self.blocks
+                .insert(off, vec![0u8; cs as usize].into_boxed_slice(), true);
+        }
+        let old_table = std::mem::replace(&mut self.reftable, plan.table.clone());
+        for c in plan.start_offset / cs..plan.end_offset / cs {
+            self.set_refcount(c, 1).await?;
+        }
+        self.write_blocks().await?;
+        self.barrier.order().await?;
+        let mut bytes = Vec::with_capacity(plan.table.len() * 8);
+        for e in &plan.table {
+            bytes.extend_from_slice(&e.to_be_bytes());
+        }
+        self.write(plan.table_offset, &bytes, "refcount table")
+            .await?;
+        self.barrier.order().await?;
+        let old_off = self.hdr.header.refcount_table_offset;
+        let old_clusters = self.hdr.header.refcount_table_clusters;
+        self.hdr.header.refcount_table_offset = plan.table_offset;
+        self.hdr.header.refcount_table_clusters = plan.table_clusters as u32;
+        self.write_header().await?;
+        self.barrier.order().await?;
+        drop(old_table);
+        // The header no longer points at the old table: free it now.
+        self.update_refcount(old_off, u64::from(old_clusters) * cs, -1)
+            .await?;
+        Ok(())
+    }
+
+    /// First run of `n` clusters with refcount 0 at or after `from`.
+    async fn find_free(&mut self, from: u64, n: u64) -> Result<u64> {
+        let max = self.limits.max_host_offset >> self.geo.cluster_bits();
+        let mut start = from.max(1);
+        let mut c = start;
+        while c < start + n {
+            if c >= max {
+                return Err(Error::NoSpace("host offsets exhausted".into()));
+            }
+            if self.refcount(c).await? != 0 {
+                start = c + 1;
+            }
+            c += 1;
+        }
+        Ok(start)
+    }
+
+    /// Allocates `n` contiguous clusters with refcount 1 and returns the host offset.
+    ///
+    /// Mirrors QEMU's `qcow2_alloc_clusters` so that layouts match `qemu-img`: the pool's
+    /// cursor moves past the run *before* missing refcount blocks are created (they land
+    /// after it), and when a block had to be created the search restarts from the run's
+    /// start (QEMU's -EAGAIN).
+    pub(crate) async fn alloc(&mut self, n: u64, pool: Pool) -> Result<u64> {
+        loop {
+            let from = self.cursor(pool);
+            let start = self.find_free(from, n).await?;
+            self.set_cursor(pool, start + n);
+            let mut restart = false;
+            for c in start..start + n {
+                if self.ensure_block(c).await? {
+                    restart = true;
+                    break;
+                }
+            }
+            if restart {
+                self.set_cursor(pool, start);
+                continue;
+            }
+            for c in start..start + n {
+                self.set_refcount(c, 1).await?;
+            }
+            return Ok(start << self.geo.cluster_bits());
+        }
+    }
+
+    fn cursor(&self, pool: Pool) -> u64 {
+        match pool {
+            Pool::Metadata => self.meta_cursor,
+            Pool::Data => self.data_cursor,
+        }
+    }
+
+    fn set_cursor(&mut self, pool: Pool, c: u64) {
+        match pool {
+            Pool::Metadata => self.meta_cursor = c,
+            Pool::Data => self.data_cursor = c,
+        }
+    }
+
+    /// Releases a reference once the metadata that held it is durable (invariant 1).
+    pub(crate) fn free_later(&mut self, off: u64, len: u64) {
+        self.pending_free.push((off, len));
+    }
+
+    /// Releases a reference nothing on disk has seen yet (e.g. after a failed data write).
+    pub(crate) async fn free_now(&mut self, off: u64, len: u64) -> Result<()> {
+        self.update_refcount(off, len, -1).await
+    }
+
+    // ---------------------------------------------------------------- mapping
+
+    async fn load_l2(&mut self, off: u64) -> Result<()> {
+        if !self.l2.contains(off) {
+            self.evict_l2().await?;
+            let data = self.read_cluster(off).await?;
+            self.l2.insert(off, data, false);
+        }
+        Ok(())
+    }
+
+    fn l1_entry(&self, l1_index: u64) -> Result<L1Entry> {
+        let raw = usize::try_from(l1_index)
+            .ok()
+            .and_then(|i| self.l1.get(i))
+            .copied()
+            .unwrap_or(0);
+        L1Entry::decode(raw, self.geo.cluster_bits())
+            .map_err(|e| Error::Corrupt(format!("L1 entry {l1_index}: {e}")))
+    }
+
+    /// The L2 entry (and subcluster bitmap) of guest cluster `gc`.
+    pub(crate) async fn lookup(&mut self, gc: u64) -> Result<(L2Entry, SubclusterBitmap)> {
+        let pos = self
+            .geo
+            .locate(qcow2_format::GuestOffset(gc << self.geo.cluster_bits()));
+        let Some(l2) = self.l1_entry(pos.l1_index)?.l2_offset else {
+            return Ok((L2Entry::Unallocated, SubclusterBitmap::default()));
+        };
+        self.load_l2(l2.0).await?;
+        let es = self.geo.l2_entry_size() as usize;
+        let slot = self.l2.get_mut(l2.0).expect("loaded");
+        let at = pos.l2_index * es;
+        let raw = be64(&slot.data, at);
+        let decoded = if self.fmt.extended_l2 {
+            decode_extended(raw, be64(&slot.data, at + 8), self.fmt)
+        } else {
+            L2Entry::decode(raw, self.fmt).map(|e| (e, SubclusterBitmap::default()))
+        };
+        decoded.map_err(|e| {
+            let msg = format!(
+                "invalid L2 entry (L2 offset: {:#x}, L2 index: {:#x}): {e}",
+                l2.0, pos.l2_index
+            );
+            self.corrupt.get_or_insert(msg.clone());
+            Error::Corrupt(msg)
+        })
+    }
+
+    /// Points guest cluster `gc` at `entry`, allocating or copying its L2 table as needed.
+    pub(crate) async fn set_entry(
+        &mut self,
+        gc: u64,
+        entry: L2Entry,
+        bm: SubclusterBitmap,
+    ) -> Result<()> {
+        let (w0, w1) = if self.fmt.extended_l2 {
+            encode_extended(&entry, bm, self.fmt)
+        } else {
+            entry.encode(self.fmt).map(|w| (w, 0))
+        }
+        .map_err(Error::format("L2 entry"))?;
+        let pos = self
+            .geo
+            .locate(qcow2_format::GuestOffset(gc << self.geo.cluster_bits()));
+        let l1e = self.l1_entry(pos.l1_index)?;
+        let l2_off = match l1e.l2_offset {
+            Some(o) if l1e.copied => {
+                self.load_l2(o.0).await?;
+                o.0
+            }
+            old => {
+                // No table yet, or one shared with a snapshot: the active image gets its own.
+                let new = self.alloc(1, Pool::Metadata).await?;
+                let data = match old {
+                    Some(o) => {
+                        self.load_l2(o.0).await?;
+                        let copy = self.l2.get_mut(o.0).expect("loaded").data.clone();
+                        self.free_later(o.0, self.cs());
+                        copy
+                    }
+                    None => vec![0u8; self.cs() as usize].into_boxed_slice(),
+                };
+                self.evict_l2().await?;
+                self.l2.insert(new, data, true);
+                self.set_l1(
+                    pos.l1_index,
+                    L1Entry::new(qcow2_format::HostOffset(new), true),
+                );
+                new
+            }
+        };
+        let es = self.geo.l2_entry_size() as usize;
+        let slot = self.l2.get_mut(l2_off).expect("loaded");
+        let at = pos.l2_index * es;
+        slot.data[at..at + 8].copy_from_slice(&w0.to_be_bytes());
+        if es == 16 {
+            slot.data[at + 8..at + 16].copy_from_slice(&w1.to_be_bytes());
+        }
+        slot.dirty = true;
+        Ok(())
+    }
+
+    /// Forgets every cached refcount block (after the structures were replaced on disk).
+    pub(crate) fn reset_refcount_cache(&mut self) {
+        self.blocks = MetadataCache::new(self.cache_clusters);
+        self.meta_cursor = 0;
+        self.data_cursor = 0;
+    }
+
+    /// Forgets every cached L2 table (after tables were patched on disk). Call only when
+    /// nothing is dirty.
+    pub(crate) fn drop_l2_cache(&mut self) {
+        self.l2 = MetadataCache::new(self.cache_clusters);
+    }
+
+    fn set_l1(&mut self, idx: u64, e: L1Entry) {
+        self.l1[idx as usize] = e.encode();
+        self.l1_dirty_sectors.insert(idx * 8 / 512);
+    }
+
+    // ---------------------------------------------------------------- write-back
+
+    pub(crate) async fn write_blocks(&mut self) -> Result<()> {
+        for off in self.blocks.dirty() {
+            let slot = self.blocks.get_mut(off).expect("dirty entry");
+            slot.dirty = false;
+            let data = slot.data.clone();
+            self.write(off, &data, "refcount block").await?;
+        }
+        Ok(())
+    }
+
+    async fn evict_blocks(&mut self) -> Result<()> {
+        if self.blocks.evict_clean() {
+            return Ok(());
+        }
+        // Refcount blocks may be written at any time (see the module docs).
+        self.write_blocks().await?;
+        self.blocks.evict_clean();
+        Ok(())
+    }
+
+    async fn evict_l2(&mut self) -> Result<()> {
+        if self.l2.evict_clean() {
+            return Ok(());
+        }
+        Box::pin(self.writeback()).await?;
+        self.l2.evict_clean();
+        Ok(())
+    }
+
+    /// Writes all dirty metadata in crash-safe order, then applies deferred frees.
+    pub(crate) async fn writeback(&mut self) -> Result<()> {
+        self.write_blocks().await?;
+        let dirty_l2 = self.l2.dirty();
+        if !dirty_l2.is_empty() || !self.l1_dirty_sectors.is_empty() {
+            self.barrier.order().await?;
+            for off in dirty_l2 {
+                let slot = self.l2.get_mut(off).expect("dirty entry");
+                slot.dirty = false;
+                let data = slot.data.clone();
+                self.write(off, &data, "L2 table").await?;
+            }
+            if !self.l1_dirty_sectors.is_empty() {
+                self.barrier.order().await?;
+                let l1_len = self.l1.len() as u64 * 8;
+                for sector in std::mem::take(&mut self.l1_dirty_sectors) {
+                    let start = sector * 512;
+                    let end = (start + 512).min(l1_len);
+                    let bytes: Vec<u8> = self.l1[(start / 8) as usize..(end / 8) as usize]
+                        .iter()
+                        .flat_map(|e| e.to_be_bytes())
+                        .collect();
+                    self.write(self.hdr.header.l1_table_offset + start, &bytes, "L1 table")
+                        .await?;
+                }
+            }
+            self.barrier.order().await?;
+        }
+        if !self.pending_free.is_empty() {
+            for (off, len) in std::mem::take(&mut self.pending_free) {
+                self.update_refcount(off, len, -1).await?;
+            }
+            self.write_blocks().await?;
+        }
+        Ok(())
+    }
+}
+
+async fn read_exact(file: &Arc<dyn BlockFile>, off: u64, len: u64) -> Result<Vec<u8>> {
+    let len = usize::try_from(len).map_err(|_| Error::InvalidArgument("read too large".into()))?;
+    let buf = file
+        .read_at(IoBuf::zeroed(len, 1), off)
+        .await
+        .map_err(Error::io("reading metadata"))?;
+    Ok(buf.into_vec())
+}
+
+pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn be64s(b: &[u8]) -> Vec<u64> {
+    b.chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+        .collect()
+}

@@ -1,0 +1,212 @@
+//! `qcow2 info` and `qcow2 create`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use qcow2_async::qcow2_format::{
+    CompatibleFeatures, CompressionType, IncompatibleFeatures, Version,
+};
+use qcow2_async::{BackingFormat, CreateOptions, Image, OpenOptions, Preallocation};
+use serde_json::json;
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+#[derive(Args)]
+pub struct InfoArgs {
+    /// Image file.
+    filename: PathBuf,
+    /// Image format (only qcow2).
+    #[arg(short = 'f', long = "format", default_value = "qcow2")]
+    format: String,
+    /// `human` or `json`.
+    #[arg(long = "output", default_value = "human")]
+    output: String,
+}
+
+pub async fn info(a: InfoArgs) -> Result<u8> {
+    if a.format != "qcow2" {
+        return Err(format!("unsupported format '{}'", a.format).into());
+    }
+    let opts = OpenOptions {
+        backing: qcow2_async::BackingPolicy::Ignore,
+        ..OpenOptions::read_only()
+    };
+    let img = Image::open(&a.filename, &opts).await?;
+    let h = img.header().await;
+    let hd = &h.header;
+    let disk = std::fs::metadata(&a.filename).map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.blocks() * 512
+    })?;
+    let compat = if hd.version == Version::V3 {
+        "1.1"
+    } else {
+        "0.10"
+    };
+    let ctype = match hd.compression_type {
+        CompressionType::Deflate => "zlib",
+        CompressionType::Zstd => "zstd",
+    };
+    let lazy = hd.compatible.contains(CompatibleFeatures::LAZY_REFCOUNTS);
+    let corrupt = hd.incompatible.contains(IncompatibleFeatures::CORRUPT);
+    let ext_l2 = hd.incompatible.contains(IncompatibleFeatures::EXTENDED_L2);
+    if a.output == "json" {
+        let mut data = json!({
+            "compat": compat,
+            "compression-type": ctype,
+            "refcount-bits": hd.refcount_order.bits(),
+        });
+        if hd.version == Version::V3 {
+            data["lazy-refcounts"] = json!(lazy);
+            data["corrupt"] = json!(corrupt);
+            data["extended-l2"] = json!(ext_l2);
+        }
+        let mut v = json!({
+            "virtual-size": img.virtual_size(),
+            "filename": a.filename,
+            "cluster-size": img.cluster_size(),
+            "format": "qcow2",
+            "actual-size": disk,
+            "format-specific": {"type": "qcow2", "data": data},
+            "dirty-flag": false,
+        });
+        if let Some(b) = &h.backing_file {
+            v["backing-filename"] = json!(b);
+        }
+        if let Some(f) = &h.backing_format {
+            v["backing-filename-format"] = json!(f);
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("image: {}", a.filename.display());
+        println!("file format: qcow2");
+        println!(
+            "virtual size: {} ({} bytes)",
+            human(img.virtual_size()),
+            img.virtual_size()
+        );
+        println!("disk size: {}", human(disk));
+        println!("cluster_size: {}", img.cluster_size());
+        if let Some(b) = &h.backing_file {
+            println!("backing file: {b}");
+        }
+        if let Some(f) = &h.backing_format {
+            println!("backing file format: {f}");
+        }
+        println!("Format specific information:");
+        println!("    compat: {compat}");
+        println!("    compression type: {ctype}");
+        if hd.version == Version::V3 {
+            println!("    lazy refcounts: {lazy}");
+        }
+        println!("    refcount bits: {}", hd.refcount_order.bits());
+        if hd.version == Version::V3 {
+            println!("    corrupt: {corrupt}");
+            println!("    extended l2: {ext_l2}");
+        }
+    }
+    Ok(0)
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.3} {}", UNITS[u]).replace(".000", "")
+    }
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    /// Image format (only qcow2).
+    #[arg(short = 'f', default_value = "qcow2")]
+    format: String,
+    /// Options: cluster_size, compat, refcount_bits, lazy_refcounts, preallocation,
+    /// compression_type, backing_file, backing_fmt.
+    #[arg(short = 'o')]
+    options: Option<String>,
+    /// Backing file.
+    #[arg(short = 'b')]
+    backing: Option<String>,
+    /// Backing file format.
+    #[arg(short = 'F')]
+    backing_fmt: Option<String>,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    filename: PathBuf,
+    /// Size with an optional suffix (k, M, G, T).
+    size: String,
+}
+
+pub fn parse_size(s: &str) -> Result<u64> {
+    let (num, mult) = match s.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_lowercase() {
+                'b' => 1,
+                'k' => 1 << 10,
+                'm' => 1 << 20,
+                'g' => 1 << 30,
+                't' => 1u64 << 40,
+                _ => return Err(format!("invalid size suffix in '{s}'").into()),
+            };
+            (&s[..s.len() - 1], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("invalid size '{s}'"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size '{s}' too large").into())
+}
+
+pub async fn create(a: CreateArgs) -> Result<u8> {
+    if a.format != "qcow2" {
+        return Err(format!("unsupported format '{}'", a.format).into());
+    }
+    let mut o = CreateOptions::new(parse_size(&a.size)?);
+    o.backing_file = a.backing.clone();
+    o.backing_format = a
+        .backing_fmt
+        .as_deref()
+        .map(str::parse::<BackingFormat>)
+        .transpose()?;
+    for kv in a
+        .options
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, "on"));
+        let on = |v: &str| matches!(v, "on" | "true" | "yes");
+        match k {
+            "cluster_size" => o.cluster_size = parse_size(v)?,
+            "compat" => o.version3 = matches!(v, "1.1" | "v3"),
+            "refcount_bits" => o.refcount_bits = v.parse()?,
+            "lazy_refcounts" => o.lazy_refcounts = on(v),
+            "preallocation" => o.preallocation = v.parse::<Preallocation>()?,
+            "compression_type" => o.zstd = v == "zstd",
+            "extended_l2" => o.extended_l2 = on(v),
+            "backing_file" => o.backing_file = Some(v.to_string()),
+            "backing_fmt" => o.backing_format = Some(v.parse()?),
+            _ => return Err(format!("invalid option '{k}' (or not supported yet)").into()),
+        }
+    }
+    let img = Image::create(&a.filename, &o, &OpenOptions::default()).await?;
+    img.close().await?;
+    if !a.quiet {
+        println!(
+            "Formatting '{}', fmt=qcow2 cluster_size={} size={}",
+            a.filename.display(),
+            o.cluster_size,
+            o.size
+        );
+    }
+    Ok(0)
+}

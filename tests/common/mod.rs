@@ -1,0 +1,123 @@
+//! Shared helpers for the engine's integration tests: an in-memory model of a disk and
+//! random workloads.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::Command;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+/// What the guest should see: plain bytes.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub data: Vec<u8>,
+}
+
+impl Model {
+    pub fn new(size: usize, backing: Option<&[u8]>) -> Self {
+        let mut data = vec![0u8; size];
+        if let Some(b) = backing {
+            let n = b.len().min(size);
+            data[..n].copy_from_slice(&b[..n]);
+        }
+        Model { data }
+    }
+}
+
+/// One guest operation.
+#[derive(Debug, Clone)]
+pub enum Op {
+    Write { off: u64, data: Vec<u8> },
+    Zeroes { off: u64, len: u64, unmap: bool },
+    Discard { off: u64, len: u64 },
+    Read { off: u64, len: u64 },
+    Flush,
+    Reopen,
+}
+
+/// A random operation biased towards cluster-boundary edge cases.
+pub fn random_op(rng: &mut SmallRng, size: u64, cluster: u64) -> Op {
+    let pick_off = |rng: &mut SmallRng| -> u64 {
+        match rng.gen_range(0..4) {
+            0 => rng.gen_range(0..size / cluster) * cluster,
+            1 => (rng.gen_range(0..size / cluster) * cluster + cluster - 1).min(size - 1),
+            _ => rng.gen_range(0..size),
+        }
+    };
+    let off = pick_off(rng);
+    let max = (size - off).min(cluster * 3);
+    let len = match rng.gen_range(0..3) {
+        0 => rng.gen_range(1..=max.min(512)),
+        1 => max.min(cluster),
+        _ => rng.gen_range(1..=max),
+    };
+    match rng.gen_range(0..20) {
+        0..=8 => {
+            let seed: u8 = rng.gen();
+            Op::Write {
+                off,
+                data: (0..len).map(|i| seed.wrapping_add(i as u8) | 1).collect(),
+            }
+        }
+        9..=10 => Op::Zeroes {
+            off,
+            len,
+            unmap: rng.gen(),
+        },
+        11..=12 => Op::Discard { off, len },
+        13..=17 => Op::Read { off, len },
+        18 => Op::Flush,
+        _ => Op::Reopen,
+    }
+}
+
+pub fn rng(seed: u64) -> SmallRng {
+    SmallRng::seed_from_u64(seed)
+}
+
+/// Runs `qemu-img` (or another QEMU tool), failing loudly when it is not installed: these
+/// tests must never pass by skipping.
+pub fn qemu(tool: &str, args: &[&str]) -> std::process::Output {
+    let out = Command::new(tool).args(args).output().unwrap_or_else(|e| {
+        panic!("{tool} not found ({e}): install qemu-utils (`bash scripts/test.sh` does it)")
+    });
+    out
+}
+
+pub fn qemu_ok(tool: &str, args: &[&str]) -> String {
+    let out = qemu(tool, args);
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `qemu-img check --output=json`: (exit code, parsed report).
+pub fn qemu_check(path: &Path) -> (i32, serde_json::Value) {
+    let out = qemu(
+        "qemu-img",
+        &["check", "--output=json", path.to_str().unwrap()],
+    );
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "qemu-img check printed no JSON: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), v)
+}
+
+/// Asserts `qemu-img check` finds no leaks and no corruptions.
+pub fn assert_check_clean(path: &Path) {
+    let (code, v) = qemu_check(path);
+    assert_eq!(code, 0, "qemu-img check is not clean for {path:?}: {v:#}");
+    assert!(
+        v.get("leaks").is_none() && v.get("corruptions").is_none(),
+        "{v:#}"
+    );
+}
