@@ -406,9 +406,6 @@ fn be64s(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
         .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
 }
 
-fn be32(b: &[u8], off: usize) -> u32 {
-    u32::from_be_bytes(b[off..off + 4].try_into().unwrap())
-}
 fn be64(b: &[u8], off: usize) -> u64 {
     u64::from_be_bytes(b[off..off + 8].try_into().unwrap())
 }

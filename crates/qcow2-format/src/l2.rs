@@ -400,7 +400,13 @@ mod tests {
         // Fuzz regression (target `l2_table`): 0x8000000000000001 decoded as a plain zero
         // cluster with COPIED, which re-encoded as 0x1 and claimed `is_copied()`.
         let e = L2Entry::decode(0x8000_0000_0000_0001, STD).unwrap();
-        assert_eq!(e, L2Entry::Zero { host: None, copied: false });
+        assert_eq!(
+            e,
+            L2Entry::Zero {
+                host: None,
+                copied: false
+            }
+        );
         assert!(!e.is_copied());
         assert_eq!(L2Entry::decode(e.encode(STD).unwrap(), STD).unwrap(), e);
     }
@@ -494,12 +500,21 @@ mod tests {
         // Fuzz regression (target `l2_table`, input d4 00 + eight zero bytes: cluster_bits 84,
         // raw 0): `1 << cluster_bits` overflowed for 64 and more.
         for bits in [0, 8, 22, 63, 64, 65, 84, 127, u32::MAX] {
-            let fmt = L2Format { cluster_bits: bits, ..STD };
+            let fmt = L2Format {
+                cluster_bits: bits,
+                ..STD
+            };
             for raw in [0, 1, 0x8000_0000_0005_0000, 0x4340_0000_0005_0000] {
-                assert!(L2Entry::decode(raw, fmt).is_err(), "bits {bits} raw {raw:#x}");
+                assert!(
+                    L2Entry::decode(raw, fmt).is_err(),
+                    "bits {bits} raw {raw:#x}"
+                );
             }
             assert!(L2Entry::Unallocated.encode(fmt).is_err());
-            let ext = L2Format { extended_l2: true, ..fmt };
+            let ext = L2Format {
+                extended_l2: true,
+                ..fmt
+            };
             assert!(decode_extended(0, 0, ext).is_err());
         }
     }
