@@ -24,7 +24,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use qcow2_format::bitmap::{
-    bitmap_table_size, decode_bitmap_table, BitmapDirectory, BitmapTableEntry,
+    bitmap_bits, bitmap_table_size, decode_bitmap_table, test_bit, BitmapDirectory,
+    BitmapTableEntry,
 };
 use qcow2_format::header::qemu_feature_table;
 use qcow2_format::l2::decode_extended;
@@ -237,6 +238,17 @@ fn matrix() -> Vec<Case> {
         Case {
             name: "bitmaps",
             steps: BITMAPS,
+            ..DEFAULT
+        },
+        // Writes with enabled bitmaps: QEMU stores bitmap data clusters on close.
+        Case {
+            name: "bitmaps_written",
+            steps: &[
+                Step::Bitmap("b0", &[]),
+                Step::Bitmap("b1", &["--granularity", "4k"]),
+                Step::Bitmap("b2", &["--disable"]),
+                Step::Io(&["write -P 1 0 64k", "write -P 2 32M 64k"]),
+            ],
             ..DEFAULT
         },
         // A few combinations.
@@ -1410,6 +1422,34 @@ fn check_written(case: &Case, d: &Decoded) {
                 (L2Entry::Unallocated, 0xffff_ffff_0000_0000),
                 "{ctx}"
             );
+        }
+        "bitmaps_written" => {
+            // Enabled bitmaps have data clusters with the written ranges set; b2 is disabled.
+            for bm in &d.bitmaps.entries {
+                let len = u64::from(bm.bitmap_table_size) * 8;
+                let bytes = read_at(&d.file, bm.bitmap_table_offset, len);
+                let table =
+                    decode_bitmap_table(&bytes, bm.bitmap_table_size, cs, &Limits::QEMU).unwrap();
+                let gran = 1u64 << bm.granularity_bits;
+                let data: Vec<u8> = table
+                    .iter()
+                    .flat_map(|e| match e {
+                        BitmapTableEntry::Data(off) => read_at(&d.file, *off, cs),
+                        _ => vec![0; cs as usize],
+                    })
+                    .collect();
+                let set: Vec<u64> = (0..bitmap_bits(d.hdr.header.size, bm.granularity_bits))
+                    .filter(|&n| test_bit(&data, n) == Some(true))
+                    .collect();
+                let want: Vec<u64> = if bm.name == "b2" {
+                    vec![]
+                } else {
+                    (0..(64 << 10) / gran)
+                        .chain((32 << 20) / gran..((32 << 20) + (64 << 10)) / gran)
+                        .collect()
+                };
+                assert_eq!(set, want, "{ctx}: bits of bitmap {}", bm.name);
+            }
         }
         "written_zstd_rc1" => {
             // 1-bit refcounts: every compressed cluster gets its own host cluster (§2.7).
