@@ -739,7 +739,9 @@ impl ImageHeader {
 
     fn decode_backing_name(&mut self, bytes: &[u8], limits: &Limits) -> Result<()> {
         let h = &self.header;
-        if h.backing_file_offset == 0 {
+        // An empty name means no backing file, as in QEMU (which checks `backing_file[0]`);
+        // keeping `Some("")` would not survive `encode`, which writes no name and offset 0.
+        if h.backing_file_offset == 0 || h.backing_file_size == 0 {
             return Ok(());
         }
         if h.backing_file_size > limits.max_backing_file_name {
@@ -850,11 +852,15 @@ impl ImageHeader {
                 ));
             }
         }
+        // Padding is relative to the start of the extension area, as in QEMU's
+        // `header_ext_add` (and as `decode` reads it): with a header_length that is not a
+        // multiple of 8 (the spec asks for one, QEMU does not check) absolute padding would
+        // shift every following extension.
         let ext = |w: &mut Writer, magic: u32, data: &[u8]| {
             w.u32(magic);
             w.u32(data.len() as u32);
             w.bytes(data);
-            w.pad_to(8);
+            w.bytes(&[0; 7][..data.len().next_multiple_of(8) - data.len()]);
         };
         if let Some(f) = &self.backing_format {
             ext(&mut w, ext_magic::BACKING_FORMAT, f.as_bytes());
@@ -1044,6 +1050,71 @@ mod tests {
             e.to_string().contains("Unknown incompatible feature: 20"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn empty_backing_name_is_no_backing_file() {
+        // Fuzz regression (target `header`): backing_file_offset 6 with size 0 decoded as
+        // `Some("")`, which encodes as no backing file at all.
+        let mut b = fresh_1g().encode().unwrap();
+        b[8..16].copy_from_slice(&6u64.to_be_bytes());
+        let h = ImageHeader::decode(&b, &Limits::QEMU).unwrap();
+        assert_eq!(h.backing_file, None);
+        let back = ImageHeader::decode(&h.encode().unwrap(), &Limits::QEMU).unwrap();
+        assert_eq!(back.backing_file, None);
+        // The minimized fuzzer input itself (106 bytes, truncated header).
+        let crash: &[u8] = &[
+            0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0, 0x10,
+            0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0,
+            1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 4, 0, 0, 0, 0x70, 0, 0,
+        ];
+        let h = ImageHeader::decode(crash, &Limits::QEMU).unwrap();
+        assert_eq!(h.backing_file, None);
+        let back = ImageHeader::decode(&h.encode().unwrap(), &Limits::QEMU).unwrap();
+        assert_eq!(back.backing_file, h.backing_file);
+    }
+
+    #[test]
+    fn extensions_are_padded_relative_to_an_unaligned_header_length() {
+        // Fuzz regression (target `header`): header_length 134 (22 unknown header bytes) and
+        // an unknown extension; absolute padding moved the extension on re-encode.
+        let mut h = fresh_1g();
+        h.unknown_header_fields = vec![0xaa; 22];
+        h.unknown_extensions = vec![(0xd500, vec![]), (0x1234_5678, vec![1, 2, 3])];
+        h.backing_file = Some("b".into());
+        let bytes = h.encode().unwrap();
+        assert_eq!(u32::from_be_bytes(bytes[100..104].try_into().unwrap()), 134);
+        // Feature table at 134 (8 + 384 bytes), then 0xd500 at 526, 0x12345678 at 534 with
+        // its 3 data bytes padded to 8, END at 550, backing name at 558.
+        assert_eq!(&bytes[526..534], &[0, 0, 0xd5, 0, 0, 0, 0, 0]);
+        assert_eq!(&bytes[534..542], &[0x12, 0x34, 0x56, 0x78, 0, 0, 0, 3]);
+        assert_eq!(&bytes[542..550], &[1, 2, 3, 0, 0, 0, 0, 0]);
+        assert_eq!(&bytes[550..558], &[0; 8]);
+        assert_eq!(&bytes[558..559], b"b");
+        let back = ImageHeader::decode(&bytes, &Limits::QEMU).unwrap();
+        assert_eq!(back.unknown_header_fields, h.unknown_header_fields);
+        assert_eq!(
+            back.unknown_extensions,
+            vec![(0x1234_5678, vec![1, 2, 3]), (0xd500, vec![])]
+        );
+        assert_eq!(back.backing_file.as_deref(), Some("b"));
+        // The minimized fuzzer input.
+        let crash: &[u8] = &[
+            0x51, 0x46, 0x49, 0xfb, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+            0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0,
+            1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0,
+            0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0x86, 0, 0, 0, 0, 0, 0,
+            0, 0, 0x6d, 0, 0, 0, 0, 0xd5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x67, 0, 0x6d, 0, 0, 0, 0,
+            0xd5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        let h = ImageHeader::decode(crash, &Limits::QEMU).unwrap();
+        assert_eq!(h.header.header_length, 134);
+        let back = ImageHeader::decode(&h.encode().unwrap(), &Limits::QEMU).unwrap();
+        let mut want = h.unknown_extensions.clone();
+        want.reverse();
+        assert_eq!(back.unknown_extensions, want);
+        assert_eq!(back.unknown_header_fields, h.unknown_header_fields);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use crate::compressed::CompressedDescriptor;
 use crate::error::{Error, Result};
+use crate::geometry::Geometry;
 use crate::offset::HostOffset;
 
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -40,6 +41,14 @@ impl Default for L2Format {
     }
 }
 
+impl L2Format {
+    /// `cluster_size - 1`, refusing cluster sizes QEMU does not support (and shifts that
+    /// would overflow): the fields are public, so they are as untrusted as the entries.
+    fn cluster_mask(&self) -> Result<u64> {
+        Ok(Geometry::new(self.cluster_bits, false)?.cluster_size() - 1)
+    }
+}
+
 /// What one L2 entry says about a guest cluster (ignoring subclusters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum L2Entry {
@@ -67,6 +76,7 @@ pub enum L2Entry {
 impl L2Entry {
     /// Decodes the first (or only) 64-bit word of an entry.
     pub fn decode(raw: u64, fmt: L2Format) -> Result<Self> {
+        let cluster_mask = fmt.cluster_mask()?;
         if raw & COMPRESSED != 0 {
             if raw & COPIED != 0 {
                 return Err(Error::invalid(
@@ -94,7 +104,6 @@ impl L2Entry {
         }
         let off = raw & OFFSET_MASK;
         let copied = raw & COPIED != 0;
-        let cluster_mask = (1u64 << fmt.cluster_bits) - 1;
         if off & cluster_mask != 0 {
             return Err(Error::Unaligned {
                 what: "L2 entry host offset",
@@ -110,9 +119,11 @@ impl L2Entry {
                     "zero cluster entry in a pre-v3 image",
                 ));
             }
+            // COPIED describes the preallocated cluster; without one it means nothing (QEMU's
+            // check ignores it on ZERO_PLAIN) and `encode` drops it, so drop it here too.
             return Ok(L2Entry::Zero {
                 host: (off != 0).then_some(HostOffset(off)),
-                copied,
+                copied: copied && off != 0,
             });
         }
         if off == 0 && !(fmt.external_data_file && copied) {
@@ -126,7 +137,7 @@ impl L2Entry {
 
     /// Encodes the first 64-bit word. Refuses what `fmt` does not allow.
     pub fn encode(&self, fmt: L2Format) -> Result<u64> {
-        let cluster_mask = (1u64 << fmt.cluster_bits) - 1;
+        let cluster_mask = fmt.cluster_mask()?;
         let host_bits = |h: HostOffset, what| {
             if h.0 & !OFFSET_MASK != 0 || h.0 & cluster_mask != 0 {
                 Err(Error::Unaligned {
@@ -385,6 +396,22 @@ mod tests {
     }
 
     #[test]
+    fn copied_without_a_preallocated_cluster_is_dropped() {
+        // Fuzz regression (target `l2_table`): 0x8000000000000001 decoded as a plain zero
+        // cluster with COPIED, which re-encoded as 0x1 and claimed `is_copied()`.
+        let e = L2Entry::decode(0x8000_0000_0000_0001, STD).unwrap();
+        assert_eq!(
+            e,
+            L2Entry::Zero {
+                host: None,
+                copied: false
+            }
+        );
+        assert!(!e.is_copied());
+        assert_eq!(L2Entry::decode(e.encode(STD).unwrap(), STD).unwrap(), e);
+    }
+
+    #[test]
     fn zero_flag_in_v2_is_corruption() {
         let v2 = L2Format {
             zero_flag: false,
@@ -466,6 +493,30 @@ mod tests {
         .is_err());
         assert!(encode_extended(&L2Entry::Unallocated, SubclusterBitmap::new(1, 0), EXT).is_err());
         assert!(encode_extended(&L2Entry::Unallocated, SubclusterBitmap(0), STD).is_err());
+    }
+
+    #[test]
+    fn unsupported_cluster_sizes_are_errors_not_panics() {
+        // Fuzz regression (target `l2_table`, input d4 00 + eight zero bytes: cluster_bits 84,
+        // raw 0): `1 << cluster_bits` overflowed for 64 and more.
+        for bits in [0, 8, 22, 63, 64, 65, 84, 127, u32::MAX] {
+            let fmt = L2Format {
+                cluster_bits: bits,
+                ..STD
+            };
+            for raw in [0, 1, 0x8000_0000_0005_0000, 0x4340_0000_0005_0000] {
+                assert!(
+                    L2Entry::decode(raw, fmt).is_err(),
+                    "bits {bits} raw {raw:#x}"
+                );
+            }
+            assert!(L2Entry::Unallocated.encode(fmt).is_err());
+            let ext = L2Format {
+                extended_l2: true,
+                ..fmt
+            };
+            assert!(decode_extended(0, 0, ext).is_err());
+        }
     }
 
     #[test]
