@@ -483,14 +483,6 @@ async fn unsupported_features_are_refused_and_feature_bits_handled_like_qemu() {
         qemu_ok("qemu-img", &args);
         p
     };
-    let ext = mk("ext.qcow2", &["-o", "extended_l2=on"]);
-    assert!(matches!(
-        Image::open(&ext, &OpenOptions::default())
-            .await
-            .unwrap_err(),
-        Error::Unsupported { .. }
-    ));
-    assert!(Image::open(&ext, &OpenOptions::read_only()).await.is_ok());
     let luks = mk(
         "luks.qcow2",
         &[
