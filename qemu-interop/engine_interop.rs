@@ -1348,3 +1348,266 @@ async fn extended_l2_matches_a_qemu_written_twin() {
         "qemu-img map differs from the QEMU-written twin"
     );
 }
+
+/// The dirty extents of bitmap `name` as QEMU sees them: `qemu-nbd -B` exports it and
+/// `qemu-img map` reads it through `x-dirty-bitmap` (dirty extents show as `"data": false`).
+fn qemu_dirty_extents(image: &Path, name: &str) -> Vec<(u64, u64)> {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    // Without --persistent the server exits after our one client.
+    qemu_ok(
+        "qemu-nbd",
+        &[
+            "--fork",
+            "-r",
+            "-f",
+            "qcow2",
+            "-B",
+            name,
+            "-k",
+            s(&sock),
+            s(image),
+        ],
+    );
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{name}",
+        s(&sock)
+    );
+    let out = qemu_ok("qemu-img", &["map", "--output=json", "--image-opts", &opts]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut dirty: Vec<(u64, u64)> = Vec::new();
+    for e in v.as_array().unwrap() {
+        if e["data"].as_bool() == Some(false) {
+            let (st, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+            match dirty.last_mut() {
+                Some(l) if l.0 + l.1 == st => l.1 += len,
+                _ => dirty.push((st, len)),
+            }
+        }
+    }
+    dirty
+}
+
+fn qemu_bitmaps(image: &Path) -> Vec<serde_json::Value> {
+    let out = qemu_ok("qemu-img", &["info", "--output=json", "-U", s(image)]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+async fn our_dirty_extents(image: &Path, name: &str) -> Vec<(u64, u64)> {
+    let img = Image::open(image, &OpenOptions::read_only()).await.unwrap();
+    let size = img.virtual_size();
+    img.dirty_ranges(name, 0..size)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.start, r.end - r.start))
+        .collect()
+}
+
+/// Persistent bitmaps stay true: the engine's writes, zeroes and discards land in every
+/// enabled bitmap exactly as QEMU's own would (a QEMU-written twin, read through
+/// `qemu-nbd -B`), disabled ones stay untouched, bitmaps are flagged in use while open, and
+/// the image stays check-clean.
+#[tokio::test]
+async fn persistent_bitmaps_track_writes_exactly_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let mk = |name: &str| {
+        let p = dir.path().join(name);
+        qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&p), "8M"]);
+        qemu_ok("qemu-io", &["-c", "write -P 7 0 2M", s(&p)]);
+        qemu_ok("qemu-img", &["bitmap", "--add", s(&p), "b64k"]);
+        qemu_ok("qemu-img", &["bitmap", "--add", "-g", "4096", s(&p), "b4k"]);
+        qemu_ok("qemu-img", &["bitmap", "--add", "--disable", s(&p), "off"]);
+        p
+    };
+    let ours = mk("ours.qcow2");
+    let twin = mk("twin.qcow2");
+    // write, unaligned write, zeroes (with and without unmap), discard, write at the end.
+    let ops: &[(&str, u64, u64)] = &[
+        ("write", 65536 + 100, 5000),
+        ("write", 3 << 20, 256 << 10),
+        ("zero", 1 << 20, 128 << 10),
+        ("zero-unmap", (5 << 20) + 4096, 4096),
+        ("discard", 6 << 20, 192 << 10),
+        ("write", (8 << 20) - 512, 512),
+    ];
+    let img = Image::open(&ours, &OpenOptions::default()).await.unwrap();
+    let flags: Vec<_> = qemu_bitmaps(&ours)
+        .iter()
+        .map(|b| b["flags"].clone())
+        .collect();
+    assert!(
+        flags
+            .iter()
+            .all(|f| f.as_array().unwrap().iter().any(|x| x == "in-use")),
+        "bitmaps are flagged in use while the image is open read-write: {flags:?}"
+    );
+    for &(op, off, len) in ops {
+        match op {
+            "write" => img.write_at(&vec![0x5a; len as usize], off).await.unwrap(),
+            "zero" => img.write_zeroes(off, len, false).await.unwrap(),
+            "zero-unmap" => img.write_zeroes(off, len, true).await.unwrap(),
+            _ => img.discard(off, len).await.unwrap(),
+        }
+        let cmd = match op {
+            "write" => format!("write -P 0x5a {off} {len}"),
+            "zero" => format!("write -z {off} {len}"),
+            "zero-unmap" => format!("write -z -u {off} {len}"),
+            _ => format!("discard {off} {len}"),
+        };
+        qemu_ok("qemu-io", &["-c", &cmd, s(&twin)]);
+    }
+    img.close().await.unwrap();
+    assert_check_clean(&ours);
+    assert_eq!(
+        qemu_bitmaps(&ours),
+        qemu_bitmaps(&twin),
+        "same list and flags"
+    );
+    for name in ["b64k", "b4k", "off"] {
+        let q = qemu_dirty_extents(&ours, name);
+        assert_eq!(q, qemu_dirty_extents(&twin, name), "bitmap {name}");
+        assert_eq!(
+            our_dirty_extents(&twin, name).await,
+            q,
+            "we read QEMU's {name}"
+        );
+    }
+    assert!(qemu_dirty_extents(&ours, "off").is_empty());
+    assert_eq!(
+        qemu_dirty_extents(&ours, "b4k")[0],
+        (65536, 8192),
+        "4 KiB granularity: bytes 65636..70636 dirty two bits"
+    );
+    // The guest data is right too.
+    qemu_ok("qemu-img", &["compare", "-q", s(&ours), s(&twin)]);
+}
+
+/// Bitmap management through the engine is what qemu-img sees: add (granularity,
+/// disabled), clear, enable/disable, merge, remove; an unclean close leaves the bitmaps in
+/// use, and QEMU and we both treat them as inconsistent; an image written by a program
+/// without bitmap support (autoclear bit cleared) loses its bitmaps without leaking.
+#[tokio::test]
+async fn bitmap_management_and_unclean_states_match_qemu() {
+    use qcow2_async::BitmapOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("m.qcow2");
+    let img = Image::create(&p, &CreateOptions::new(4 << 20), &OpenOptions::default())
+        .await
+        .unwrap();
+    img.add_bitmap("a", &BitmapOptions::default())
+        .await
+        .unwrap();
+    img.add_bitmap(
+        "fine",
+        &BitmapOptions {
+            granularity: Some(512),
+            disabled: true,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(img
+        .add_bitmap("a", &BitmapOptions::default())
+        .await
+        .is_err());
+    img.write_at(&[1; 1024], 1 << 20).await.unwrap();
+    img.enable_bitmap("fine", true).await.unwrap();
+    img.write_at(&[2; 512], 2 << 20).await.unwrap();
+    img.add_bitmap("m", &BitmapOptions::default())
+        .await
+        .unwrap();
+    img.merge_bitmaps("m", &["a", "fine"]).await.unwrap();
+    img.enable_bitmap("a", false).await.unwrap();
+    img.write_at(&[3; 512], 3 << 20).await.unwrap();
+    img.add_bitmap("gone", &BitmapOptions::default())
+        .await
+        .unwrap();
+    img.remove_bitmap("gone").await.unwrap();
+    img.close().await.unwrap();
+    assert_check_clean(&p);
+    let listed: Vec<(String, u64, Vec<String>)> = qemu_bitmaps(&p)
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["granularity"].as_u64().unwrap(),
+                b["flags"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|f| f.as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("a".into(), 65536, vec![]),
+            ("fine".into(), 512, vec!["auto".into()]),
+            ("m".into(), 65536, vec!["auto".into()]),
+        ]
+    );
+    assert_eq!(
+        qemu_dirty_extents(&p, "a"),
+        vec![(1 << 20, 65536), (2 << 20, 65536)],
+        "disabled only after the second write"
+    );
+    assert_eq!(
+        qemu_dirty_extents(&p, "fine"),
+        vec![(2 << 20, 512), (3 << 20, 512)]
+    );
+    assert_eq!(
+        qemu_dirty_extents(&p, "m"),
+        vec![(1 << 20, 65536), (2 << 20, 65536), (3 << 20, 65536)]
+    );
+    // qemu-img can use what we made.
+    qemu_ok("qemu-img", &["bitmap", "--clear", s(&p), "m"]);
+    assert!(qemu_dirty_extents(&p, "m").is_empty());
+    let img = Image::open(&p, &OpenOptions::default()).await.unwrap();
+    img.clear_bitmap("fine").await.unwrap();
+    img.close().await.unwrap();
+    assert!(qemu_dirty_extents(&p, "fine").is_empty());
+
+    // Unclean close: the handle is dropped without close, as a crash would leave it.
+    let img = Image::open(&p, &OpenOptions::default()).await.unwrap();
+    img.write_at(&[4; 512], 0).await.unwrap();
+    img.flush().await.unwrap();
+    drop(img);
+    assert!(qemu_bitmaps(&p).iter().all(|b| b["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f == "in-use")));
+    assert_check_clean(&p);
+    let img = Image::open(&p, &OpenOptions::default()).await.unwrap();
+    assert!(img.bitmaps().await.iter().all(|b| b.inconsistent));
+    assert!(
+        img.dirty_ranges("a", 0..4096).await.is_err(),
+        "stale bits are never served"
+    );
+    img.remove_bitmap("a").await.unwrap();
+    img.close().await.unwrap();
+    assert_check_clean(&p);
+    let names: Vec<_> = qemu_bitmaps(&p).iter().map(|b| b["name"].clone()).collect();
+    assert_eq!(
+        names,
+        ["fine", "m"],
+        "inconsistent bitmaps stay until removed"
+    );
+
+    // A program without bitmap support wrote the image: autoclear bit 0 is clear.
+    let mut hdr = std::fs::read(&p).unwrap()[88..96].to_vec();
+    hdr[7] &= !1;
+    patch(&p, 88, &hdr);
+    let img = Image::open(&p, &OpenOptions::default()).await.unwrap();
+    assert!(img.bitmaps().await.is_empty());
+    img.close().await.unwrap();
+    assert!(qemu_bitmaps(&p).is_empty());
+    assert_check_clean(&p);
+}

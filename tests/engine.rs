@@ -162,8 +162,27 @@ async fn run_model(case: &Case, seed: u64, ops: usize) {
         case.size as usize,
         case.backing.then_some(&backing_bytes[..]),
     );
+    // Half the v3 runs track every change in a persistent bitmap of 512-byte granularity,
+    // carried across every reopen; it must end up naming exactly the touched bytes' blocks.
+    let tracked = case.v3 && seed % 2 == 0;
+    let mut touched = vec![false; case.size.div_ceil(512) as usize];
+    if tracked {
+        let o = qcow2_async::BitmapOptions {
+            granularity: Some(512),
+            disabled: false,
+        };
+        img.add_bitmap("m", &o).await.unwrap();
+    }
     for _ in 0..ops {
         let op = random_op(&mut r, case.size, case.cluster);
+        let range = match &op {
+            Op::Write { off, data } => Some((*off, data.len() as u64)),
+            Op::Zeroes { off, len, .. } | Op::Discard { off, len } => Some((*off, *len)),
+            _ => None,
+        };
+        if let Some((off, len)) = range {
+            touched[(off / 512) as usize..=((off + len - 1) / 512) as usize].fill(true);
+        }
         apply(
             &mut img,
             &mut model,
@@ -179,6 +198,18 @@ async fn run_model(case: &Case, seed: u64, ops: usize) {
     let mut all = vec![0u8; case.size as usize];
     img.read_at(&mut all, 0).await.unwrap();
     assert!(all == model.data, "final image differs from the model");
+    if tracked {
+        let mut want: Vec<std::ops::Range<u64>> = Vec::new();
+        for (i, _) in touched.iter().enumerate().filter(|(_, t)| **t) {
+            let (s, e) = (i as u64 * 512, ((i as u64 + 1) * 512).min(case.size));
+            match want.last_mut() {
+                Some(r) if r.end == s => r.end = e,
+                _ => want.push(s..e),
+            }
+        }
+        let got = img.dirty_ranges("m", 0..case.size).await.unwrap();
+        assert_eq!(got, want, "the bitmap names exactly the touched blocks");
+    }
 }
 
 /// Random write / write-zeroes / discard / read / flush / reopen sequences against a model,
@@ -790,4 +821,54 @@ async fn extended_l2_small_writes_over_a_backing_file_copy_no_whole_cluster() {
                 && b[12288..].iter().all(|&x| x == 7)
         );
     }
+}
+
+/// Invariant 6 (the Go implementation's bitmaps went stale on the first write): every write,
+/// write-zeroes and discard lands in each enabled bitmap, across a clean close; and a handle
+/// that goes away without closing leaves the bitmaps flagged in use, never stale-but-trusted.
+#[tokio::test]
+async fn enabled_bitmaps_record_every_write_and_never_go_stale() {
+    use qcow2_async::BitmapOptions;
+    let file = mem();
+    let mut o = CreateOptions::new(16 << 20);
+    o.cluster_size = 65536;
+    Image::format_file(file.clone(), &o).await.unwrap();
+    let rw = OpenOptions::default();
+    let open = || Image::open_handle(file.clone(), None, &rw, None);
+    let img = open().await.unwrap();
+    img.add_bitmap("on", &BitmapOptions::default())
+        .await
+        .unwrap();
+    let off = BitmapOptions {
+        granularity: None,
+        disabled: true,
+    };
+    img.add_bitmap("off", &off).await.unwrap();
+    img.write_at(&[1; 10], 65536 * 3 + 7).await.unwrap();
+    img.write_zeroes(65536 * 5, 65536, true).await.unwrap();
+    img.discard(65536 * 9, 65536).await.unwrap();
+    img.close().await.unwrap();
+
+    let img = open().await.unwrap();
+    let all = 0..16 << 20;
+    let c = |i: u64| i * 65536..(i + 1) * 65536;
+    assert_eq!(
+        img.dirty_ranges("on", all.clone()).await.unwrap(),
+        vec![c(3), c(5), c(9)]
+    );
+    assert!(img
+        .dirty_ranges("off", all.clone())
+        .await
+        .unwrap()
+        .is_empty());
+    // Another write, then the handle is dropped without close (a crash).
+    img.write_at(&[2; 1], 65536 * 12).await.unwrap();
+    img.flush().await.unwrap();
+    drop(img);
+    let img = Image::open_handle(file.clone(), None, &OpenOptions::read_only(), None)
+        .await
+        .unwrap();
+    let list = img.bitmaps().await;
+    assert!(list.iter().all(|b| b.inconsistent), "{list:?}");
+    assert!(img.dirty_ranges("on", all).await.is_err());
 }

@@ -13,6 +13,7 @@
 
 mod subcluster;
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ use tracing::instrument;
 
 use crate::backing::Backing;
 use crate::barrier::{Barrier, BarrierMode};
+use crate::bitmaps::{BitmapInfo, BitmapOptions};
 use crate::check::{CheckReport, RepairMode};
 use crate::error::{Error, Result};
 use crate::io::{open_file, BlockFile, FileOptions, IoBuf};
@@ -75,9 +77,11 @@ struct Inner {
     version3: bool,
     /// Block size the file needs for O_DIRECT (1 without).
     direct_align: u64,
-    /// Guest requests hold it shared, snapshot operations exclusive: a snapshot is one
-    /// instant between requests.
+    /// Guest requests hold it shared, snapshot and bitmap operations exclusive: a snapshot
+    /// (or a bitmap clear) is one instant between requests.
     snap_lock: tokio::sync::RwLock<()>,
+    /// Some enabled persistent bitmap records writes (a cheap test on the write path).
+    tracking: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Image {
@@ -485,6 +489,13 @@ impl Image {
                 "repaired a dirty image on open"
             );
         }
+        if meta.load_bitmaps(size).await? {
+            // Bitmaps dropped because their autoclear bit was cleared: reclaim what they held
+            // (QEMU leaks them until `check -r leaks`; nothing else can reference them).
+            meta.check(size, Some(crate::check::RepairMode::Leaks))
+                .await?;
+        }
+        let tracking = meta.bitmaps.tracking();
         Ok(Image {
             inner: Arc::new(Inner {
                 path,
@@ -503,6 +514,7 @@ impl Image {
                 version3,
                 direct_align: if opts.direct { 4096 } else { 1 },
                 snap_lock: tokio::sync::RwLock::new(()),
+                tracking: tracking.into(),
             }),
         })
     }
@@ -715,6 +727,7 @@ impl Image {
         let _instant = self.inner.snap_lock.read().await;
         self.check_writable().await?;
         self.check_range(offset, buf.len() as u64)?;
+        self.mark_bitmaps(offset, buf.len() as u64).await?;
         for (gc, inc, r) in self.pieces(offset, buf.len() as u64) {
             self.write_cluster(gc, inc, &buf[r]).await?;
         }
@@ -824,6 +837,7 @@ impl Image {
         let _instant = self.inner.snap_lock.read().await;
         self.check_writable().await?;
         self.check_range(offset, len)?;
+        self.mark_bitmaps(offset, len).await?;
         for (gc, inc, r) in self.pieces(offset, len) {
             let n = (r.end - r.start) as u64;
             if self.inner.geo.extended_l2() {
@@ -879,6 +893,7 @@ impl Image {
         let _instant = self.inner.snap_lock.read().await;
         self.check_writable().await?;
         self.check_range(offset, len)?;
+        self.mark_bitmaps(offset, len).await?;
         let cs = self.cluster_size();
         for (gc, inc, r) in self.pieces(offset, len) {
             if !self.is_whole(gc, inc, (r.end - r.start) as u64) {
@@ -950,12 +965,14 @@ impl Image {
     pub async fn apply_snapshot(&self, id_or_name: &str) -> Result<()> {
         self.check_writable().await?;
         let _all = self.inner.snap_lock.write().await;
-        self.inner
-            .meta
-            .lock()
-            .await
-            .apply_snapshot(id_or_name)
-            .await
+        let mut meta = self.inner.meta.lock().await;
+        meta.apply_snapshot(id_or_name).await?;
+        // The whole disk may have changed: enabled bitmaps must say so.
+        if meta.bitmaps.tracking() {
+            meta.bitmaps_before_write().await?;
+            meta.bitmaps.set_dirty(0, self.inner.size);
+        }
+        Ok(())
     }
 
     /// Deletes a snapshot, found by id or else by name (`qemu-img snapshot -d`).
@@ -1050,7 +1067,119 @@ impl Image {
             // Writing back could spread the damage; what was flushed before stays.
             return Ok(());
         }
+        if meta.bitmaps.has_consistent() {
+            meta.store_bitmaps(false).await?;
+        }
         meta.mark_clean().await
+    }
+
+    // ------------------------------------------------------------------ bitmaps
+
+    /// Sets the bits of `[offset, offset + len)` in every enabled bitmap before the data
+    /// moves (invariant 6), flagging the bitmaps `in_use` on disk first if a clean close of
+    /// another handle stored them meanwhile.
+    async fn mark_bitmaps(&self, offset: u64, len: u64) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if !self.inner.tracking.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut meta = self.inner.meta.lock().await;
+        meta.bitmaps_before_write().await?;
+        meta.bitmaps.set_dirty(offset, len);
+        Ok(())
+    }
+
+    /// Runs a bitmap management operation as one instant between guest requests.
+    async fn manage_bitmaps<T>(
+        &self,
+        f: impl for<'a> FnOnce(
+            &'a mut Meta,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T>> + Send + 'a>,
+        >,
+    ) -> Result<T> {
+        self.check_writable().await?;
+        let _all = self.inner.snap_lock.write().await;
+        let mut meta = self.inner.meta.lock().await;
+        let r = f(&mut meta).await;
+        self.inner.tracking.store(
+            meta.bitmaps.tracking(),
+            std::sync::atomic::Ordering::Release,
+        );
+        r
+    }
+
+    /// The image's persistent dirty bitmaps (like the bitmap list of `qemu-img info`).
+    pub async fn bitmaps(&self) -> Vec<BitmapInfo> {
+        self.inner.meta.lock().await.bitmap_infos()
+    }
+
+    /// Guest byte ranges that bitmap `name` marks dirty within `range`, merged and clipped.
+    /// Fails for an unknown or inconsistent bitmap.
+    ///
+    /// ```no_run
+    /// # async fn demo(img: qcow2_async::Image) -> qcow2_async::Result<()> {
+    /// img.add_bitmap("backup", &Default::default()).await?;
+    /// img.write_at(&[1; 4096], 1 << 20).await?;
+    /// let size = img.virtual_size();
+    /// for r in img.dirty_ranges("backup", 0..size).await? {
+    ///     println!("changed: {r:?}");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn dirty_ranges(&self, name: &str, range: Range<u64>) -> Result<Vec<Range<u64>>> {
+        self.inner
+            .meta
+            .lock()
+            .await
+            .bitmap_dirty_ranges(name, range)
+    }
+
+    /// Adds an empty persistent bitmap (`qemu-img bitmap --add`).
+    #[instrument(skip(self, opts))]
+    pub async fn add_bitmap(&self, name: &str, opts: &BitmapOptions) -> Result<()> {
+        let opts = opts.clone();
+        let name = name.to_string();
+        self.manage_bitmaps(move |m| Box::pin(async move { m.add_bitmap(&name, &opts).await }))
+            .await
+    }
+
+    /// Removes a bitmap and frees its clusters (`--remove`); inconsistent ones too.
+    #[instrument(skip(self))]
+    pub async fn remove_bitmap(&self, name: &str) -> Result<()> {
+        let name = name.to_string();
+        self.manage_bitmaps(move |m| Box::pin(async move { m.remove_bitmap(&name).await }))
+            .await
+    }
+
+    /// Clears every bit of a bitmap (`--clear`).
+    #[instrument(skip(self))]
+    pub async fn clear_bitmap(&self, name: &str) -> Result<()> {
+        let name = name.to_string();
+        self.manage_bitmaps(move |m| Box::pin(async move { m.clear_bitmap(&name).await }))
+            .await
+    }
+
+    /// Starts (`true`, `--enable`) or stops (`--disable`) recording writes in a bitmap.
+    #[instrument(skip(self))]
+    pub async fn enable_bitmap(&self, name: &str, enabled: bool) -> Result<()> {
+        let name = name.to_string();
+        self.manage_bitmaps(move |m| Box::pin(async move { m.enable_bitmap(&name, enabled).await }))
+            .await
+    }
+
+    /// Adds the dirty bits of every bitmap in `sources` to `target` (`--merge`).
+    #[instrument(skip(self))]
+    pub async fn merge_bitmaps(&self, target: &str, sources: &[&str]) -> Result<()> {
+        let target = target.to_string();
+        let sources: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
+        self.manage_bitmaps(move |m| {
+            Box::pin(async move {
+                let s: Vec<&str> = sources.iter().map(String::as_str).collect();
+                m.merge_bitmaps(&target, &s).await
+            })
+        })
+        .await
     }
 }
 
@@ -1168,12 +1297,6 @@ fn check_features(hdr: &ImageHeader, read_only: bool, for_repair: bool) -> Resul
     if h.incompatible.contains(IncompatibleFeatures::CORRUPT) && !for_repair {
         return Err(Error::Corrupt(
             "image is corrupt; cannot be opened read/write".into(),
-        ));
-    }
-    if hdr.bitmaps.is_some() {
-        return Err(Error::unsupported(
-            "writing images with persistent dirty bitmaps",
-            "open read-only",
         ));
     }
     if h.nb_snapshots > 0 && h.refcount_order.bits() < 2 {

@@ -21,6 +21,7 @@
 
 mod backing;
 mod barrier;
+mod bitmaps;
 mod cache;
 mod check;
 mod compress;
@@ -36,6 +37,7 @@ mod snapshot;
 
 pub use backing::Backing;
 pub use barrier::BarrierMode;
+pub use bitmaps::{BitmapInfo, BitmapOptions};
 pub use check::{CheckReport, RepairMode, Verdict};
 pub use error::{Error, Result};
 pub use image::Image;

@@ -64,6 +64,8 @@ pub(crate) struct Meta {
     pub(crate) marked_dirty: bool,
     /// Host offsets of all refcount blocks (for overlap checks).
     pub(crate) refblock_set: std::collections::HashSet<u64>,
+    /// Persistent dirty bitmaps (`bitmaps.rs`).
+    pub(crate) bitmaps: crate::bitmaps::Bitmaps,
 }
 
 type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
@@ -126,6 +128,7 @@ impl Meta {
             lazy: false,
             marked_dirty: false,
             refblock_set,
+            bitmaps: Default::default(),
             hdr,
         })
     }
