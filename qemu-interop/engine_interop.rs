@@ -1611,3 +1611,133 @@ async fn bitmap_management_and_unclean_states_match_qemu() {
     assert!(qemu_bitmaps(&p).is_empty());
     assert_check_clean(&p);
 }
+
+fn qemu_map(image: &Path) -> Vec<qcow2_async::MapExtent> {
+    let out = qemu_ok("qemu-img", &["map", "--output=json", s(image)]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| qcow2_async::MapExtent {
+            start: e["start"].as_u64().unwrap(),
+            length: e["length"].as_u64().unwrap(),
+            depth: e["depth"].as_u64().unwrap() as u32,
+            present: e["present"].as_bool().unwrap(),
+            zero: e["zero"].as_bool().unwrap(),
+            data: e["data"].as_bool().unwrap(),
+            compressed: e["compressed"].as_bool().unwrap(),
+            offset: e["offset"].as_u64(),
+        })
+        .collect()
+}
+
+/// `Image::map` reports what `qemu-img map --output=json` reports, field for field: data,
+/// zero and zero-alloc clusters, compressed clusters, backing layers (qcow2 and raw, a
+/// shorter backing file), and extended-L2 subclusters.
+#[tokio::test]
+async fn map_matches_qemu_img_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n);
+    let io = |img: &Path, cmds: &[&str]| {
+        let mut args = Vec::new();
+        for c in cmds {
+            args.push("-c");
+            args.push(c);
+        }
+        args.push(s(img));
+        qemu_ok("qemu-io", &args);
+    };
+    // A compressed base, a qcow2 middle layer, a top with every kind of entry.
+    let raw = d("base.raw");
+    std::fs::write(&raw, vec![0x11u8; 3 << 20]).unwrap();
+    qemu_ok(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            s(&raw),
+            s(&d("base.qcow2")),
+        ],
+    );
+    qemu_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            s(&d("mid.qcow2")),
+            "4M",
+        ],
+    );
+    io(
+        &d("mid.qcow2"),
+        &["write -P 2 0 64k", "write -z 64k 64k", "write -P 3 2M 128k"],
+    );
+    for (name, opts) in [
+        ("top.qcow2", "cluster_size=65536"),
+        ("ext.qcow2", "extended_l2=on"),
+    ] {
+        let top = d(name);
+        qemu_ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                opts,
+                "-b",
+                "mid.qcow2",
+                "-F",
+                "qcow2",
+                s(&top),
+                "5M",
+            ],
+        );
+        io(
+            &top,
+            &[
+                "write -P 4 128k 4k",
+                "write -P 5 256k 64k",
+                "write -z 256k 64k",
+                "write -z 512k 64k",
+                "write -z -u 640k 64k",
+                "write -P 6 4M 64k",
+            ],
+        );
+        let img = Image::open(&top, &OpenOptions::read_only()).await.unwrap();
+        let ours = img.map(0, img.virtual_size()).await.unwrap();
+        assert_eq!(ours, qemu_map(&top), "{name}");
+    }
+    // A raw backing file shorter than the image.
+    let rt = d("rt.qcow2");
+    std::fs::write(d("short.raw"), vec![9u8; 100_000]).unwrap();
+    qemu_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "short.raw",
+            "-F",
+            "raw",
+            s(&rt),
+            "1M",
+        ],
+    );
+    io(&rt, &["write -P 1 512k 64k"]);
+    let img = Image::open(&rt, &OpenOptions::read_only()).await.unwrap();
+    assert_eq!(img.map(0, 1 << 20).await.unwrap(), qemu_map(&rt));
+}

@@ -11,7 +11,10 @@
 //! * the L2 update is made only after the data write completed, and reaches the disk only
 //!   after a barrier (see [`crate::meta`]) — metadata never points at data that is not there.
 
+mod map;
 mod subcluster;
+
+pub use map::MapExtent;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,208 @@
+//! Block status: where each guest byte comes from, as `qemu-img map --output=json` reports
+//! it. `convert` and the NBD export use it to skip zeros and unallocated ranges.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use qcow2_format::{L2Entry, SubclusterState};
+
+use super::Image;
+use crate::backing::Backing;
+use crate::error::Result;
+
+/// One run of guest bytes with the same status (the fields of `qemu-img map`'s JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapExtent {
+    /// Guest offset.
+    pub start: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Which layer answers: 0 is this image, 1 its backing file, and so on.
+    pub depth: u32,
+    /// Some layer allocates the range (false: it reads zeros because nothing does).
+    pub present: bool,
+    /// The range reads as zeros.
+    pub zero: bool,
+    /// The range has data in the layer at `depth`.
+    pub data: bool,
+    /// Stored compressed.
+    pub compressed: bool,
+    /// Host offset in the layer's data file, where there is one.
+    pub offset: Option<u64>,
+}
+
+impl MapExtent {
+    fn unallocated(start: u64, length: u64, depth: u32) -> MapExtent {
+        MapExtent {
+            start,
+            length,
+            depth,
+            present: false,
+            zero: true,
+            data: false,
+            compressed: false,
+            offset: None,
+        }
+    }
+
+    /// Whether `next` continues this extent (same status, contiguous host offsets).
+    fn continues(&self, next: &MapExtent) -> bool {
+        self.start + self.length == next.start
+            && (
+                self.depth,
+                self.present,
+                self.zero,
+                self.data,
+                self.compressed,
+            ) == (
+                next.depth,
+                next.present,
+                next.zero,
+                next.data,
+                next.compressed,
+            )
+            && match (self.offset, next.offset) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a + self.length == b,
+                _ => false,
+            }
+    }
+}
+
+fn push(out: &mut Vec<MapExtent>, e: MapExtent) {
+    match out.last_mut() {
+        Some(last) if last.continues(&e) => last.length += e.length,
+        _ => out.push(e),
+    }
+}
+
+impl Image {
+    /// The status of every byte of `[offset, offset + len)`, merged into maximal extents,
+    /// through the whole backing chain.
+    ///
+    /// ```no_run
+    /// # async fn demo(img: qcow2_async::Image) -> qcow2_async::Result<()> {
+    /// for e in img.map(0, img.virtual_size()).await? {
+    ///     if e.data {
+    ///         println!("{} bytes of data at {}", e.length, e.start);
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn map(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<MapExtent>>> + Send + '_>> {
+        Box::pin(async move {
+            self.check_range(offset, len)?;
+            let _instant = self.inner.snap_lock.read().await;
+            let mut out = Vec::new();
+            let step = self.inner.geo.subcluster_size();
+            let bits = self.inner.geo.cluster_bits();
+            for (gc, inc, r) in self.pieces(offset, len) {
+                let (entry, bm) = self.inner.meta.lock().await.lookup(gc).await?;
+                let base = gc << bits;
+                let mut pos = inc;
+                let end = inc + (r.end - r.start) as u64;
+                while pos < end {
+                    let n = ((pos / step + 1) * step).min(end) - pos;
+                    let here = |data, zero, offset| MapExtent {
+                        start: base + pos,
+                        length: n,
+                        depth: 0,
+                        present: true,
+                        zero,
+                        data,
+                        compressed: false,
+                        offset,
+                    };
+                    let sub = (pos / step) as u32;
+                    let ext = self.inner.geo.extended_l2();
+                    match entry {
+                        L2Entry::Compressed(_) => push(
+                            &mut out,
+                            MapExtent {
+                                compressed: true,
+                                ..here(true, false, None)
+                            },
+                        ),
+                        L2Entry::Normal { host, .. }
+                            if !ext || bm.state(sub) == SubclusterState::Allocated =>
+                        {
+                            push(&mut out, here(true, false, Some(host.0 + pos)))
+                        }
+                        L2Entry::Normal { host, .. } if bm.state(sub) == SubclusterState::Zero => {
+                            push(&mut out, here(false, true, Some(host.0 + pos)))
+                        }
+                        L2Entry::Zero { host, .. } => {
+                            push(&mut out, here(false, true, host.map(|h| h.0 + pos)))
+                        }
+                        L2Entry::Unallocated if ext && bm.state(sub) == SubclusterState::Zero => {
+                            push(&mut out, here(false, true, None))
+                        }
+                        _ => {
+                            for e in self.backing_map(base + pos, n).await? {
+                                push(&mut out, e);
+                            }
+                        }
+                    }
+                    pos += n;
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Status of a range this image leaves unallocated: the backing chain's, one level
+    /// deeper; past the backing file's end (or without one) unallocated at depth 0, as QEMU
+    /// reports it.
+    async fn backing_map(&self, start: u64, len: u64) -> Result<Vec<MapExtent>> {
+        let Some(b) = &self.inner.backing else {
+            return Ok(vec![MapExtent::unallocated(start, len, 0)]);
+        };
+        // QEMU sizes a raw file in whole sectors; the tail past EOF reads as zeros.
+        let bsize = match b {
+            Backing::Raw(_, n) => n.div_ceil(512) * 512,
+            Backing::Qcow2(_) => b.size(),
+        };
+        let inside = bsize.saturating_sub(start).min(len);
+        let mut out = Vec::new();
+        if inside > 0 {
+            match b {
+                Backing::Qcow2(img) => {
+                    for mut e in img.map(start, inside).await? {
+                        e.depth += 1;
+                        push(&mut out, e);
+                    }
+                }
+                Backing::Raw(_, eof) => {
+                    let data = eof.saturating_sub(start).min(inside);
+                    let raw = |start, length, data: bool| MapExtent {
+                        start,
+                        length,
+                        depth: 1,
+                        present: true,
+                        zero: !data,
+                        data,
+                        compressed: false,
+                        offset: Some(start),
+                    };
+                    if data > 0 {
+                        push(&mut out, raw(start, data, true));
+                    }
+                    if data < inside {
+                        push(&mut out, raw(start + data, inside - data, false));
+                    }
+                }
+            }
+        }
+        if inside < len {
+            push(
+                &mut out,
+                MapExtent::unallocated(start + inside, len - inside, 0),
+            );
+        }
+        Ok(out)
+    }
+}
