@@ -91,6 +91,25 @@ impl Bitmaps {
         self.list.iter().any(|b| !b.inconsistent)
     }
 
+    /// Whether some bitmap could not be loaded (it was left in use).
+    pub(crate) fn has_inconsistent(&self) -> bool {
+        self.list.iter().any(|b| b.inconsistent)
+    }
+
+    /// Follows a disk resize: bits past a new end go, new bits start clean (as QEMU's
+    /// `hbitmap_truncate`).
+    pub(crate) fn resize(&mut self, disk_size: u64) {
+        for b in self.list.iter_mut().filter(|b| !b.inconsistent) {
+            let bits = qcow2_format::bitmap::bitmap_bits(disk_size, b.granularity_bits);
+            b.data.resize(bits.div_ceil(8) as usize, 0);
+            if bits % 8 != 0 {
+                if let Some(last) = b.data.last_mut() {
+                    *last &= (1u8 << (bits % 8)) - 1;
+                }
+            }
+        }
+    }
+
     fn find(&self, name: &str) -> Result<usize> {
         self.list
             .iter()

@@ -11,10 +11,14 @@
 //! * the L2 update is made only after the data write completed, and reaches the disk only
 //!   after a barrier (see [`crate::meta`]) — metadata never points at data that is not there.
 
+mod amend;
 mod map;
+mod resize;
 mod subcluster;
 
+pub use amend::AmendOptions;
 pub use map::MapExtent;
+pub use resize::ResizeOptions;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -73,7 +77,8 @@ struct Inner {
     leases: ClusterLeases,
     backing: Option<Backing>,
     geo: Geometry,
-    size: u64,
+    /// Virtual size; changes only under the exclusive snapshot lock (`resize`).
+    size: std::sync::atomic::AtomicU64,
     read_only: bool,
     barrier: BarrierMode,
     compression: CompressionType,
@@ -91,7 +96,7 @@ impl std::fmt::Debug for Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Image")
             .field("path", &self.inner.path)
-            .field("size", &self.inner.size)
+            .field("size", &self.virtual_size())
             .field("cluster_size", &self.inner.geo.cluster_size())
             .field("read_only", &self.inner.read_only)
             .finish()
@@ -510,7 +515,7 @@ impl Image {
                 leases: ClusterLeases::default(),
                 backing,
                 geo,
-                size,
+                size: size.into(),
                 read_only: opts.read_only,
                 barrier: opts.barrier,
                 compression,
@@ -524,7 +529,7 @@ impl Image {
 
     /// Virtual disk size in bytes.
     pub fn virtual_size(&self) -> u64 {
-        self.inner.size
+        self.inner.size.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Cluster size in bytes.
@@ -555,11 +560,11 @@ impl Image {
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.inner.size => Ok(()),
+            Some(end) if end <= self.virtual_size() => Ok(()),
             _ => Err(Error::OutOfRange {
                 offset,
                 len,
-                size: self.inner.size,
+                size: self.virtual_size(),
             }),
         }
     }
@@ -600,7 +605,7 @@ impl Image {
     /// a disk whose size is not cluster aligned (QEMU treats both alike).
     fn is_whole(&self, gc: u64, inc: u64, n: u64) -> bool {
         let cs = self.cluster_size();
-        n == cs || (inc == 0 && (gc << self.inner.geo.cluster_bits()) + n == self.inner.size)
+        n == cs || (inc == 0 && (gc << self.inner.geo.cluster_bits()) + n == self.virtual_size())
     }
 
     // ------------------------------------------------------------------ reads
@@ -944,7 +949,7 @@ impl Image {
             return Err(Error::ReadOnly);
         }
         let mut meta = self.inner.meta.lock().await;
-        meta.check(self.inner.size, repair).await
+        meta.check(self.virtual_size(), repair).await
     }
 
     /// Creates an internal snapshot of the disk as it is now (like `qemu-img snapshot -c`).
@@ -970,10 +975,17 @@ impl Image {
         let _all = self.inner.snap_lock.write().await;
         let mut meta = self.inner.meta.lock().await;
         meta.apply_snapshot(id_or_name).await?;
+        let size = meta.hdr.header.size;
+        if size != self.virtual_size() {
+            meta.bitmaps.resize(size);
+            self.inner
+                .size
+                .store(size, std::sync::atomic::Ordering::Release);
+        }
         // The whole disk may have changed: enabled bitmaps must say so.
         if meta.bitmaps.tracking() {
             meta.bitmaps_before_write().await?;
-            meta.bitmaps.set_dirty(0, self.inner.size);
+            meta.bitmaps.set_dirty(0, self.virtual_size());
         }
         Ok(())
     }
@@ -1004,7 +1016,7 @@ impl Image {
         let (l1, size) = {
             let mut meta = self.inner.meta.lock().await;
             let snap = meta.find_snapshot(id_or_name).await?;
-            let size = snap.disk_size.unwrap_or(self.inner.size);
+            let size = snap.disk_size.unwrap_or(self.virtual_size());
             (meta.read_l1(&snap).await?, size)
         };
         match offset.checked_add(buf.len() as u64) {

@@ -40,7 +40,7 @@ pub use barrier::BarrierMode;
 pub use bitmaps::{BitmapInfo, BitmapOptions};
 pub use check::{CheckReport, RepairMode, Verdict};
 pub use error::{Error, Result};
-pub use image::{Image, MapExtent};
+pub use image::{AmendOptions, Image, MapExtent, ResizeOptions};
 pub use options::{
     BackingFormat, BackingPolicy, CreateOptions, DataFilePolicy, OpenOptions, Preallocation,
 };

@@ -578,6 +578,46 @@ impl Meta {
         self.set_l1(idx, e);
     }
 
+    /// Moves the active L1 table to fresh clusters with room for `entries` (QEMU's
+    /// `qcow2_grow_l1_table` with an exact size): everything pending is written first so
+    /// the copy never points at an L2 table that is not on disk; the header switch is one
+    /// synced write; the old table is freed after it.
+    pub(crate) async fn grow_l1(&mut self, entries: u64) -> Result<()> {
+        if entries <= self.l1.len() as u64 {
+            return Ok(());
+        }
+        let bytes = entries * 8;
+        if bytes > self.limits.max_l1_bytes || entries > u64::from(u32::MAX) {
+            return Err(Error::NoSpace(format!(
+                "an L1 table of {entries} entries exceeds the limit of {} bytes",
+                self.limits.max_l1_bytes
+            )));
+        }
+        self.writeback().await?;
+        let cs = self.cs();
+        let clusters = bytes.div_ceil(cs);
+        let off = self.alloc(clusters, Pool::Metadata).await?;
+        let mut l1 = self.l1.clone();
+        l1.resize(entries as usize, 0);
+        let mut buf: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+        buf.resize((clusters * cs) as usize, 0);
+        self.write(off, &buf, "new L1 table").await?;
+        self.write_blocks().await?;
+        self.barrier.sync().await?;
+        let h = &mut self.hdr.header;
+        let old = (h.l1_table_offset, u64::from(h.l1_size) * 8);
+        h.l1_table_offset = off;
+        h.l1_size = entries as u32;
+        self.write_header().await?;
+        self.barrier.sync().await?;
+        self.l1 = l1;
+        self.l1_dirty_sectors.clear();
+        if old.1 > 0 {
+            self.free_later(old.0, old.1);
+        }
+        self.writeback().await
+    }
+
     pub(crate) fn mark_l1_dirty(&mut self, idx: u64) {
         self.l1_dirty_sectors.insert(idx * 8 / 512);
     }

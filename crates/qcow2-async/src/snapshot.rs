@@ -338,12 +338,9 @@ impl Meta {
         let table = self.snapshot_table().await?;
         let snap = table.entries[find(&table, key)?].clone();
         let size = self.hdr.header.size;
-        if snap.disk_size.unwrap_or(size) != size || snap.l1_size as usize > self.l1.len() {
-            return Err(Error::unsupported(
-                "applying a snapshot of a different disk size",
-                format!("snapshot {} has {:?} bytes", snap.id, snap.disk_size),
-            ));
-        }
+        // A snapshot taken before a resize: the disk takes its size back, as in QEMU.
+        self.grow_l1(u64::from(snap.l1_size)).await?;
+        let new_size = snap.disk_size.filter(|&s| s != size);
         self.writeback().await?;
         let mut new_l1 = self.read_l1(&snap).await?;
         new_l1.resize(self.l1.len(), 0);
@@ -365,7 +362,13 @@ impl Meta {
         self.recompute_copied().await?;
         self.writeback().await?;
         self.write_blocks().await?;
-        self.barrier.sync().await
+        self.barrier.sync().await?;
+        if let Some(s) = new_size {
+            self.hdr.header.size = s;
+            self.write_header().await?;
+            self.barrier.sync().await?;
+        }
+        Ok(())
     }
 
     pub(crate) async fn read_l1(&mut self, snap: &SnapshotEntry) -> Result<Vec<u64>> {
