@@ -784,6 +784,9 @@ impl Image {
         let _lease = self.inner.leases.exclusive(gc).await;
         let mut meta = self.inner.meta.lock().await;
         let (old, _) = meta.lookup(gc).await?;
+        // The L2 table first, then the payload: QEMU's allocation order, so that sequential
+        // compressed writes lay the file out as `qemu-img convert -c` does.
+        meta.active_l2(gc).await?;
         let host = meta.alloc_bytes(len).await?;
         let desc = match qcow2_format::CompressedDescriptor::new(host, len, bits) {
             Ok(d) => d,

@@ -579,11 +579,29 @@ impl Meta {
             entry.encode(self.fmt).map(|w| (w, 0))
         }
         .map_err(Error::format("L2 entry"))?;
+        let l2_off = self.active_l2(gc).await?;
+        let pos = self
+            .geo
+            .locate(qcow2_format::GuestOffset(gc << self.geo.cluster_bits()));
+        let es = self.geo.l2_entry_size() as usize;
+        let slot = self.l2.get_mut(l2_off).expect("loaded");
+        let at = pos.l2_index * es;
+        slot.data[at..at + 8].copy_from_slice(&w0.to_be_bytes());
+        if es == 16 {
+            slot.data[at + 8..at + 16].copy_from_slice(&w1.to_be_bytes());
+        }
+        slot.dirty = true;
+        Ok(())
+    }
+
+    /// The offset of the L2 table holding `gc`'s entry, loaded and owned by the active image
+    /// alone: allocated if missing, copied if shared with a snapshot.
+    pub(crate) async fn active_l2(&mut self, gc: u64) -> Result<u64> {
         let pos = self
             .geo
             .locate(qcow2_format::GuestOffset(gc << self.geo.cluster_bits()));
         let l1e = self.l1_entry(pos.l1_index)?;
-        let l2_off = match l1e.l2_offset {
+        Ok(match l1e.l2_offset {
             Some(o) if l1e.copied => {
                 self.load_l2(o.0).await?;
                 o.0
@@ -608,16 +626,7 @@ impl Meta {
                 );
                 new
             }
-        };
-        let es = self.geo.l2_entry_size() as usize;
-        let slot = self.l2.get_mut(l2_off).expect("loaded");
-        let at = pos.l2_index * es;
-        slot.data[at..at + 8].copy_from_slice(&w0.to_be_bytes());
-        if es == 16 {
-            slot.data[at + 8..at + 16].copy_from_slice(&w1.to_be_bytes());
-        }
-        slot.dirty = true;
-        Ok(())
+        })
     }
 
     /// Forgets every cached refcount block (after the structures were replaced on disk).
