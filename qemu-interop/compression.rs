@@ -37,7 +37,7 @@ fn source(size: u64, cs: u64) -> (Vec<u8>, u64) {
                     x as u8
                 }));
             }
-            1 => out.extend(std::iter::repeat_n(0u8, n)),
+            1 => out.resize(out.len() + n, 0),
             k => out.extend((0..n).map(|p| ((p / (16 * k)) ^ (i * 7)) as u8 | 1)),
         }
     }
