@@ -430,3 +430,72 @@ async fn compressed_writes_are_refused_with_an_external_data_file() {
     img.close().await.unwrap();
     assert_check_clean(&p);
 }
+
+/// Compressed clusters with extended L2 entries (no subcluster bitmap, as QEMU writes them)
+/// and with internal snapshots (a payload shared by a snapshot is counted once per
+/// reference and survives rewrites in the active image).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_clusters_with_extended_l2_and_snapshots() {
+    let dir = tempfile::tempdir().unwrap();
+    let cs = 65536u64;
+    let size = 12 * cs;
+    for extended in [false, true] {
+        let p = dir.path().join(format!("xs-{extended}.qcow2"));
+        let mut o = CreateOptions::new(size);
+        o.extended_l2 = extended;
+        let img = Image::create(&p, &o, &OpenOptions::default())
+            .await
+            .unwrap();
+        let mut model: Vec<u8> = (0..size).map(|i| (i / 777 % 11) as u8 + 1).collect();
+        // Normal data first, then compressed over half of it (the old clusters are released).
+        img.write_at(&model, 0).await.unwrap();
+        for gc in (0..12u64).step_by(2) {
+            let r = (gc * cs) as usize..((gc + 1) * cs) as usize;
+            img.write_compressed(gc * cs, &model[r]).await.unwrap();
+        }
+        img.create_snapshot("packed").await.unwrap();
+        let snap = model.clone();
+        // Rewrites in the active image: partial write, sub-cluster zeroes, whole zeroes,
+        // discard, and a compressed write over a compressed cluster.
+        img.write_at(&[0xcd; 5000], 100).await.unwrap();
+        model[100..5100].fill(0xcd);
+        img.write_zeroes(2 * cs + 4096, 8192, false).await.unwrap();
+        model[(2 * cs + 4096) as usize..(2 * cs + 12288) as usize].fill(0);
+        img.write_zeroes(4 * cs, cs, false).await.unwrap();
+        model[(4 * cs) as usize..(5 * cs) as usize].fill(0);
+        img.discard(6 * cs, cs).await.unwrap();
+        model[(6 * cs) as usize..(7 * cs) as usize].fill(0);
+        let c8 = vec![0x31u8; cs as usize];
+        img.write_compressed(8 * cs, &c8).await.unwrap();
+        model[(8 * cs) as usize..(9 * cs) as usize].copy_from_slice(&c8);
+        let mut all = vec![0u8; size as usize];
+        img.read_at(&mut all, 0).await.unwrap();
+        assert_same(&all, &model, "active image");
+        img.read_snapshot_at("packed", &mut all, 0).await.unwrap();
+        assert_same(&all, &snap, "snapshot");
+        img.close().await.unwrap();
+
+        // Of the six compressed clusters only 8 (rewritten compressed) and 10 are left.
+        let report = assert_checks_agree(&p).await;
+        assert_eq!(report.compressed_clusters, 2);
+        let raw = dir.path().join("xs.raw");
+        std::fs::write(&raw, &model).unwrap();
+        compare_equal(&p, &raw);
+        let snap_raw = dir.path().join("xs-snap.raw");
+        qemu_ok(
+            "qemu-img",
+            &["convert", "-l", "packed", "-O", "raw", s(&p), s(&snap_raw)],
+        );
+        assert_same(
+            &std::fs::read(&snap_raw).unwrap(),
+            &snap,
+            "snapshot via QEMU",
+        );
+        // Deleting the snapshot drops its references; still clean.
+        let img = Image::open(&p, &OpenOptions::default()).await.unwrap();
+        img.delete_snapshot("packed").await.unwrap();
+        img.close().await.unwrap();
+        assert_checks_agree(&p).await;
+        compare_equal(&p, &raw);
+    }
+}
