@@ -504,13 +504,6 @@ async fn unsupported_features_are_refused_and_feature_bits_handled_like_qemu() {
         Image::open(&df, &OpenOptions::read_only()).await.is_ok(),
         "external data files are supported"
     );
-    let bm = mk("bm.qcow2", &[]);
-    qemu_ok("qemu-img", &["bitmap", "--add", s(&bm), "b0"]);
-    assert!(matches!(
-        Image::open(&bm, &OpenOptions::default()).await.unwrap_err(),
-        Error::Unsupported { .. }
-    ));
-    assert!(Image::open(&bm, &OpenOptions::read_only()).await.is_ok());
 
     // A dirty image opens read-only as it is, and read-write after a repair that clears the
     // bit; a corrupt one only read-only.

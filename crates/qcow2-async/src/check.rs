@@ -374,6 +374,8 @@ impl Meta {
                     continue;
                 }
             };
+            // QEMU's `next_contiguous_offset` starts afresh in every L2 table.
+            s.last_data = None;
             for j in 0..self.geo.l2_entries() {
                 let at = j * es as usize;
                 let raw = be64(&table, at);
@@ -397,27 +399,32 @@ impl Meta {
                     | L2Entry::Zero {
                         host: Some(host), ..
                     } => {
-                        if self.fmt.external_data_file {
-                            continue;
-                        }
-                        if s.add(host.0, cs, "data cluster") && active {
-                            s.copied.push((l2.0 + at as u64, raw, host.0 >> bits));
-                        }
-                        if active && matches!(entry, L2Entry::Normal { .. }) {
+                        // QEMU counts preallocated zero clusters as allocated too, and
+                        // data-file clusters even though they are not refcounted.
+                        if active {
                             s.report.allocated_clusters += 1;
                             if s.last_data.is_some_and(|l| l + cs != host.0) {
                                 s.report.fragmented_clusters += 1;
                             }
                             s.last_data = Some(host.0);
                         }
+                        if self.fmt.external_data_file {
+                            continue;
+                        }
+                        if s.add(host.0, cs, "data cluster") && active {
+                            s.copied.push((l2.0 + at as u64, raw, host.0 >> bits));
+                        }
                     }
                     L2Entry::Compressed(d) => {
                         let (start, len) = d.host_range();
                         s.add(start, len, "compressed cluster");
                         if active {
+                            // QEMU counts every compressed cluster as fragmented (reads
+                            // re-read shared sectors) and leaves the contiguity chain of
+                            // normal clusters untouched.
                             s.report.allocated_clusters += 1;
                             s.report.compressed_clusters += 1;
-                            s.last_data = None;
+                            s.report.fragmented_clusters += 1;
                         }
                     }
                     _ => {}

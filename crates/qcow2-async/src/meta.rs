@@ -24,6 +24,7 @@ use qcow2_format::{
 
 use crate::barrier::Barrier;
 use crate::cache::MetadataCache;
+use crate::compress::DecompressedCache;
 use crate::error::{Error, Result};
 use crate::io::{BlockFile, IoBuf};
 
@@ -53,6 +54,12 @@ pub(crate) struct Meta {
     pending_free: Vec<(u64, u64)>,
     meta_cursor: u64,
     data_cursor: u64,
+    /// QEMU's `free_byte_offset`: where the next compressed payload may start, inside a
+    /// partly filled host cluster (0 = none). In memory only, like QEMU's.
+    compressed_cursor: u64,
+    /// Decompressed clusters by payload location; invalidated here when locations are freed
+    /// or handed out for a new payload.
+    pub(crate) decompressed: Arc<DecompressedCache>,
     pub(crate) discard_passthrough: bool,
     pub(crate) corrupt: Option<String>,
     cache_clusters: usize,
@@ -67,6 +74,9 @@ pub(crate) struct Meta {
     /// Persistent dirty bitmaps (`bitmaps.rs`).
     pub(crate) bitmaps: crate::bitmaps::Bitmaps,
 }
+
+/// Memory for recently decompressed clusters (at least two clusters, at most 64).
+const DECOMPRESSED_CACHE_BYTES: u64 = 8 << 20;
 
 type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 
@@ -121,6 +131,11 @@ impl Meta {
             pending_free: Vec::new(),
             meta_cursor: 0,
             data_cursor: 0,
+            compressed_cursor: 0,
+            decompressed: Arc::new(DecompressedCache::new(
+                geo.cluster_size(),
+                DECOMPRESSED_CACHE_BYTES,
+            )),
             discard_passthrough: false,
             corrupt: None,
             cache_clusters,
@@ -250,6 +265,12 @@ impl Meta {
         self.blocks.remove(off);
         self.meta_cursor = self.meta_cursor.min(c);
         self.data_cursor = self.data_cursor.min(c);
+        // Payloads there are gone: the cluster may come back as anything, so neither packing
+        // more payloads into it nor serving its old contents from the cache is allowed.
+        if self.compressed_cursor != 0 && self.compressed_cursor >> self.geo.cluster_bits() == c {
+            self.compressed_cursor = 0;
+        }
+        self.decompressed.invalidate(off, self.cs());
         if self.discard_passthrough {
             let _ = self.file.punch_hole(off, self.cs()).await;
         }
@@ -406,6 +427,66 @@ impl Meta {
         }
     }
 
+    /// Allocates `size` bytes (at most a cluster) for a compressed payload, as QEMU's
+    /// `qcow2_alloc_bytes` does (reference §2.7): payloads are packed back to back from an
+    /// in-memory cursor; each host cluster the payload touches gains one reference, so a
+    /// cluster shared by N payloads has refcount N. A cluster whose refcount is already at
+    /// the maximum is not packed further; a payload that does not fit spills into the next
+    /// cluster only if the data allocator's next free cluster is the adjacent one.
+    pub(crate) async fn alloc_bytes(&mut self, size: u64) -> Result<u64> {
+        let cs = self.cs();
+        let bits = self.geo.cluster_bits();
+        if size == 0 || size > cs {
+            return Err(Error::InvalidArgument(format!(
+                "compressed payload of {size} bytes for {cs}-byte clusters"
+            )));
+        }
+        // The descriptor addresses less than 2^56 with clusters above 16 KiB.
+        let limit = self.limits.max_host_offset.min(1u64 << (70 - bits));
+        let mut offset = self.compressed_cursor;
+        if offset != 0 && self.refcount(offset >> bits).await? >= self.order.max() {
+            offset = 0;
+        }
+        let mut free_in_cluster = cs - (offset & (cs - 1));
+        loop {
+            if offset == 0 || free_in_cluster < size {
+                let idx = self.find_free(self.data_cursor, 1).await?;
+                self.data_cursor = idx + 1;
+                let new_cluster = idx << bits;
+                if new_cluster + cs > limit {
+                    return Err(Error::NoSpace(format!(
+                        "compressed cluster offsets end at {limit:#x}"
+                    )));
+                }
+                if offset == 0 || offset.div_ceil(cs) * cs != new_cluster {
+                    offset = new_cluster;
+                    free_in_cluster = cs;
+                } else {
+                    free_in_cluster += cs;
+                }
+            }
+            // A refcount block created now may land on the clusters chosen (QEMU's -EAGAIN):
+            // choose again.
+            let mut restart = false;
+            for c in (offset >> bits)..=((offset + size - 1) >> bits) {
+                if self.ensure_block(c).await? {
+                    restart = true;
+                    break;
+                }
+            }
+            if restart {
+                offset = 0;
+                continue;
+            }
+            self.update_refcount(offset, size, 1).await?;
+            break;
+        }
+        let end = offset + size;
+        self.compressed_cursor = if end & (cs - 1) == 0 { 0 } else { end };
+        self.decompressed.invalidate(offset, size);
+        Ok(offset)
+    }
+
     fn cursor(&self, pool: Pool) -> u64 {
         match pool {
             Pool::Metadata => self.meta_cursor,
@@ -501,11 +582,29 @@ impl Meta {
             entry.encode(self.fmt).map(|w| (w, 0))
         }
         .map_err(Error::format("L2 entry"))?;
+        let l2_off = self.active_l2(gc).await?;
+        let pos = self
+            .geo
+            .locate(qcow2_format::GuestOffset(gc << self.geo.cluster_bits()));
+        let es = self.geo.l2_entry_size() as usize;
+        let slot = self.l2.get_mut(l2_off).expect("loaded");
+        let at = pos.l2_index * es;
+        slot.data[at..at + 8].copy_from_slice(&w0.to_be_bytes());
+        if es == 16 {
+            slot.data[at + 8..at + 16].copy_from_slice(&w1.to_be_bytes());
+        }
+        slot.dirty = true;
+        Ok(())
+    }
+
+    /// The offset of the L2 table holding `gc`'s entry, loaded and owned by the active image
+    /// alone: allocated if missing, copied if shared with a snapshot.
+    pub(crate) async fn active_l2(&mut self, gc: u64) -> Result<u64> {
         let pos = self
             .geo
             .locate(qcow2_format::GuestOffset(gc << self.geo.cluster_bits()));
         let l1e = self.l1_entry(pos.l1_index)?;
-        let l2_off = match l1e.l2_offset {
+        Ok(match l1e.l2_offset {
             Some(o) if l1e.copied => {
                 self.load_l2(o.0).await?;
                 o.0
@@ -530,16 +629,7 @@ impl Meta {
                 );
                 new
             }
-        };
-        let es = self.geo.l2_entry_size() as usize;
-        let slot = self.l2.get_mut(l2_off).expect("loaded");
-        let at = pos.l2_index * es;
-        slot.data[at..at + 8].copy_from_slice(&w0.to_be_bytes());
-        if es == 16 {
-            slot.data[at + 8..at + 16].copy_from_slice(&w1.to_be_bytes());
-        }
-        slot.dirty = true;
-        Ok(())
+        })
     }
 
     /// Forgets every cached refcount block (after the structures were replaced on disk).
@@ -547,6 +637,7 @@ impl Meta {
         self.blocks = MetadataCache::new(self.cache_clusters);
         self.meta_cursor = 0;
         self.data_cursor = 0;
+        self.compressed_cursor = 0;
     }
 
     /// Forgets every cached L2 table (after tables were patched on disk). Call only when

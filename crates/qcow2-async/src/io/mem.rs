@@ -25,6 +25,7 @@ pub struct MemFile {
     bytes_written: AtomicU64,
     writes: AtomicU64,
     flushes: AtomicU64,
+    reads: AtomicU64,
 }
 
 impl MemFile {
@@ -41,6 +42,7 @@ impl MemFile {
             bytes_written: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
         }
     }
 
@@ -71,6 +73,11 @@ impl MemFile {
         self.writes.load(Ordering::Relaxed)
     }
 
+    /// Number of `read_at` calls.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
     /// Number of `flush` calls.
     pub fn flushes(&self) -> u64 {
         self.flushes.load(Ordering::Relaxed)
@@ -84,6 +91,7 @@ impl MemFile {
 
     fn read_sync(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         checked_end(offset, buf.len() as u64)?;
+        self.reads.fetch_add(1, Ordering::Relaxed);
         let data = self.lock();
         let n = match usize::try_from(offset) {
             Ok(start) if start < data.len() => {
