@@ -1359,6 +1359,12 @@ async fn blocking<T: Send + 'static>(
         })?
 }
 
+/// Where the backing file `name` recorded in `image` is (relative names are relative to
+/// the image's folder, as in QEMU).
+pub(crate) fn backing_path(image: &Path, name: &str) -> PathBuf {
+    relative_to(image, name)
+}
+
 /// `name` relative to the folder of `image`, unless absolute.
 fn relative_to(image: &Path, name: &str) -> PathBuf {
     let p = Path::new(name);
@@ -1545,7 +1551,7 @@ async fn open_backing(
     }))
 }
 
-fn probe_format(path: &Path) -> Result<BackingFormat> {
+pub(crate) fn probe_format(path: &Path) -> Result<BackingFormat> {
     use std::io::Read;
     let mut magic = [0u8; 4];
     let n = std::fs::File::open(path)
@@ -1559,4 +1565,33 @@ fn probe_format(path: &Path) -> Result<BackingFormat> {
     } else {
         BackingFormat::Raw
     })
+}
+
+impl Backing {
+    /// Opens a disk read-only for use as a backing file, or as the source of `convert` and
+    /// `compare`: a qcow2 image (with its own backing chain, per `opts`) or a raw file.
+    pub async fn open(path: &Path, format: BackingFormat, opts: &OpenOptions) -> Result<Backing> {
+        let ro = OpenOptions {
+            read_only: true,
+            ..opts.clone()
+        };
+        match format {
+            BackingFormat::Qcow2 => Ok(Backing::Qcow2(Image::open(path, &ro).await?)),
+            BackingFormat::Raw => {
+                let f = open_file(
+                    path,
+                    &FileOptions {
+                        aio: opts.aio,
+                        direct: false,
+                        read_only: true,
+                        create: false,
+                        truncate: false,
+                    },
+                )
+                .map_err(Error::io("opening a raw image"))?;
+                let len = f.len().await.map_err(Error::io("sizing a raw image"))?;
+                Ok(Backing::Raw(f, len))
+            }
+        }
+    }
 }

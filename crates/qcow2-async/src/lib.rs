@@ -31,6 +31,7 @@ mod image;
 pub mod io;
 mod lease;
 mod meta;
+pub mod ops;
 mod options;
 mod overlap;
 mod snapshot;

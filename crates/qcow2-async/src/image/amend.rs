@@ -2,8 +2,7 @@
 //! after `commit`.
 
 use qcow2_format::{
-    CompatibleFeatures, CompressionType, IncompatibleFeatures, L2Entry, SubclusterBitmap,
-    Version,
+    CompatibleFeatures, CompressionType, IncompatibleFeatures, L2Entry, SubclusterBitmap, Version,
 };
 use tracing::instrument;
 
@@ -34,7 +33,10 @@ impl Image {
         self.check_writable().await?;
         let _all = self.inner.snap_lock.write().await;
         let mut meta = self.inner.meta.lock().await;
-        let old = (meta.hdr.backing_file.clone(), meta.hdr.backing_format.clone());
+        let old = (
+            meta.hdr.backing_file.clone(),
+            meta.hdr.backing_format.clone(),
+        );
         meta.hdr.backing_file = name.map(str::to_string);
         meta.hdr.backing_format = name.and(format).map(str::to_string);
         if let Err(e) = meta.hdr.encode() {
@@ -67,7 +69,8 @@ impl Image {
             let h = self.header().await;
             let name = o.backing_file.clone().or(h.backing_file);
             let fmt = o.backing_format.clone().or(h.backing_format);
-            self.set_backing_name(name.as_deref(), fmt.as_deref()).await?;
+            self.set_backing_name(name.as_deref(), fmt.as_deref())
+                .await?;
         }
         let downgrade = o.version3 == Some(false);
         if downgrade {
