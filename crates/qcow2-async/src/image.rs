@@ -535,6 +535,11 @@ impl Image {
         })
     }
 
+    /// The path the image was opened from, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.inner.path.as_deref()
+    }
+
     /// Virtual disk size in bytes.
     pub fn virtual_size(&self) -> u64 {
         self.inner.size.load(std::sync::atomic::Ordering::Acquire)

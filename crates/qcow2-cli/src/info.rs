@@ -6,7 +6,7 @@ use clap::Args;
 use qcow2_async::qcow2_format::{
     CompatibleFeatures, CompressionType, IncompatibleFeatures, Version,
 };
-use qcow2_async::{BackingFormat, CreateOptions, Image, OpenOptions, Preallocation};
+use qcow2_async::{BackingFormat, CreateOptions, Image, OpenOptions};
 use serde_json::json;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -48,6 +48,8 @@ pub async fn info(a: InfoArgs) -> Result<u8> {
         CompressionType::Zstd => "zstd",
     };
     let lazy = hd.compatible.contains(CompatibleFeatures::LAZY_REFCOUNTS);
+    let snaps = img.list_snapshots().await?;
+    let bitmaps = img.bitmaps().await;
     let corrupt = hd.incompatible.contains(IncompatibleFeatures::CORRUPT);
     let ext_l2 = hd.incompatible.contains(IncompatibleFeatures::EXTENDED_L2);
     if a.output == "json" {
@@ -56,6 +58,12 @@ pub async fn info(a: InfoArgs) -> Result<u8> {
             "compression-type": ctype,
             "refcount-bits": hd.refcount_order.bits(),
         });
+        if !bitmaps.is_empty() {
+            data["bitmaps"] = json!(bitmaps
+                .iter()
+                .map(|b| json!({"flags": flags(b), "name": b.name, "granularity": b.granularity}))
+                .collect::<Vec<_>>());
+        }
         if hd.version == Version::V3 {
             data["lazy-refcounts"] = json!(lazy);
             data["corrupt"] = json!(corrupt);
@@ -72,6 +80,12 @@ pub async fn info(a: InfoArgs) -> Result<u8> {
         });
         if let Some(b) = &h.backing_file {
             v["backing-filename"] = json!(b);
+        }
+        if !snaps.is_empty() {
+            v["snapshots"] = json!(snaps
+                .iter()
+                .map(crate::snapshot::snapshot_json)
+                .collect::<Vec<_>>());
         }
         if let Some(f) = &h.backing_format {
             v["backing-filename-format"] = json!(f);
@@ -93,11 +107,26 @@ pub async fn info(a: InfoArgs) -> Result<u8> {
         if let Some(f) = &h.backing_format {
             println!("backing file format: {f}");
         }
+        if !snaps.is_empty() {
+            crate::snapshot::print_list(&snaps);
+        }
         println!("Format specific information:");
         println!("    compat: {compat}");
         println!("    compression type: {ctype}");
         if hd.version == Version::V3 {
             println!("    lazy refcounts: {lazy}");
+        }
+        if !bitmaps.is_empty() {
+            println!("    bitmaps:");
+            for (i, b) in bitmaps.iter().enumerate() {
+                println!("        [{i}]:");
+                println!("            flags:");
+                for (j, f) in flags(b).iter().enumerate() {
+                    println!("                [{j}]: {f}");
+                }
+                println!("            name: {}", b.name);
+                println!("            granularity: {}", b.granularity);
+            }
         }
         println!("    refcount bits: {}", hd.refcount_order.bits());
         if hd.version == Version::V3 {
@@ -106,6 +135,18 @@ pub async fn info(a: InfoArgs) -> Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// qemu-img's flag names: `in-use` for a bitmap left inconsistent, `auto` for enabled.
+fn flags(b: &qcow2_async::BitmapInfo) -> Vec<&'static str> {
+    let mut f = Vec::new();
+    if b.inconsistent {
+        f.push("in-use");
+    }
+    if b.enabled {
+        f.push("auto");
+    }
+    f
 }
 
 fn human(n: u64) -> String {
@@ -146,25 +187,7 @@ pub struct CreateArgs {
     size: String,
 }
 
-pub fn parse_size(s: &str) -> Result<u64> {
-    let (num, mult) = match s.chars().last() {
-        Some(c) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_lowercase() {
-                'b' => 1,
-                'k' => 1 << 10,
-                'm' => 1 << 20,
-                'g' => 1 << 30,
-                't' => 1u64 << 40,
-                _ => return Err(format!("invalid size suffix in '{s}'").into()),
-            };
-            (&s[..s.len() - 1], m)
-        }
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("invalid size '{s}'"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size '{s}' too large").into())
-}
+use crate::opts::parse_size;
 
 pub async fn create(a: CreateArgs) -> Result<u8> {
     if a.format != "qcow2" {
@@ -177,27 +200,7 @@ pub async fn create(a: CreateArgs) -> Result<u8> {
         .as_deref()
         .map(str::parse::<BackingFormat>)
         .transpose()?;
-    for kv in a
-        .options
-        .iter()
-        .flat_map(|s| s.split(','))
-        .filter(|s| !s.is_empty())
-    {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, "on"));
-        let on = |v: &str| matches!(v, "on" | "true" | "yes");
-        match k {
-            "cluster_size" => o.cluster_size = parse_size(v)?,
-            "compat" => o.version3 = matches!(v, "1.1" | "v3"),
-            "refcount_bits" => o.refcount_bits = v.parse()?,
-            "lazy_refcounts" => o.lazy_refcounts = on(v),
-            "preallocation" => o.preallocation = v.parse::<Preallocation>()?,
-            "compression_type" => o.zstd = v == "zstd",
-            "extended_l2" => o.extended_l2 = on(v),
-            "backing_file" => o.backing_file = Some(v.to_string()),
-            "backing_fmt" => o.backing_format = Some(v.parse()?),
-            _ => return Err(format!("invalid option '{k}' (or not supported yet)").into()),
-        }
-    }
+    crate::opts::apply_create_options(&mut o, a.options.as_deref().unwrap_or(""))?;
     let img = Image::create(&a.filename, &o, &OpenOptions::default()).await?;
     img.close().await?;
     if !a.quiet {

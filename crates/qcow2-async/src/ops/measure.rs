@@ -30,6 +30,12 @@ pub async fn measure(src: Option<&Backing>, o: &CreateOptions) -> Result<Measure
     if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
         return Err(Error::InvalidArgument(format!("bad cluster size {cs}")));
     }
+    if o.extended_l2 && cs < 16384 {
+        return Err(Error::InvalidArgument(
+            "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
+                .into(),
+        ));
+    }
     let order = RefcountOrder::from_bits(o.refcount_bits)
         .map_err(|e| Error::InvalidArgument(e.to_string()))?;
     let size = src.map_or(o.size, |s| s.size());
@@ -41,12 +47,14 @@ pub async fn measure(src: Option<&Backing>, o: &CreateOptions) -> Result<Measure
             "The image size is too large (try using a larger cluster size)".into(),
         ));
     }
-    let mut required = virtual_size;
+    // A new empty image needs no data clusters; a conversion needs what the source holds
+    // (all of it when the target gets a backing file QEMU cannot compare against).
+    let mut required = 0;
     let mut bitmaps = None;
     if let Some(src) = src {
-        if o.backing_file.is_none() {
-            // Data clusters the source holds (zeros are skipped), rounded to clusters.
-            required = 0;
+        if o.backing_file.is_some() {
+            required = virtual_size;
+        } else {
             let mut covered = 0u64; // end of the last counted cluster
             for e in disk_map(src).await? {
                 if e.zero || !e.data {

@@ -1,0 +1,199 @@
+//! `qcow2 convert`, `qcow2 compare`, `qcow2 measure`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use qcow2_async::ops::{self, CompareResult, ConvertOptions};
+use qcow2_async::{Backing, BackingFormat, CreateOptions, OpenOptions};
+use serde_json::json;
+
+use crate::opts::{apply_create_options, format_of, parse_format, parse_size, Result};
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// Source format (probed when absent).
+    #[arg(short = 'f')]
+    src_format: Option<String>,
+    /// Target format.
+    #[arg(short = 'O', default_value = "raw")]
+    format: String,
+    /// Compress every data cluster (qcow2 targets).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Target creation options (qemu-img's names).
+    #[arg(short = 'o')]
+    options: Option<String>,
+    /// Backing file for the target.
+    #[arg(short = 'B')]
+    backing: Option<String>,
+    /// Format of the target's backing file.
+    #[arg(short = 'F')]
+    backing_fmt: Option<String>,
+    /// Show progress.
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Requests in flight.
+    #[arg(short = 'm', default_value_t = 8)]
+    parallel: usize,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    source: PathBuf,
+    target: PathBuf,
+}
+
+pub async fn convert(a: ConvertArgs) -> Result<u8> {
+    let sfmt = format_of(&a.source, a.src_format.as_deref())?;
+    let src = Backing::open(&a.source, sfmt, &OpenOptions::read_only()).await?;
+    let mut o = ConvertOptions::new(parse_format(&a.format)?);
+    o.compress = a.compress;
+    o.parallel = a.parallel.max(1);
+    let mut c = CreateOptions::new(src.size());
+    apply_create_options(&mut c, a.options.as_deref().unwrap_or(""))?;
+    if let Some(b) = &a.backing {
+        c.backing_file = Some(b.clone());
+        c.backing_format = Some(match &a.backing_fmt {
+            Some(f) => parse_format(f)?,
+            None => format_of(&qcow2_async_path(&a.target, b), None)?,
+        });
+    }
+    if o.format == BackingFormat::Raw && (c.backing_file.is_some() || a.compress) {
+        return Err("raw targets have no backing file and no compression".into());
+    }
+    o.create = c;
+    let (bar, cb) = crate::progress::bar(a.progress && !a.quiet);
+    o.progress = cb;
+    ops::convert(&src, &a.target, &o).await?;
+    if let Some(b) = bar {
+        b.finish();
+    }
+    Ok(0)
+}
+
+/// A backing name as qemu-img resolves it: relative to the target's folder.
+fn qcow2_async_path(target: &std::path::Path, name: &str) -> PathBuf {
+    let p = std::path::Path::new(name);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        target.parent().unwrap_or(std::path::Path::new(".")).join(p)
+    }
+}
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// Format of the first image.
+    #[arg(short = 'f')]
+    format1: Option<String>,
+    /// Format of the second image.
+    #[arg(short = 'F')]
+    format2: Option<String>,
+    /// Strict: sizes must match too.
+    #[arg(short = 's')]
+    strict: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Show progress (accepted for compatibility).
+    #[arg(short = 'p')]
+    progress: bool,
+    image1: PathBuf,
+    image2: PathBuf,
+}
+
+/// Exit codes as qemu-img's: 0 identical, 1 different, 2 error (from `main`... see below).
+pub async fn compare(a: CompareArgs) -> Result<u8> {
+    let open = |p: &PathBuf, f: Option<&str>| {
+        let p = p.clone();
+        let f = f.map(str::to_string);
+        async move {
+            let fmt = format_of(&p, f.as_deref())?;
+            Ok::<_, Box<dyn std::error::Error>>(
+                Backing::open(&p, fmt, &OpenOptions::read_only()).await?,
+            )
+        }
+    };
+    let (x, y) = match (
+        open(&a.image1, a.format1.as_deref()).await,
+        open(&a.image2, a.format2.as_deref()).await,
+    ) {
+        (Ok(x), Ok(y)) => (x, y),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("qcow2: {e}");
+            return Ok(2);
+        }
+    };
+    let r = match ops::compare(&x, &y, a.strict).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("qcow2: {e}");
+            return Ok(2);
+        }
+    };
+    if !a.quiet {
+        match r {
+            CompareResult::Identical => println!("Images are identical."),
+            CompareResult::Mismatch(off) => println!("Content mismatch at offset {off}!"),
+            CompareResult::SizeMismatch => println!("Image size mismatch!"),
+        }
+    }
+    Ok(r.exit_code())
+}
+
+#[derive(Args)]
+pub struct MeasureArgs {
+    /// `human` or `json`.
+    #[arg(long = "output", default_value = "human")]
+    output: String,
+    /// Target format (only qcow2 is measured in detail; raw is its size).
+    #[arg(short = 'O', default_value = "qcow2")]
+    format: String,
+    /// Target creation options.
+    #[arg(short = 'o')]
+    options: Option<String>,
+    /// Source format.
+    #[arg(short = 'f')]
+    src_format: Option<String>,
+    /// Measure a new image of this size instead of a source image.
+    #[arg(long = "size")]
+    size: Option<String>,
+    filename: Option<PathBuf>,
+}
+
+pub async fn measure(a: MeasureArgs) -> Result<u8> {
+    let src = match (&a.filename, &a.size) {
+        (Some(p), None) => {
+            let f = format_of(p, a.src_format.as_deref())?;
+            Some(Backing::open(p, f, &OpenOptions::read_only()).await?)
+        }
+        (None, Some(_)) => None,
+        _ => return Err("either --size N or a filename must be given (not both)".into()),
+    };
+    let mut c = CreateOptions::new(a.size.as_deref().map(parse_size).transpose()?.unwrap_or(0));
+    apply_create_options(&mut c, a.options.as_deref().unwrap_or(""))?;
+    let m = match parse_format(&a.format)? {
+        BackingFormat::Qcow2 => ops::measure(src.as_ref(), &c).await?,
+        BackingFormat::Raw => {
+            let n = src.as_ref().map_or(c.size, |s| s.size()).div_ceil(512) * 512;
+            ops::Measure {
+                required: n,
+                fully_allocated: n,
+                bitmaps: None,
+            }
+        }
+    };
+    if a.output == "json" {
+        let mut v = json!({"required": m.required, "fully-allocated": m.fully_allocated});
+        if let Some(b) = m.bitmaps {
+            v["bitmaps"] = json!(b);
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("required size: {}", m.required);
+        println!("fully allocated size: {}", m.fully_allocated);
+        if let Some(b) = m.bitmaps {
+            println!("bitmaps size: {b}");
+        }
+    }
+    Ok(0)
+}
