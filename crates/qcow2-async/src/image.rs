@@ -705,8 +705,9 @@ impl Image {
 
     /// The contents of a compressed cluster: from the cache, or read and decompressed on the
     /// blocking pool (so that many clusters decompress in parallel and the async workers keep
-    /// serving I/O). The caller holds a lease on a cluster that references the payload, so
-    /// the payload cannot be freed and rewritten meanwhile.
+    /// serving I/O). The caller holds a lease on a cluster that references the payload (or
+    /// the snapshot lock, for snapshot reads), so the payload cannot be freed and rewritten
+    /// meanwhile and the cache entry made here is not stale.
     async fn decompress(&self, d: qcow2_format::CompressedDescriptor) -> Result<Arc<Vec<u8>>> {
         let cache = &self.inner.decompressed;
         if let Some(hit) = cache.get(d.host_offset(), d.sectors()) {
