@@ -499,3 +499,41 @@ async fn compressed_clusters_with_extended_l2_and_snapshots() {
         compare_equal(&p, &raw);
     }
 }
+
+/// QEMU 10.0.2 keeps its packing cursor in a host cluster after the cluster was freed; when
+/// the cluster is then reused for normal data, the next compressed payload is packed into
+/// it, overwriting guest data (`qemu-io -c "write -c -P 1 0 64k" -c "write -P 2 0 64k"
+/// -c "write -P 3 128k 64k" -c "write -c -P 4 64k 64k"` leaves 128k unreadable and
+/// `qemu-img check` reporting refcount 2 on a COPIED cluster). The engine drops the cursor
+/// when its cluster is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_freed_packing_cluster_is_not_packed_into_after_reuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("reuse.qcow2");
+    let cs = 65536usize;
+    let img = Image::create(&p, &CreateOptions::new(1 << 20), &OpenOptions::default())
+        .await
+        .unwrap();
+    img.write_compressed(0, &vec![1u8; cs]).await.unwrap();
+    img.write_at(&vec![2u8; cs], 0).await.unwrap();
+    img.flush().await.unwrap(); // the payload's cluster is freed here
+    img.write_at(&vec![3u8; cs], 2 * cs as u64).await.unwrap();
+    img.write_compressed(cs as u64, &vec![4u8; cs])
+        .await
+        .unwrap();
+    let mut all = vec![0u8; 3 * cs];
+    img.read_at(&mut all, 0).await.unwrap();
+    for (i, want) in [2u8, 4, 3].into_iter().enumerate() {
+        assert!(
+            all[i * cs..(i + 1) * cs].iter().all(|&b| b == want),
+            "cluster {i}"
+        );
+    }
+    img.close().await.unwrap();
+    assert_check_clean(&p);
+    let mut model = vec![0u8; 1 << 20];
+    model[..3 * cs].copy_from_slice(&all);
+    let raw = dir.path().join("reuse.raw");
+    std::fs::write(&raw, &model).unwrap();
+    compare_equal(&p, &raw);
+}

@@ -628,12 +628,25 @@ impl Image {
     pub async fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let _instant = self.inner.snap_lock.read().await;
         self.check_range(offset, buf.len() as u64)?;
-        for (gc, inc, r) in self.pieces(offset, buf.len() as u64) {
-            let _lease = self.inner.leases.shared(gc).await;
-            let (entry, bm) = self.inner.meta.lock().await.lookup(gc).await?;
-            self.read_mapped(gc, entry, bm, inc, &mut buf[r]).await?;
-        }
-        Ok(())
+        let mut pieces = self.pieces(offset, buf.len() as u64);
+        let mut rest = buf;
+        // Clusters of one request are read concurrently, a few at a time, so that compressed
+        // ones decompress in parallel on the blocking pool (and plain ones overlap their I/O).
+        // Each piece holds only its own cluster's lease and never waits for another lease
+        // while holding it, so concurrent pieces cannot deadlock with writers.
+        let reads = std::iter::from_fn(move || {
+            let (gc, inc, r) = pieces.next()?;
+            let (piece, tail) = std::mem::take(&mut rest).split_at_mut(r.len());
+            rest = tail;
+            Some(Box::pin(self.read_piece(gc, inc, piece)) as BoxFuture<'_, Result<()>>)
+        });
+        join_bounded(reads, READ_PARALLELISM).await
+    }
+
+    async fn read_piece(&self, gc: u64, inc: u64, out: &mut [u8]) -> Result<()> {
+        let _lease = self.inner.leases.shared(gc).await;
+        let (entry, bm) = self.inner.meta.lock().await.lookup(gc).await?;
+        self.read_mapped(gc, entry, bm, inc, out).await
     }
 
     fn source(&self, entry: L2Entry, bm: SubclusterBitmap, inc: u64) -> Source {
@@ -717,8 +730,9 @@ impl Image {
 
     /// The contents of a compressed cluster: from the cache, or read and decompressed on the
     /// blocking pool (so that many clusters decompress in parallel and the async workers keep
-    /// serving I/O). The caller holds a lease on a cluster that references the payload, so
-    /// the payload cannot be freed and rewritten meanwhile.
+    /// serving I/O). The caller holds a lease on a cluster that references the payload (or
+    /// the snapshot lock, for snapshot reads), so the payload cannot be freed and rewritten
+    /// meanwhile and the cache entry made here is not stale.
     async fn decompress(&self, d: qcow2_format::CompressedDescriptor) -> Result<Arc<Vec<u8>>> {
         let cache = &self.inner.decompressed;
         if let Some(hit) = cache.get(d.host_offset(), d.sectors()) {
@@ -1349,6 +1363,47 @@ fn release(meta: &mut Meta, old: L2Entry, cs: u64) {
         }
         _ => {}
     }
+}
+
+/// Clusters of one read in flight at once.
+const READ_PARALLELISM: usize = 8;
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Runs the futures of `futs`, at most `limit` at a time, in the calling task; stops at the
+/// first error (the rest are dropped, which is harmless for reads).
+async fn join_bounded<'a>(
+    mut futs: impl Iterator<Item = BoxFuture<'a, Result<()>>>,
+    limit: usize,
+) -> Result<()> {
+    let mut active: Vec<BoxFuture<'a, Result<()>>> = Vec::with_capacity(limit);
+    let mut exhausted = false;
+    std::future::poll_fn(|cx| loop {
+        while !exhausted && active.len() < limit {
+            match futs.next() {
+                Some(f) => active.push(f),
+                None => exhausted = true,
+            }
+        }
+        let before = active.len();
+        let mut i = 0;
+        while i < active.len() {
+            match active[i].as_mut().poll(cx) {
+                std::task::Poll::Ready(Ok(())) => {
+                    drop(active.swap_remove(i));
+                }
+                std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Err(e)),
+                std::task::Poll::Pending => i += 1,
+            }
+        }
+        if exhausted && active.is_empty() {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        if active.len() == before {
+            return std::task::Poll::Pending;
+        }
+    })
+    .await
 }
 
 /// Runs CPU-bound work (compression) on Tokio's blocking pool.
