@@ -1,0 +1,485 @@
+//! The `qcow2` binary against `qemu-img` on the same inputs: every verb's output, JSON
+//! fields and exit codes, and its error paths.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn qcow2(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qcow2"))
+        .args(args)
+        .output()
+        .expect("run qcow2")
+}
+
+/// Runs a QEMU tool; a missing QEMU fails the test loudly, never skips it.
+fn qemu(tool: &str, args: &[&str]) -> Output {
+    Command::new(tool).args(args).output().unwrap_or_else(|e| {
+        panic!("{tool} is required for these tests (apt install qemu-utils): {e}")
+    })
+}
+
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn json(o: Output) -> Value {
+    serde_json::from_str(&ok(o)).unwrap()
+}
+
+struct Dir(tempfile::TempDir);
+
+impl Dir {
+    fn new() -> Dir {
+        Dir(tempfile::tempdir().unwrap())
+    }
+    fn p(&self, name: &str) -> PathBuf {
+        self.0.path().join(name)
+    }
+}
+
+/// A small chain: base (data), top (data over it, a zero cluster), both qcow2.
+fn chain(d: &Dir) -> (PathBuf, PathBuf) {
+    let (base, top) = (d.p("base.qcow2"), d.p("top.qcow2"));
+    ok(qcow2(&["create", "-q", "-f", "qcow2", s(&base), "4M"]));
+    ok(qemu(
+        "qemu-io",
+        &["-c", "write -P 1 0 1M", "-c", "write -P 3 3M 64k", s(&base)],
+    ));
+    ok(qcow2(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+        "4M",
+    ]));
+    ok(qemu(
+        "qemu-io",
+        &["-c", "write -P 2 512k 1M", "-c", "write -z 2M 64k", s(&top)],
+    ));
+    (base, top)
+}
+
+#[test]
+fn info_json_matches_qemu_img() {
+    let d = Dir::new();
+    let (_, top) = chain(&d);
+    ok(qemu("qemu-img", &["snapshot", "-c", "snap1", s(&top)]));
+    ok(qemu(
+        "qemu-img",
+        &["bitmap", "--add", "-g", "16k", s(&top), "bm"],
+    ));
+    let ours = json(qcow2(&["info", "--output", "json", s(&top)]));
+    let theirs = json(qemu("qemu-img", &["info", "--output=json", s(&top)]));
+    for k in [
+        "virtual-size",
+        "cluster-size",
+        "format",
+        "backing-filename",
+        "backing-filename-format",
+        "snapshots",
+    ] {
+        assert_eq!(ours[k], theirs[k], "{k}");
+    }
+    for k in [
+        "compat",
+        "compression-type",
+        "lazy-refcounts",
+        "refcount-bits",
+        "corrupt",
+        "extended-l2",
+        "bitmaps",
+    ] {
+        assert_eq!(
+            ours["format-specific"]["data"][k], theirs["format-specific"]["data"][k],
+            "format-specific {k}"
+        );
+    }
+}
+
+#[test]
+fn map_matches_qemu_img_in_json_and_human_form() {
+    let d = Dir::new();
+    let (_, top) = chain(&d);
+    let ours = json(qcow2(&["map", "--output", "json", s(&top)]));
+    let theirs = json(qemu("qemu-img", &["map", "--output=json", s(&top)]));
+    assert_eq!(ours, theirs);
+    let human = |o: Output| {
+        ok(o)
+            .lines()
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        human(qcow2(&["map", s(&top)])),
+        human(qemu("qemu-img", &["map", s(&top)]))
+    );
+}
+
+/// Flips the refcount of host cluster `c` (16-bit refcounts, first refcount block).
+fn set_refcount(img: &Path, c: u64, v: u16) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .unwrap();
+    let mut h = [0u8; 56];
+    f.read_exact(&mut h).unwrap();
+    let rt = u64::from_be_bytes(h[48..56].try_into().unwrap());
+    let mut e = [0u8; 8];
+    f.seek(SeekFrom::Start(rt)).unwrap();
+    f.read_exact(&mut e).unwrap();
+    let block = u64::from_be_bytes(e);
+    f.seek(SeekFrom::Start(block + 2 * c)).unwrap();
+    f.write_all(&v.to_be_bytes()).unwrap();
+}
+
+#[test]
+fn check_verdicts_exit_codes_and_json_match_qemu_img() {
+    let d = Dir::new();
+    let (base, _) = chain(&d);
+    let code = |o: &Output| o.status.code().unwrap();
+    // Clean.
+    let o = qcow2(&["check", s(&base)]);
+    assert_eq!(code(&o), 0);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("No errors were found on the image."));
+    let ours = json(qcow2(&["check", "--output", "json", s(&base)]));
+    let theirs = json(qemu("qemu-img", &["check", "--output=json", s(&base)]));
+    for k in [
+        "image-end-offset",
+        "total-clusters",
+        "allocated-clusters",
+        "check-errors",
+        "fragmented-clusters",
+        "compressed-clusters",
+    ] {
+        assert_eq!(ours[k], theirs[k], "{k}");
+    }
+    // A leak: one more cluster in the file, counted but referenced by nothing.
+    let leak = d.p("leak.qcow2");
+    std::fs::copy(&base, &leak).unwrap();
+    let end = std::fs::metadata(&leak).unwrap().len() / 65536;
+    let f = std::fs::OpenOptions::new().write(true).open(&leak).unwrap();
+    f.set_len((end + 1) * 65536).unwrap();
+    set_refcount(&leak, end, 1);
+    let o = qcow2(&["check", s(&leak)]);
+    assert_eq!(code(&o), 3);
+    assert_eq!(code(&qemu("qemu-img", &["check", s(&leak)])), 3);
+    let any = |o: Output| serde_json::from_slice::<Value>(&o.stdout).unwrap();
+    let ours = any(qcow2(&["check", "--output", "json", s(&leak)]));
+    let theirs = any(qemu("qemu-img", &["check", "--output=json", s(&leak)]));
+    assert_eq!(ours["leaks"], 1);
+    for k in [
+        "leaks",
+        "allocated-clusters",
+        "total-clusters",
+        "image-end-offset",
+    ] {
+        assert_eq!(ours[k], theirs[k], "{k}");
+    }
+    // A corruption: a data cluster's refcount dropped to zero.
+    let bad = d.p("bad.qcow2");
+    std::fs::copy(&base, &bad).unwrap();
+    let map = json(qemu("qemu-img", &["map", "--output=json", s(&bad)]));
+    let host = map[0]["offset"].as_u64().unwrap();
+    set_refcount(&bad, host / 65536, 0);
+    assert_eq!(code(&qcow2(&["check", s(&bad)])), 2);
+    assert_eq!(code(&qemu("qemu-img", &["check", s(&bad)])), 2);
+    // Repair.
+    assert_eq!(code(&qcow2(&["check", "-r", "leaks", s(&leak)])), 0);
+    assert_eq!(code(&qcow2(&["check", "-r", "all", s(&bad)])), 0);
+    for p in [&leak, &bad] {
+        assert_eq!(code(&qemu("qemu-img", &["check", s(p)])), 0);
+    }
+    // Errors: a missing file, a bad -r value.
+    assert_eq!(code(&qcow2(&["check", s(&d.p("nope"))])), 1);
+    assert_eq!(code(&qcow2(&["check", "-r", "some", s(&base)])), 1);
+}
+
+#[test]
+fn convert_both_ways_compressed_and_with_a_backing_file() {
+    let d = Dir::new();
+    let (base, top) = chain(&d);
+    let same = |a: &Path, b: &Path| {
+        ok(qemu("qemu-img", &["compare", "-q", s(a), s(b)]));
+    };
+    let raw = d.p("top.raw");
+    ok(qcow2(&["convert", "-O", "raw", s(&top), s(&raw)]));
+    same(&top, &raw);
+    for (name, opts) in [
+        ("plain.qcow2", None),
+        ("zlib.qcow2", Some("compression_type=zlib")),
+        ("zstd.qcow2", Some("compression_type=zstd,cluster_size=4k")),
+    ] {
+        let out = d.p(name);
+        let mut args = vec!["convert", "-f", "raw", "-O", "qcow2"];
+        if let Some(o) = opts {
+            args.extend(["-c", "-o", o]);
+        }
+        args.extend([s(&raw), s(&out)]);
+        ok(qcow2(&args));
+        same(&raw, &out);
+        ok(qemu("qemu-img", &["check", "-q", s(&out)]));
+        if opts.is_some() {
+            let c = json(qemu("qemu-img", &["check", "--output=json", s(&out)]));
+            assert!(
+                c["compressed-clusters"].as_u64().unwrap() > 0,
+                "{name}: {c}"
+            );
+        }
+    }
+    // With a backing file for the target: only what the top holds is copied.
+    let over = d.p("over.qcow2");
+    ok(qcow2(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-B",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+        s(&over),
+    ]));
+    same(&top, &over);
+    let m = json(qemu("qemu-img", &["map", "--output=json", s(&over)]));
+    let in_top: u64 = m
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    assert_eq!(in_top, 1 << 20, "only the top's own megabyte is copied");
+    let _ = base;
+    // Failure leaves nothing behind.
+    let o = qcow2(&[
+        "convert",
+        "-O",
+        "qcow2",
+        s(&d.p("missing")),
+        s(&d.p("x.qcow2")),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(!d.p("x.qcow2").exists());
+    let leftovers: Vec<_> = std::fs::read_dir(d.0.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".convert-"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
+
+#[test]
+fn compare_reports_like_qemu_img() {
+    let d = Dir::new();
+    let (base, top) = chain(&d);
+    let o = qcow2(&["compare", s(&top), s(&top)]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "Images are identical.\n"
+    );
+    let ours = qcow2(&["compare", s(&base), s(&top)]);
+    let theirs = qemu("qemu-img", &["compare", s(&base), s(&top)]);
+    assert_eq!(ours.status.code(), Some(1));
+    assert_eq!(theirs.status.code(), Some(1));
+    assert_eq!(ours.stdout, theirs.stdout);
+    let o = qcow2(&["compare", s(&top), s(&d.p("missing"))]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn snapshots_made_here_are_listed_alike_and_applied_by_both() {
+    let d = Dir::new();
+    let (_, top) = chain(&d);
+    ok(qcow2(&["snapshot", "-c", "one", s(&top)]));
+    ok(qemu("qemu-io", &["-c", "write -P 7 0 64k", s(&top)]));
+    ok(qemu("qemu-img", &["snapshot", "-c", "two", s(&top)]));
+    assert_eq!(
+        ok(qcow2(&["snapshot", "-l", s(&top)])),
+        ok(qemu("qemu-img", &["snapshot", "-l", s(&top)]))
+    );
+    let list = json(qcow2(&["snapshot", "-l", "--output", "json", s(&top)]));
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    ok(qcow2(&["snapshot", "-a", "one", s(&top)]));
+    ok(qemu("qemu-io", &["-c", "read -P 2 512k 64k", s(&top)]));
+    ok(qcow2(&["snapshot", "-d", "two", s(&top)]));
+    ok(qemu("qemu-img", &["check", "-q", s(&top)]));
+    assert_eq!(
+        qcow2(&["snapshot", "-d", "nope", s(&top)]).status.code(),
+        Some(1)
+    );
+}
+
+#[test]
+fn bitmap_verbs_are_seen_by_qemu_img() {
+    let d = Dir::new();
+    let (base, _) = chain(&d);
+    ok(qcow2(&["bitmap", "--add", "-g", "64k", s(&base), "a"]));
+    ok(qcow2(&["bitmap", "--add", "--disable", s(&base), "b"]));
+    ok(qemu("qemu-io", &["-c", "write 0 4k", s(&base)]));
+    ok(qcow2(&["bitmap", "--merge", "a", s(&base), "b"]));
+    ok(qcow2(&["bitmap", "--enable", s(&base), "b"]));
+    ok(qcow2(&["bitmap", "--clear", s(&base), "a"]));
+    ok(qcow2(&["bitmap", "--add", s(&base), "c"]));
+    ok(qcow2(&["bitmap", "--remove", s(&base), "c"]));
+    let info = json(qemu("qemu-img", &["info", "--output=json", s(&base)]));
+    let bms = &info["format-specific"]["data"]["bitmaps"];
+    assert_eq!(bms.as_array().unwrap().len(), 2, "{bms}");
+    assert_eq!(bms[1]["name"], "b");
+    assert_eq!(bms[1]["flags"], serde_json::json!(["auto"]));
+    ok(qemu("qemu-img", &["check", "-q", s(&base)]));
+    assert_eq!(
+        qcow2(&["bitmap", "--add", s(&base), "a"]).status.code(),
+        Some(1),
+        "duplicate names are refused"
+    );
+}
+
+#[test]
+fn resize_commit_rebase_amend_leave_check_clean_images() {
+    let d = Dir::new();
+    let (base, top) = chain(&d);
+    let clean = |p: &Path| ok(qemu("qemu-img", &["check", "-q", s(p)]));
+    let want = d.p("want.raw");
+    ok(qemu(
+        "qemu-img",
+        &["convert", "-O", "raw", s(&top), s(&want)],
+    ));
+    // rebase onto a different file (safe), then unsafe back.
+    let other = d.p("other.qcow2");
+    ok(qcow2(&["create", "-q", "-f", "qcow2", s(&other), "4M"]));
+    ok(qemu("qemu-io", &["-c", "write -P 9 0 4M", s(&other)]));
+    ok(qcow2(&[
+        "rebase",
+        "-b",
+        "other.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+    ]));
+    ok(qemu(
+        "qemu-img",
+        &["compare", "-q", "-F", "qcow2", s(&want), s(&top)],
+    ));
+    clean(&top);
+    // commit into the new base.
+    ok(qcow2(&["commit", s(&top)]));
+    ok(qemu(
+        "qemu-img",
+        &["compare", "-q", "-f", "raw", s(&want), s(&other)],
+    ));
+    clean(&other);
+    clean(&top);
+    ok(qcow2(&[
+        "rebase",
+        "-u",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+    ]));
+    let info = json(qemu("qemu-img", &["info", "--output=json", s(&top)]));
+    assert_eq!(info["backing-filename"], "base.qcow2");
+    // resize.
+    ok(qcow2(&["resize", s(&base), "+64M"]));
+    clean(&base);
+    let info = json(qemu("qemu-img", &["info", "--output=json", s(&base)]));
+    assert_eq!(info["virtual-size"], 68 << 20);
+    assert_eq!(qcow2(&["resize", s(&base), "1M"]).status.code(), Some(1));
+    assert_eq!(
+        qcow2(&["resize", "--shrink", s(&base), "512k"])
+            .status
+            .code(),
+        Some(1),
+        "data past the new end is not cut without --discard-data"
+    );
+    ok(qcow2(&[
+        "resize",
+        "--shrink",
+        "--discard-data",
+        s(&base),
+        "512k",
+    ]));
+    clean(&base);
+    // amend.
+    ok(qcow2(&["amend", "-o", "lazy_refcounts=on", s(&base)]));
+    let info = json(qemu("qemu-img", &["info", "--output=json", s(&base)]));
+    assert_eq!(info["format-specific"]["data"]["lazy-refcounts"], true);
+    ok(qcow2(&[
+        "amend",
+        "-o",
+        "lazy_refcounts=off,compat=0.10",
+        s(&base),
+    ]));
+    let info = json(qemu("qemu-img", &["info", "--output=json", s(&base)]));
+    assert_eq!(info["format-specific"]["data"]["compat"], "0.10");
+    clean(&base);
+    assert_eq!(
+        qcow2(&["amend", "-o", "cluster_size=4k", s(&base)])
+            .status
+            .code(),
+        Some(1)
+    );
+}
+
+#[test]
+fn measure_matches_qemu_img() {
+    let d = Dir::new();
+    let (_, top) = chain(&d);
+    for args in [
+        vec!["--size", "1G"],
+        vec!["-o", "cluster_size=512,refcount_bits=64", "--size", "100M"],
+        vec!["-o", "cluster_size=16k,extended_l2=on", "--size", "7G"],
+        vec!["-o", "preallocation=full", "--size", "5G"],
+        vec![s(&top)],
+        vec!["-o", "cluster_size=4k", s(&top)],
+    ] {
+        let mut a = vec!["measure", "--output", "json", "-O", "qcow2"];
+        a.extend(args.iter().copied());
+        let ours = json(qcow2(&a));
+        a[1] = "--output=json";
+        a.remove(2);
+        let theirs = json(qemu("qemu-img", &a));
+        assert_eq!(ours, theirs, "{args:?}");
+    }
+}
+
+#[test]
+fn errors_are_one_line_and_exit_1() {
+    let d = Dir::new();
+    let o = qcow2(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "bogus=1",
+        s(&d.p("x.qcow2")),
+        "1M",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("qcow2: "), "{err}");
+    let o = qcow2(&["info", s(&d.p("missing.qcow2"))]);
+    assert_eq!(o.status.code(), Some(1));
+}
