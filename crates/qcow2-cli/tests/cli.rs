@@ -483,3 +483,22 @@ fn errors_are_one_line_and_exit_1() {
     let o = qcow2(&["info", s(&d.p("missing.qcow2"))]);
     assert_eq!(o.status.code(), Some(1));
 }
+
+#[test]
+fn demo_verifies_its_own_workload() {
+    let d = Dir::new();
+    let o = qcow2(&[
+        "demo",
+        "--tasks",
+        "8",
+        "--writes",
+        "20",
+        "--dir",
+        s(&d.p("demo")),
+    ]);
+    let out = ok(o);
+    for what in ["verified", "bitmap", "snapshot", "compressed copy", "check"] {
+        assert!(out.contains(what), "{what} missing in:\n{out}");
+    }
+    assert!(!out.contains("FAILED"), "{out}");
+}
