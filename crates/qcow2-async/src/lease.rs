@@ -16,7 +16,7 @@ use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
 /// The lease table of one image.
 #[derive(Debug, Default)]
-pub(crate) struct ClusterLeases {
+pub struct ClusterLeases {
     map: Mutex<HashMap<u64, Arc<RwLock<()>>>>,
 }
 
@@ -26,7 +26,7 @@ enum Held {
 }
 
 /// A held lease; released on drop.
-pub(crate) struct Lease<'a> {
+pub struct Lease<'a> {
     table: &'a ClusterLeases,
     cluster: u64,
     held: Option<Held>,
@@ -41,7 +41,7 @@ impl ClusterLeases {
     }
 
     /// A shared lease: the mapping of `cluster` stays as it is while held.
-    pub(crate) async fn shared(&self, cluster: u64) -> Lease<'_> {
+    pub async fn shared(&self, cluster: u64) -> Lease<'_> {
         let l = self.lock_for(cluster);
         let g = l.read_owned().await;
         Lease {
@@ -52,7 +52,7 @@ impl ClusterLeases {
     }
 
     /// An exclusive lease: only the holder may look at or change the mapping of `cluster`.
-    pub(crate) async fn exclusive(&self, cluster: u64) -> Lease<'_> {
+    pub async fn exclusive(&self, cluster: u64) -> Lease<'_> {
         let l = self.lock_for(cluster);
         let g = l.write_owned().await;
         Lease {

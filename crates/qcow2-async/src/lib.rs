@@ -47,3 +47,9 @@ pub use options::{
 };
 pub use qcow2_format;
 pub use snapshot::SnapshotInfo;
+
+/// Internals exposed only for the criterion benchmarks in `benches/`; not a stable API.
+#[doc(hidden)]
+pub mod __bench {
+    pub use crate::lease::ClusterLeases;
+}

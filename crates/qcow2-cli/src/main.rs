@@ -4,6 +4,7 @@
 //! exit codes follow qemu-img; where this tool is stricter (a shrink that would cut data)
 //! the help text says so.
 
+mod bench;
 mod chain;
 mod check;
 mod convert;
@@ -56,6 +57,8 @@ enum Verb {
     Amend(chain::AmendArgs),
     /// Compute the file size an image needs (like `qemu-img measure`).
     Measure(convert::MeasureArgs),
+    /// Measure I/O performance (qemu-img bench's knobs, plus --random and --read-percent).
+    Bench(bench::BenchArgs),
     /// Run a built-in demo workload: a backing chain, many concurrent writers, verification.
     Demo(demo::DemoArgs),
 }
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
             Verb::Rebase(a) => chain::rebase(a).await,
             Verb::Amend(a) => chain::amend(a).await,
             Verb::Measure(a) => convert::measure(a).await,
+            Verb::Bench(a) => bench::bench(a).await,
             Verb::Demo(a) => demo::demo(a).await,
         }
     });

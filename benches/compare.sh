@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# benches/compare.sh — one run, one file system, three contenders:
+#   raw   fio (ioengine=io_uring, direct=1) on a fully written raw file: the physical limit
+#   qemu  qemu-img bench / qemu-img convert on the same qcow2 workload
+#   ours  qcow2 bench / qcow2 convert (release build of this workspace)
+# Prints one table of medians and ratios and writes it into BENCHMARKS.md between the
+# BEGIN/END markers, with the machine description.
+#
+#   bash benches/compare.sh            # about 8-12 minutes on the 2-core reference VM
+#   CB_REPS=1 CB_GIB=1 bash benches/compare.sh   # a quick look
+#
+# Knobs: CB_DIR scratch folder on the file system under test [./bench-scratch]; CB_REPS
+# repeats per row, interleaved qemu/ours/raw, median reported [3]; CB_GIB image size [2];
+# CB_NO_WRITE=1 prints without touching BENCHMARKS.md.
+# Installs fio, jq and time when missing (apt); if that is impossible, the raw column is
+# skipped and the table says so.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+DIR=${CB_DIR:-$ROOT/bench-scratch}
+REPS=${CB_REPS:-3}
+GIB=${CB_GIB:-2}
+SIZE=$((GIB << 30))
+mkdir -p "$DIR"
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+
+need=()
+command -v fio >/dev/null || need+=(fio)
+command -v jq >/dev/null || need+=(jq)
+[ -x /usr/bin/time ] || need+=(time)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing ${need[*]}"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null; } ||
+    log "could not install ${need[*]}"
+fi
+HAVE_FIO=1; command -v fio >/dev/null || HAVE_FIO=0
+command -v jq >/dev/null || { log "jq is required"; exit 1; }
+
+log "building the release binary"
+cargo build --release -q -p qcow2-cli
+Q=$ROOT/target/release/qcow2
+
+# Golden-ratio strides (see ../shared/perf/baselines.sh): every block once per pass,
+# consecutive requests far apart, for both qemu-img and qcow2 (qemu-img bench has no
+# random mode).
+stride() { # $1 = block size -> step in bytes
+  python3 - "$SIZE" "$1" <<'PY'
+import math, sys
+size, bs = int(sys.argv[1]), int(sys.argv[2]); n = size // bs
+k = int(n * (1 - 1 / ((1 + 5 ** 0.5) / 2))) | 1
+while math.gcd(k, n - 1) != 1 or math.gcd(k, n) != 1: k += 2
+print(k * bs)
+PY
+}
+S4K=$(stride 4096); S64K=$(stride 65536)
+
+RAW=$DIR/raw.img; FULL=$DIR/full.qcow2
+if [ "$HAVE_FIO" = 1 ] && [ ! -s "$RAW" -o "$(stat -c %s "$RAW" 2>/dev/null)" != "$SIZE" ]; then
+  log "writing raw.img ($GIB GiB)"
+  fio --name=fill --filename="$RAW" --ioengine=io_uring --direct=1 --rw=write --bs=1M \
+      --iodepth=8 --size="$SIZE" --output=/dev/null
+fi
+if [ ! -s "$FULL" ] || [ "$(qemu-img info --output=json "$FULL" | jq '."virtual-size"')" != "$SIZE" ]; then
+  log "writing full.qcow2 ($GIB GiB, every cluster allocated)"
+  rm -f "$FULL"
+  qemu-img create -q -f qcow2 -o cluster_size=65536 "$FULL" "$SIZE"
+  qemu-img bench -q -w -f qcow2 -t none -i io_uring -s 1M -d 8 -c $((SIZE >> 20)) --pattern=0xa5 "$FULL" >/dev/null
+fi
+
+# ---- runners; each prints "IOPS CPU_US_PER_IO" (or seconds for convert rows)
+fio_run() { # fio args...
+  local out; out=$(fio --name=t --filename="$RAW" --ioengine=io_uring --direct=1 --size="$SIZE" \
+      --runtime=4 --ramp_time=1 --time_based --output-format=json "$@")
+  jq -r '.jobs[0] as $j | (($j.read.iops + $j.write.iops)) as $i |
+         "\($i) \((($j.usr_cpu + $j.sys_cpu) / 100) * 1000000 / ($i + 0.0001))"' <<<"$out"
+}
+timed() { # cmd... ; sets W and CPU (seconds)
+  /usr/bin/time -f '%e %U %S' -o "$DIR/.time" "$@" >"$DIR/.out" 2>&1
+  read -r W U S <"$DIR/.time"
+  CPU=$(awk -v u="$U" -v s="$S" 'BEGIN{print u+s}')
+}
+qemu_bench() { # count image args...
+  local c=$1 img=$2; shift 2
+  timed qemu-img bench -f qcow2 -t none -i io_uring -c "$c" "$@" "$img"
+  local t; t=$(awk '/Run completed/{print $4}' "$DIR/.out")
+  awk -v c="$c" -v t="$t" -v cpu="$CPU" 'BEGIN{printf "%.0f %.1f\n", c/t, cpu*1e6/c}'
+}
+ours_bench() { # count image args...
+  local c=$1 img=$2; shift 2
+  timed "$Q" bench --output json -t none -i io_uring -c "$c" "$@" "$img"
+  local iops; iops=$(jq -r '.iops' "$DIR/.out")
+  awk -v i="$iops" -v c="$c" -v cpu="$CPU" 'BEGIN{printf "%.0f %.1f\n", i, cpu*1e6/c}'
+}
+fresh() { rm -f "$1"; qemu-img create -q -f qcow2 -o cluster_size=65536 "$1" "$SIZE"; }
+median() { sort -g | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+declare -A R
+record() { R["$1|$2"]+="$3"$'\n'; }  # row tool value
+
+NALLOC=$((SIZE / 65536 < 20000 ? SIZE / 65536 : 20000))
+for rep in $(seq 1 "$REPS"); do
+  log "rep $rep/$REPS"
+  # 4k read QD1 / QD32 on an allocated image
+  read -r i c < <(qemu_bench 20000 "$FULL" -d 1 -s 4k -S "$S4K"); record read1 qemu "$i"; record read1cpu qemu "$c"
+  read -r i c < <(ours_bench 20000 "$FULL" -d 1 -s 4k -S "$S4K"); record read1 ours "$i"; record read1cpu ours "$c"
+  read -r i c < <(qemu_bench 100000 "$FULL" -d 32 -s 4k -S "$S4K"); record read32 qemu "$i"; record read32cpu qemu "$c"
+  read -r i c < <(ours_bench 100000 "$FULL" -d 32 -s 4k -S "$S4K"); record read32 ours "$i"; record read32cpu ours "$c"
+  # 4k overwrite QD32
+  read -r i c < <(qemu_bench 60000 "$FULL" -w -d 32 -s 4k -S "$S4K" --pattern=0x3c); record ow32 qemu "$i"
+  read -r i c < <(ours_bench 60000 "$FULL" -w -d 32 -s 4k -S "$S4K" --pattern 0x3c); record ow32 ours "$i"
+  # 4k allocating write QD32 on an empty image (every request a new cluster)
+  fresh "$DIR/empty.qcow2"; read -r i c < <(qemu_bench "$NALLOC" "$DIR/empty.qcow2" -w -d 32 -s 4k -S "$S64K"); record alloc32 qemu "$i"
+  fresh "$DIR/empty.qcow2"; read -r i c < <(ours_bench "$NALLOC" "$DIR/empty.qcow2" -w -d 32 -s 4k -S "$S64K"); record alloc32 ours "$i"
+  # 1 MiB sequential allocating write QD8
+  fresh "$DIR/empty.qcow2"; read -r i c < <(qemu_bench $((SIZE >> 20)) "$DIR/empty.qcow2" -w -d 8 -s 1M); record seq1m qemu "$i"
+  fresh "$DIR/empty.qcow2"; read -r i c < <(ours_bench $((SIZE >> 20)) "$DIR/empty.qcow2" -w -d 8 -s 1M); record seq1m ours "$i"
+  # 64 KiB allocating writes over a backing file (COW of whole clusters), QD16
+  for tool in qemu ours; do
+    rm -f "$DIR/top.qcow2"
+    qemu-img create -q -f qcow2 -b full.qcow2 -F qcow2 "$DIR/top.qcow2" "$SIZE"
+    if [ $tool = qemu ]; then read -r i c < <(qemu_bench "$NALLOC" "$DIR/top.qcow2" -w -d 16 -s 64k -S "$S64K")
+    else read -r i c < <(ours_bench "$NALLOC" "$DIR/top.qcow2" -w -d 16 -s 64k -S "$S64K"); fi
+    record cow64 $tool "$i"
+  done
+  if [ "$HAVE_FIO" = 1 ]; then
+    read -r i c < <(fio_run --rw=randread --bs=4k --iodepth=1); record read1 raw "$i"; record read1cpu raw "$c"
+    read -r i c < <(fio_run --rw=randread --bs=4k --iodepth=32); record read32 raw "$i"; record read32cpu raw "$c"
+    read -r i c < <(fio_run --rw=randwrite --bs=4k --iodepth=32); record ow32 raw "$i"; record alloc32 raw "$i"
+    read -r i c < <(fio_run --rw=write --bs=1M --iodepth=8); record seq1m raw "$i"
+    read -r i c < <(fio_run --rw=randwrite --bs=64k --iodepth=16); record cow64 raw "$i"
+  fi
+done
+
+# Compressed convert of 1 GiB (deterministic compressible source, as in the baselines).
+SRC=$DIR/comp-src.raw
+if [ ! -s "$SRC" ]; then
+  log "generating the 1 GiB compressible source"
+  python3 - "$SRC" <<'PY'
+import random, struct, sys
+out = sys.argv[1]; size = 1 << 30; CL = 65536
+rng = random.Random(20251125)
+vocab = [''.join(rng.choice('etaoinshrdlucmfwypvbgkjqxz') for _ in range(rng.randint(2, 10))) for _ in range(3000)]
+words = rng.choices(vocab, weights=[1.0 / (i + 1) for i in range(len(vocab))], k=900_000)
+text = bytearray()
+for i, w in enumerate(words):
+    text += w.encode(); text += b'\n' if i % 13 == 12 else b' '
+text = bytes(text)
+recs = bytearray()
+for i in range(300_000):
+    recs += struct.pack('<IIHHI', i, rng.randint(0, 4096), rng.randint(0, 15), 0x1234, rng.getrandbits(12))
+recs = bytes(recs); randpool = rng.randbytes(8 << 20); zero = bytes(CL)
+with open(out, 'wb') as f:
+    for c in range(size // CL):
+        r = rng.random()
+        if r < 0.25:   f.write(zero)
+        elif r < 0.70: o = rng.randrange(len(text) - CL); f.write(text[o:o + CL])
+        elif r < 0.90: o = rng.randrange(len(recs) - CL); f.write(recs[o:o + CL])
+        else:          o = rng.randrange(len(randpool) - CL); f.write(randpool[o:o + CL])
+PY
+fi
+cat "$SRC" >/dev/null
+for rep in $(seq 1 "$REPS"); do
+  for t in zlib zstd; do
+    rm -f "$DIR/c.qcow2"; timed qemu-img convert -c -f raw -O qcow2 -o compression_type=$t "$SRC" "$DIR/c.qcow2"; record "conv_$t" qemu "$W"
+    rm -f "$DIR/c.qcow2"; timed "$Q" convert -c -f raw -O qcow2 -o compression_type=$t "$SRC" "$DIR/c.qcow2"; record "conv_$t" ours "$W"
+    qemu-img compare -q -f raw "$SRC" "$DIR/c.qcow2"
+  done
+done
+
+get() { printf '%s' "${R["$1|$2"]:-}" | grep -v '^$' | median; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a == "" || b == "" || b == 0) print "—"; else printf "%.2f", a/b }'; }
+TABLE=$DIR/table.md
+{
+  echo "| workload | raw fio | qemu-img | qcow2 | qcow2 / raw | qcow2 / qemu | target |"
+  echo "|---|---:|---:|---:|---:|---:|---|"
+  row() { # key label unit target
+    local r q o; r=$(get "$1" raw); q=$(get "$1" qemu); o=$(get "$1" ours)
+    echo "| $2 | ${r:-skipped} | $q | $o | $(ratio "$o" "$r") | $(ratio "$o" "$q") | $3 |"
+  }
+  row read1 "4 KiB read QD1, allocated image (IOPS)" "≥ 0.95 × raw"
+  row read32 "4 KiB read QD32, allocated image (IOPS)" "≥ 0.90 × raw"
+  row ow32 "4 KiB overwrite QD32 (IOPS)" "≥ 0.90 × raw randwrite"
+  row alloc32 "4 KiB allocating write QD32, empty image (IOPS)" "≥ 3 × qemu-img"
+  row seq1m "1 MiB sequential allocating write QD8 (IOPS)" "≥ 0.9 × raw"
+  row cow64 "64 KiB allocating write over a backing file QD16 (IOPS)" "— (raw: 64k randwrite)"
+  for t in zlib zstd; do
+    q=$(get "conv_$t" qemu); o=$(get "conv_$t" ours)
+    echo "| compressed convert of 1 GiB, $t (seconds, lower is better) | — | $q | $o | — | $(ratio "$q" "$o") (speed-up) | ≥ 2 × qemu-img |"
+  done
+  echo "| CPU per 4 KiB read QD1 (µs) | $(get read1cpu raw) | $(get read1cpu qemu) | $(get read1cpu ours) | — | $(ratio "$(get read1cpu ours)" "$(get read1cpu qemu)") | ≤ qemu-img |"
+  echo "| CPU per 4 KiB read QD32 (µs) | $(get read32cpu raw) | $(get read32cpu qemu) | $(get read32cpu ours) | — | $(ratio "$(get read32cpu ours)" "$(get read32cpu qemu)") | ≤ qemu-img |"
+  echo
+  echo "Run $(date -u +%FT%TZ) on $(nproc) CPUs, $(uname -r), $(qemu-img --version | head -1), $( [ "$HAVE_FIO" = 1 ] && fio --version || echo 'fio: not installed, raw column skipped'); $GIB GiB images, 64 KiB clusters, O_DIRECT + io_uring for every contender, medians of $REPS interleaved runs. qemu-img convert's target cache is 'unsafe' (no final fsync); qcow2 convert syncs before it renames the target into place."
+} >"$TABLE"
+cat "$TABLE"
+if [ "${CB_NO_WRITE:-0}" != 1 ]; then
+  python3 - "$TABLE" "$ROOT/BENCHMARKS.md" <<'PY'
+import sys, re
+table = open(sys.argv[1]).read()
+path = sys.argv[2]
+try:
+    doc = open(path).read()
+except FileNotFoundError:
+    doc = "# Benchmarks\n\n<!-- BEGIN compare.sh -->\n<!-- END compare.sh -->\n"
+new = "<!-- BEGIN compare.sh -->\n" + table + "<!-- END compare.sh -->"
+doc = re.sub(r"<!-- BEGIN compare.sh -->.*?<!-- END compare.sh -->", lambda m: new, doc, flags=re.S)
+open(path, "w").write(doc)
+PY
+  log "BENCHMARKS.md updated"
+fi
