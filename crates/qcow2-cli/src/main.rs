@@ -5,6 +5,7 @@
 
 mod demo;
 mod info;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -29,6 +30,8 @@ enum Verb {
     Create(info::CreateArgs),
     /// Run a built-in demo workload: a backing chain, many concurrent writers, verification.
     Demo(demo::DemoArgs),
+    /// Export an image over NBD until SIGINT/SIGTERM (like `qemu-nbd`).
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
             Verb::Info(a) => info::info(a).await,
             Verb::Create(a) => info::create(a).await,
             Verb::Demo(a) => demo::demo(a).await,
+            Verb::Serve(a) => serve::serve(a).await,
         }
     });
     match result {
