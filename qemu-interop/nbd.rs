@@ -172,7 +172,7 @@ async fn qemu_io_patterns_over_a_unix_socket() {
     assert_check_clean(&path);
     let out = run_ok(
         "qemu-io",
-        io_cmds(s(&path), false, &reads[..reads.len() - 1].to_vec()),
+        io_cmds(s(&path), false, &reads[..reads.len() - 1]),
     )
     .await;
     assert_io_clean(&out);
@@ -235,7 +235,10 @@ async fn block_status_matches_qemu_nbd_for_allocation_and_dirty_bitmap() {
 
     let qsock = dir.path().join("qemu-nbd.sock");
     let reference = |extra: &str| {
-        let opts = format!("driver=nbd,server.type=unix,server.path={}{extra}", s(&qsock));
+        let opts = format!(
+            "driver=nbd,server.type=unix,server.path={}{extra}",
+            s(&qsock)
+        );
         let path = path.clone();
         let qsock = qsock.clone();
         async move {
@@ -301,7 +304,11 @@ async fn convert_from_and_to_the_export_over_tcp_and_compare() {
 
     // Into the export: a different image replaces the contents.
     let src = dir.path().join("src.qcow2");
-    run_ok("qemu-img", args(&["create", "-q", "-f", "qcow2", s(&src), "8M"])).await;
+    run_ok(
+        "qemu-img",
+        args(&["create", "-q", "-f", "qcow2", s(&src), "8M"]),
+    )
+    .await;
     run_ok(
         "qemu-io",
         io_cmds(
@@ -414,9 +421,12 @@ async fn snapshot_export_is_read_only_and_listed() {
         io_cmds(&srv.url("snap"), true, &args(&["write -P 1 0 4k"])),
     )
     .await;
-    let text = String::from_utf8_lossy(&rw.stdout).to_string() + &String::from_utf8_lossy(&rw.stderr);
+    let text =
+        String::from_utf8_lossy(&rw.stdout).to_string() + &String::from_utf8_lossy(&rw.stderr);
     assert!(
-        !rw.status.success() || text.contains("read-only") || text.contains("Operation not permitted"),
+        !rw.status.success()
+            || text.contains("read-only")
+            || text.contains("Operation not permitted"),
         "a write to the snapshot export must fail: {text}"
     );
     let list = run_ok(
@@ -434,7 +444,10 @@ async fn snapshot_export_is_read_only_and_listed() {
         "readonly",
         "fast-zero",
     ] {
-        assert!(list.contains(want), "qemu-nbd --list lacks {want:?}:\n{list}");
+        assert!(
+            list.contains(want),
+            "qemu-nbd --list lacks {want:?}:\n{list}"
+        );
     }
     srv.stop().await;
     img.close().await.unwrap();

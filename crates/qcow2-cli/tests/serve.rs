@@ -42,7 +42,10 @@ fn terminate(mut child: Child, signal: &str) {
         if let Some(st) = child.try_wait().unwrap() {
             break st;
         }
-        assert!(Instant::now() < deadline, "qcow2 serve did not exit on {signal}");
+        assert!(
+            Instant::now() < deadline,
+            "qcow2 serve did not exit on {signal}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut err = String::new();
@@ -63,7 +66,16 @@ fn serve_shuts_down_on_sigterm_and_sigint_leaving_the_image_clean() {
     let sock = dir.path().join("nbd.sock");
     qemu_ok(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", s(&img), "8M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            s(&img),
+            "8M",
+        ],
     );
     qemu_ok("qemu-img", &["bitmap", "--add", s(&img), "bm"]);
 
@@ -90,7 +102,17 @@ fn serve_shuts_down_on_sigterm_and_sigint_leaving_the_image_clean() {
     qemu_ok("qemu-io", &["-c", "read -P 0x3c 1M 192k", s(&img)]);
     // The bitmap recorded the write (64 KiB granularity: exactly [1M, 1M+192k)).
     let out = Command::new("qemu-nbd")
-        .args(["--fork", "-r", "-f", "qcow2", "-B", "bm", "-k", s(&sock), s(&img)])
+        .args([
+            "--fork",
+            "-r",
+            "-f",
+            "qcow2",
+            "-B",
+            "bm",
+            "-k",
+            s(&sock),
+            s(&img),
+        ])
         .status()
         .unwrap();
     assert!(out.success());
@@ -136,12 +158,16 @@ fn serve_exports_a_snapshot_read_only_over_tcp() {
     ]);
     wait_for("the port", || std::net::TcpStream::connect(&bind).is_ok());
     let url = format!("nbd://{bind}/old");
-    qemu_ok("qemu-io", &["-r", "-f", "raw", "-c", "read -P 0x11 0 1M", &url]);
+    qemu_ok(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x11 0 1M", &url],
+    );
     let out = Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write -P 0x33 0 4k", &url])
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() || text.contains("read-only") || text.contains("not permitted"),
         "a snapshot export refuses writes: {text}"

@@ -259,7 +259,9 @@ impl<'a> Cursor<'a> {
         Ok(h)
     }
     fn u16(&mut self) -> Result<u16, InvalidOption> {
-        Ok(u16::from_be_bytes(self.take(2)?.try_into().unwrap_or([0; 2])))
+        Ok(u16::from_be_bytes(
+            self.take(2)?.try_into().unwrap_or([0; 2]),
+        ))
     }
     fn u32(&mut self) -> Result<u32, InvalidOption> {
         Ok(be32(self.take(4)?))
@@ -311,7 +313,9 @@ pub fn decode_meta_request(data: &[u8]) -> Result<MetaRequest, InvalidOption> {
     let n = c.u32()?;
     // Each query takes at least its 4-byte length: a count beyond that is a lie.
     if n as usize > c.b.len() / 4 {
-        return Err(InvalidOption("more queries announced than the payload holds"));
+        return Err(InvalidOption(
+            "more queries announced than the payload holds",
+        ));
     }
     let mut queries = Vec::with_capacity(n as usize);
     for _ in 0..n {
@@ -436,7 +440,11 @@ pub enum Command {
         fast: bool,
     },
     /// Report the selected metadata contexts over the range.
-    BlockStatus { offset: u64, len: u32, req_one: bool },
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    },
 }
 
 /// A request refused before it runs.
@@ -731,14 +739,20 @@ mod tests {
         b[0] ^= 1;
         assert!(matches!(
             decode_request(&b),
-            Err(ProtoError::BadMagic { what: "request", .. })
+            Err(ProtoError::BadMagic {
+                what: "request",
+                ..
+            })
         ));
     }
 
     #[test]
     fn requests_past_the_end_are_refused_with_qemu_nbd_errors() {
         let past = validate(&req(cmd::WRITE, 0, (1 << 20) - 100, 200), &RW).unwrap_err();
-        assert_eq!((past.errno, past.skip, past.disconnect), (errno::ENOSPC, 200, false));
+        assert_eq!(
+            (past.errno, past.skip, past.disconnect),
+            (errno::ENOSPC, 200, false)
+        );
         let past = validate(&req(cmd::READ, 0, 1 << 20, 1), &RW).unwrap_err();
         assert_eq!((past.errno, past.skip), (errno::EINVAL, 0));
         let wrap = validate(&req(cmd::TRIM, 0, u64::MAX - 1, 4), &RW).unwrap_err();
@@ -906,7 +920,10 @@ mod tests {
         assert_eq!(v, vec![(8192, 0), (512, STATE_HOLE)]);
         let mut big = Vec::new();
         push_extent(&mut big, (1 << 33) + 5, 3);
-        assert_eq!(big.iter().map(|e| u64::from(e.0)).sum::<u64>(), (1 << 33) + 5);
+        assert_eq!(
+            big.iter().map(|e| u64::from(e.0)).sum::<u64>(),
+            (1 << 33) + 5
+        );
         assert!(big.iter().all(|e| e.0 > 0 && e.1 == 3));
     }
 }

@@ -157,7 +157,11 @@ impl Server {
     /// Checks the exports against the image: snapshots and bitmaps must exist, bitmaps must
     /// be consistent, names unique.
     #[instrument(skip(image, exports, opts))]
-    pub async fn new(image: Image, exports: Vec<ExportConfig>, opts: ServerOptions) -> Result<Self> {
+    pub async fn new(
+        image: Image,
+        exports: Vec<ExportConfig>,
+        opts: ServerOptions,
+    ) -> Result<Self> {
         if opts.max_in_flight == 0 || opts.buffer_bytes < proto::MAX_REQUEST as usize {
             return Err(Error::Config(format!(
                 "max_in_flight must be positive and buffer_bytes at least {} (got {opts:?})",
@@ -181,9 +185,7 @@ impl Server {
                     let mut contexts = vec![MetaContext::BaseAllocation];
                     for b in &e.bitmaps {
                         match bitmaps.iter().find(|i| &i.name == b) {
-                            None => {
-                                return Err(Error::Config(format!("no bitmap named {b:?}")))
-                            }
+                            None => return Err(Error::Config(format!("no bitmap named {b:?}"))),
                             Some(i) if i.inconsistent => {
                                 return Err(Error::Config(format!(
                                     "bitmap {b:?} is inconsistent (the image was not closed \
@@ -256,7 +258,10 @@ impl Server {
     pub async fn serve(&self, listener: Listener) -> Result<()> {
         let mut stop = self.sh.stop.subscribe();
         let mut conns = JoinSet::new();
-        info!(addr = listener.local_addr().unwrap_or_default(), "NBD server listening");
+        info!(
+            addr = listener.local_addr().unwrap_or_default(),
+            "NBD server listening"
+        );
         loop {
             let accepted = tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
@@ -413,12 +418,16 @@ impl Server {
                         }
                     },
                 },
-                opt::STRUCTURED_REPLY if !data.is_empty() => {
-                    err(&mut out, rep::ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
-                }
-                opt::STRUCTURED_REPLY if structured => {
-                    err(&mut out, rep::ERR_INVALID, "structured replies already negotiated")
-                }
+                opt::STRUCTURED_REPLY if !data.is_empty() => err(
+                    &mut out,
+                    rep::ERR_INVALID,
+                    "NBD_OPT_STRUCTURED_REPLY takes no data",
+                ),
+                opt::STRUCTURED_REPLY if structured => err(
+                    &mut out,
+                    rep::ERR_INVALID,
+                    "structured replies already negotiated",
+                ),
                 opt::STRUCTURED_REPLY => {
                     structured = true;
                     proto::option_reply(&mut out, o, rep::ACK, &[]);
@@ -777,7 +786,11 @@ impl Conn {
                 self.done(cookie, r)
             }
             Command::Flush => self.done(cookie, img.flush().await),
-            Command::Trim { offset, len, fua: f } => {
+            Command::Trim {
+                offset,
+                len,
+                fua: f,
+            } => {
                 let r = if len == 0 {
                     Ok(())
                 } else {
@@ -796,7 +809,8 @@ impl Conn {
                 fast,
             } => {
                 if fast && !self.zeroing_is_fast(offset, u64::from(len)) {
-                    let msg = "zeroing this range would write data (not cluster aligned, or a v2 image)";
+                    let msg =
+                        "zeroing this range would write data (not cluster aligned, or a v2 image)";
                     return (self.error_reply(cookie, errno::ENOTSUP, msg), Vec::new());
                 }
                 let r = if len == 0 {
@@ -813,7 +827,10 @@ impl Conn {
                 offset,
                 len,
                 req_one,
-            } => match self.block_status(cookie, offset, u64::from(len), req_one).await {
+            } => match self
+                .block_status(cookie, offset, u64::from(len), req_one)
+                .await
+            {
                 Ok(out) => (out, Vec::new()),
                 Err(e) => (self.engine_error(cookie, &e), Vec::new()),
             },

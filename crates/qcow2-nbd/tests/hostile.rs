@@ -160,7 +160,12 @@ async fn go(s: &mut TcpStream) -> u16 {
 async fn go_structured(s: &mut TcpStream) -> u16 {
     send_option(s, opt::STRUCTURED_REPLY, &[]).await;
     assert_eq!(option_reply(s).await.1, rep::ACK);
-    send_option(s, opt::SET_META_CONTEXT, &meta_payload("", &["base:allocation"])).await;
+    send_option(
+        s,
+        opt::SET_META_CONTEXT,
+        &meta_payload("", &["base:allocation"]),
+    )
+    .await;
     let (_, kind, data) = option_reply(s).await;
     assert_eq!(kind, rep::META_CONTEXT);
     assert_eq!(&data[4..], b"base:allocation");
@@ -268,11 +273,16 @@ async fn malformed_options_get_errors_and_negotiation_goes_on() {
     assert_eq!(option_reply(&mut s).await.1, rep::ERR_INVALID);
     send_option(&mut s, opt::LIST_META_CONTEXT, &meta_payload("", &[])).await;
     let (_, kind, data) = option_reply(&mut s).await;
-    assert_eq!((kind, &data[4..]), (rep::META_CONTEXT, &b"base:allocation"[..]));
+    assert_eq!(
+        (kind, &data[4..]),
+        (rep::META_CONTEXT, &b"base:allocation"[..])
+    );
     assert_eq!(option_reply(&mut s).await.1, rep::ACK);
     let flags = go(&mut s).await;
     assert_ne!(flags & proto::tflags::CAN_MULTI_CONN, 0);
-    s.write_all(&request(0, cmd::READ, 9, 0, 512)).await.unwrap();
+    s.write_all(&request(0, cmd::READ, 9, 0, 512))
+        .await
+        .unwrap();
     let (_, kind, cookie, data) = chunk(&mut s).await;
     assert_eq!((kind, cookie), (proto::chunk::OFFSET_DATA, 9));
     assert_eq!(data.len(), 8 + 512);
@@ -297,7 +307,11 @@ async fn invalid_requests_get_errors_and_the_connection_survives() {
             errno::ENOSPC,
         ),
         (
-            [request(cflags::NO_HOLE, cmd::WRITE, 5, 0, 1024), payload.clone()].concat(),
+            [
+                request(cflags::NO_HOLE, cmd::WRITE, 5, 0, 1024),
+                payload.clone(),
+            ]
+            .concat(),
             errno::EINVAL,
         ),
         (request(0, 42, 6, 0, 0), errno::EINVAL),
@@ -311,11 +325,19 @@ async fn invalid_requests_get_errors_and_the_connection_survives() {
     }
     // The skipped payloads were not taken for requests: the stream is still in step.
     payload.fill(0x42);
-    s.write_all(&[request(cflags::FUA, cmd::WRITE, 10, 4096, 1024), payload.clone()].concat())
+    s.write_all(
+        &[
+            request(cflags::FUA, cmd::WRITE, 10, 4096, 1024),
+            payload.clone(),
+        ]
+        .concat(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(simple_reply(&mut s).await, (0, 10));
+    s.write_all(&request(0, cmd::READ, 11, 4096, 1024))
         .await
         .unwrap();
-    assert_eq!(simple_reply(&mut s).await, (0, 10));
-    s.write_all(&request(0, cmd::READ, 11, 4096, 1024)).await.unwrap();
     assert_eq!(simple_reply(&mut s).await, (0, 11));
     assert_eq!(read_n(&mut s, 1024).await, payload);
     // Oversized writes cannot be skipped: error, then disconnect.
@@ -365,7 +387,9 @@ async fn disconnect_mid_request_leaves_the_image_consistent() {
     go(&mut s).await;
     s.write_all(&request(0, cmd::FLUSH, 1, 0, 0)).await.unwrap();
     assert_eq!(simple_reply(&mut s).await, (0, 1));
-    s.write_all(&request(0, cmd::READ, 2, 3 << 20, 65536)).await.unwrap();
+    s.write_all(&request(0, cmd::READ, 2, 3 << 20, 65536))
+        .await
+        .unwrap();
     assert_eq!(simple_reply(&mut s).await, (0, 2));
     assert_eq!(read_n(&mut s, 65536).await, vec![0u8; 65536]);
     drop(s);
@@ -379,7 +403,10 @@ async fn disconnect_mid_request_leaves_the_image_consistent() {
             if buf.iter().all(|&b| b == i as u8 + 1) {
                 break;
             }
-            assert!(tokio::time::Instant::now() < deadline, "write {i} never landed");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "write {i} never landed"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -403,7 +430,10 @@ async fn pipelined_requests_are_each_answered_once() {
     for _ in 0..48 {
         let (e, c) = simple_reply(&mut s).await;
         assert_eq!(e, 0);
-        assert!(!std::mem::replace(&mut seen[c as usize], true), "cookie {c} twice");
+        assert!(
+            !std::mem::replace(&mut seen[c as usize], true),
+            "cookie {c} twice"
+        );
     }
     let mut reads = Vec::new();
     for i in 0..48u64 {
@@ -433,9 +463,14 @@ async fn structured_replies_block_status_and_fast_zero() {
         .unwrap();
     assert_eq!(simple_reply(&mut s).await, (0, 1));
 
-    s.write_all(&request(0, cmd::BLOCK_STATUS, 2, 0, 1 << 20)).await.unwrap();
+    s.write_all(&request(0, cmd::BLOCK_STATUS, 2, 0, 1 << 20))
+        .await
+        .unwrap();
     let (fl, kind, cookie, p) = chunk(&mut s).await;
-    assert_eq!((fl, kind, cookie), (proto::chunk::FLAG_DONE, proto::chunk::BLOCK_STATUS, 2));
+    assert_eq!(
+        (fl, kind, cookie),
+        (proto::chunk::FLAG_DONE, proto::chunk::BLOCK_STATUS, 2)
+    );
     assert_eq!(u32_at(&p, 0), 0, "context id from SET_META_CONTEXT");
     let desc: Vec<(u32, u32)> = p[4..]
         .chunks(8)
@@ -450,22 +485,36 @@ async fn structured_replies_block_status_and_fast_zero() {
     let (_, _, _, p) = chunk(&mut s).await;
     assert_eq!(p.len(), 12, "one descriptor");
 
-    s.write_all(&request(cflags::DF, cmd::READ, 4, 65536 - 8, 16)).await.unwrap();
+    s.write_all(&request(cflags::DF, cmd::READ, 4, 65536 - 8, 16))
+        .await
+        .unwrap();
     let (fl, kind, _, p) = chunk(&mut s).await;
-    assert_eq!((fl, kind), (proto::chunk::FLAG_DONE, proto::chunk::OFFSET_DATA));
+    assert_eq!(
+        (fl, kind),
+        (proto::chunk::FLAG_DONE, proto::chunk::OFFSET_DATA)
+    );
     assert_eq!(u64_at(&p, 0), 65536 - 8);
     assert_eq!(&p[8..], &[9, 9, 9, 9, 9, 9, 9, 9, 0, 0, 0, 0, 0, 0, 0, 0]);
 
-    s.write_all(&request(0, cmd::READ, 5, SIZE, 1)).await.unwrap();
+    s.write_all(&request(0, cmd::READ, 5, SIZE, 1))
+        .await
+        .unwrap();
     let (fl, kind, cookie, p) = chunk(&mut s).await;
-    assert_eq!((fl, kind, cookie), (proto::chunk::FLAG_DONE, proto::chunk::ERROR, 5));
+    assert_eq!(
+        (fl, kind, cookie),
+        (proto::chunk::FLAG_DONE, proto::chunk::ERROR, 5)
+    );
     assert_eq!(u32_at(&p, 0), errno::EINVAL);
 
     let fast = cflags::FAST_ZERO;
-    s.write_all(&request(fast, cmd::WRITE_ZEROES, 6, 4096, 4096)).await.unwrap();
+    s.write_all(&request(fast, cmd::WRITE_ZEROES, 6, 4096, 4096))
+        .await
+        .unwrap();
     let (_, kind, _, p) = chunk(&mut s).await;
     assert_eq!((kind, u32_at(&p, 0)), (proto::chunk::ERROR, errno::ENOTSUP));
-    s.write_all(&request(fast, cmd::WRITE_ZEROES, 7, 0, 65536)).await.unwrap();
+    s.write_all(&request(fast, cmd::WRITE_ZEROES, 7, 0, 65536))
+        .await
+        .unwrap();
     assert_eq!(simple_reply(&mut s).await, (0, 7));
     s.write_all(&request(0, cmd::READ, 8, 0, 4)).await.unwrap();
     let (_, _, _, p) = chunk(&mut s).await;
@@ -505,7 +554,9 @@ async fn random_request_streams_never_crash_the_server() {
     }
     let mut s = connect(&f.addr, 1).await;
     go(&mut s).await;
-    s.write_all(&request(0, cmd::READ, 1, 0, 512)).await.unwrap();
+    s.write_all(&request(0, cmd::READ, 1, 0, 512))
+        .await
+        .unwrap();
     assert_eq!(simple_reply(&mut s).await, (0, 1));
     read_n(&mut s, 512).await;
     drop(s);
