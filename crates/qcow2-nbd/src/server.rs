@@ -9,6 +9,7 @@
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use qcow2_async::qcow2_format::Version;
 use qcow2_async::Image;
@@ -63,6 +64,10 @@ pub struct ServerOptions {
     /// Bytes of read and write buffers one connection may hold at once (at least
     /// [`proto::MAX_REQUEST`]).
     pub buffer_bytes: usize,
+    /// After [`Server::shutdown`], how long connections get to finish running requests and
+    /// deliver their replies before they are cut (a client that stalls mid-request or stops
+    /// reading replies must not hold the shutdown forever).
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerOptions {
@@ -70,6 +75,7 @@ impl Default for ServerOptions {
         ServerOptions {
             max_in_flight: 128,
             buffer_bytes: 128 << 20,
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -290,10 +296,22 @@ impl Server {
                 }
             }
         }
-        while let Some(done) = conns.join_next().await {
-            if let Err(e) = done {
-                warn!("connection task failed: {e}");
+        let drained = tokio::time::timeout(self.sh.opts.shutdown_grace, async {
+            while let Some(done) = conns.join_next().await {
+                if let Err(e) = done {
+                    warn!("connection task failed: {e}");
+                }
             }
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                left = conns.len(),
+                "connections did not finish within the shutdown grace period: cut"
+            );
+            // Aborting a connection aborts its reply writer too; request tasks then find
+            // nobody to answer and end after their engine call.
+            conns.shutdown().await;
         }
         Ok(())
     }
@@ -501,7 +519,7 @@ impl Server {
             contexts: s.contexts.len(),
         };
         let (tx, rx) = mpsc::channel::<Outgoing>(self.sh.opts.max_in_flight + 1);
-        let writer = tokio::spawn(write_replies(w, rx));
+        let mut writer = AbortOnDrop(tokio::spawn(write_replies(w, rx)));
         let in_flight = Arc::new(Semaphore::new(self.sh.opts.max_in_flight));
         let budget = Arc::new(Semaphore::new(self.sh.opts.buffer_bytes / UNIT));
         let conn = Arc::new(Conn {
@@ -588,7 +606,7 @@ impl Server {
         // Requests still running finish and are answered before the connection closes
         // (each holds a sender; the writer ends when the last one is dropped).
         drop(tx);
-        let written = writer
+        let written = (&mut writer.0)
             .await
             .map_err(|e| Error::io("writing replies")(io::Error::other(e)))?;
         result?;
@@ -611,6 +629,15 @@ fn transmission_flags(e: &Export, structured: bool) -> u16 {
             | tflags::SEND_FAST_ZERO;
     }
     f
+}
+
+/// The reply writer of a connection dies with the connection's task.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 enum Stream {

@@ -25,18 +25,18 @@ struct Fixture {
 }
 
 async fn fixture() -> Fixture {
+    fixture_with(ServerOptions::default()).await
+}
+
+async fn fixture_with(opts: ServerOptions) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("img.qcow2");
     let img = Image::create(&path, &CreateOptions::new(SIZE), &OpenOptions::default())
         .await
         .unwrap();
-    let server = Server::new(
-        img.clone(),
-        vec![ExportConfig::live("")],
-        ServerOptions::default(),
-    )
-    .await
-    .unwrap();
+    let server = Server::new(img.clone(), vec![ExportConfig::live("")], opts)
+        .await
+        .unwrap();
     let listener = Listener::bind_tcp("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let srv = server.clone();
@@ -561,4 +561,59 @@ async fn random_request_streams_never_crash_the_server() {
     read_n(&mut s, 512).await;
     drop(s);
     f.finish().await;
+}
+
+/// Shutdown does not wait forever for a client that stalls mid-payload or never reads its
+/// replies: after the grace period those connections are cut, the writes that were complete
+/// still land, and the image closes cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cuts_stalled_clients_after_the_grace_period() {
+    let f = fixture_with(ServerOptions {
+        shutdown_grace: Duration::from_millis(300),
+        ..ServerOptions::default()
+    })
+    .await;
+    let mut stalled = connect(&f.addr, 1).await;
+    go(&mut stalled).await;
+    stalled
+        .write_all(&[request(0, cmd::WRITE, 1, 0, 4096), vec![1; 4096]].concat())
+        .await
+        .unwrap();
+    assert_eq!(simple_reply(&mut stalled).await, (0, 1));
+    stalled
+        .write_all(&[request(0, cmd::WRITE, 2, 8192, 4096), vec![2; 100]].concat())
+        .await
+        .unwrap();
+    // A client that floods reads and never takes the replies.
+    let mut deaf = connect(&f.addr, 1).await;
+    go(&mut deaf).await;
+    let mut reads = Vec::new();
+    for i in 0..64 {
+        reads.extend(request(0, cmd::READ, i, 0, 1 << 20));
+    }
+    deaf.write_all(&reads).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t0 = std::time::Instant::now();
+    f.server.shutdown();
+    let mut buf = vec![0u8; 4096];
+    f.img.read_at(&mut buf, 0).await.unwrap();
+    assert_eq!(buf, vec![1; 4096]);
+    let Fixture {
+        _dir,
+        path,
+        img,
+        task,
+        ..
+    } = f;
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("serve returned")
+        .unwrap()
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    img.read_at(&mut buf, 8192).await.unwrap();
+    assert_eq!(buf, vec![0; 4096], "the incomplete write never happened");
+    img.close().await.unwrap();
+    assert_clean(&path).await;
+    drop((stalled, deaf));
 }
