@@ -12,6 +12,7 @@ mod demo;
 mod info;
 mod opts;
 mod progress;
+mod serve;
 mod snapshot;
 
 use std::process::ExitCode;
@@ -61,6 +62,8 @@ enum Verb {
     Bench(bench::BenchArgs),
     /// Run a built-in demo workload: a backing chain, many concurrent writers, verification.
     Demo(demo::DemoArgs),
+    /// Export an image over NBD until SIGINT/SIGTERM (like `qemu-nbd`).
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -96,6 +99,7 @@ fn main() -> ExitCode {
             Verb::Measure(a) => convert::measure(a).await,
             Verb::Bench(a) => bench::bench(a).await,
             Verb::Demo(a) => demo::demo(a).await,
+            Verb::Serve(a) => serve::serve(a).await,
         }
     });
     match result {

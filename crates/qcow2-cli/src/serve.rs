@@ -1,0 +1,114 @@
+//! `qcow2 serve`: exports an image over NBD (like `qemu-nbd`), until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use qcow2_async::{Image, OpenOptions};
+use qcow2_nbd::{ExportConfig, Listener, Server, ServerOptions, Source};
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+/// Where `serve` listens without `--socket` or `--bind` (loopback only, unlike qemu-nbd's
+/// `0.0.0.0`: exposing a disk to the network should be a choice).
+const DEFAULT_BIND: &str = "127.0.0.1:10809";
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Image file.
+    filename: PathBuf,
+    /// Image format (only qcow2).
+    #[arg(short = 'f', long = "format", default_value = "qcow2")]
+    format: String,
+    /// Listen on this Unix socket (created; removed again on exit).
+    #[arg(long, conflicts_with = "bind")]
+    socket: Option<PathBuf>,
+    /// Listen on this TCP address (default 127.0.0.1:10809).
+    #[arg(long, value_name = "ADDR:PORT")]
+    bind: Option<String>,
+    /// Export read-only (the image is opened read-only).
+    #[arg(long)]
+    read_only: bool,
+    /// Export name clients ask for (default: the empty, default export).
+    #[arg(long, default_value = "")]
+    export_name: String,
+    /// Offer persistent bitmap NAME as metadata context `qemu:dirty-bitmap:NAME`
+    /// (repeatable).
+    #[arg(long, value_name = "NAME")]
+    bitmap: Vec<String>,
+    /// Export internal snapshot NAME (or id), read-only, instead of the live disk.
+    #[arg(long, value_name = "NAME")]
+    snapshot: Option<String>,
+}
+
+pub async fn serve(a: ServeArgs) -> Result<u8> {
+    if a.format != "qcow2" {
+        return Err(format!("unsupported format '{}'", a.format).into());
+    }
+    let read_only = a.read_only || a.snapshot.is_some();
+    let opts = if read_only {
+        OpenOptions::read_only()
+    } else {
+        OpenOptions::default()
+    };
+    let img = Image::open(&a.filename, &opts).await?;
+    let export = ExportConfig {
+        name: a.export_name.clone(),
+        source: match &a.snapshot {
+            Some(s) => Source::Snapshot(s.clone()),
+            None => Source::Live,
+        },
+        read_only,
+        bitmaps: a.bitmap.clone(),
+    };
+    let started = async {
+        let server = Server::new(img.clone(), vec![export], ServerOptions::default()).await?;
+        let listener = match &a.socket {
+            Some(p) => Listener::bind_unix(p)?,
+            None => Listener::bind_tcp(a.bind.as_deref().unwrap_or(DEFAULT_BIND)).await?,
+        };
+        Ok::<_, qcow2_nbd::Error>((server, listener))
+    };
+    let (server, listener) = match started.await {
+        Ok(s) => s,
+        Err(e) => {
+            img.close().await?;
+            return Err(e.into());
+        }
+    };
+    eprintln!(
+        "qcow2: serving {} as export {:?} on {}",
+        a.filename.display(),
+        a.export_name,
+        listener.local_addr()?
+    );
+    let srv = server.clone();
+    let mut task = tokio::spawn(async move { srv.serve(listener).await });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let ended = tokio::select! {
+        _ = tokio::signal::ctrl_c() => None,
+        _ = term.recv() => None,
+        r = &mut task => Some(r),
+    };
+    // Running requests finish and are answered before the connections close.
+    let served = match ended {
+        Some(r) => r,
+        None => {
+            server.shutdown();
+            task.await
+        }
+    };
+    if let Some(p) = &a.socket {
+        let _ = std::fs::remove_file(p);
+    }
+    drop(server);
+    // A clean close stores the bitmaps and clears the dirty bit, whatever happened above.
+    let closed = async {
+        img.flush().await?;
+        img.close().await
+    }
+    .await;
+    served??;
+    closed?;
+    eprintln!("qcow2: image closed cleanly");
+    Ok(0)
+}

@@ -1,0 +1,178 @@
+//! `qcow2 serve` as a process: QEMU's client writes through it, SIGTERM shuts it down
+//! gracefully, and the image is left closed cleanly (dirty bit cleared, bitmaps stored and
+//! no longer in use, check-clean). Fails loudly without QEMU.
+
+#[path = "../../../tests/common/mod.rs"]
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{assert_check_clean, qemu_ok};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn spawn_serve(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_qcow2"))
+        .arg("serve")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qcow2 binary")
+}
+
+fn terminate(mut child: Child, signal: &str) {
+    let pid = child.id().to_string();
+    let st = Command::new("kill").args([signal, &pid]).status().unwrap();
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "qcow2 serve did not exit on {signal}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "qcow2 serve failed on {signal}: {err}");
+    assert!(err.contains("closed cleanly"), "{err}");
+}
+
+fn info(path: &Path) -> serde_json::Value {
+    let out = qemu_ok("qemu-img", &["info", "-U", "--output=json", s(path)]);
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn serve_shuts_down_on_sigterm_and_sigint_leaving_the_image_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img.qcow2");
+    let sock = dir.path().join("nbd.sock");
+    qemu_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            s(&img),
+            "8M",
+        ],
+    );
+    qemu_ok("qemu-img", &["bitmap", "--add", s(&img), "bm"]);
+
+    for signal in ["-TERM", "-INT"] {
+        let child = spawn_serve(&[s(&img), "--socket", s(&sock), "--bitmap", "bm"]);
+        wait_for("the socket", || sock.exists());
+        let url = format!("nbd+unix:///?socket={}", s(&sock));
+        qemu_ok(
+            "qemu-io",
+            &["-f", "raw", "-c", "write -P 0x3c 1M 192k", &url],
+        );
+        // While serving, the image is open read-write: the bitmap is flagged in use.
+        let flags = &info(&img)["format-specific"]["data"]["bitmaps"][0]["flags"];
+        assert!(flags.to_string().contains("in-use"), "{flags}");
+        terminate(child, signal);
+        assert!(!sock.exists(), "the socket is removed on exit");
+        let v = info(&img);
+        assert_eq!(v["dirty-flag"], false, "{v:#}");
+        let bm = &v["format-specific"]["data"]["bitmaps"][0];
+        assert_eq!(bm["name"], "bm");
+        assert!(!bm["flags"].to_string().contains("in-use"), "{bm}");
+        assert_check_clean(&img);
+    }
+    qemu_ok("qemu-io", &["-c", "read -P 0x3c 1M 192k", s(&img)]);
+    // The bitmap recorded the write (64 KiB granularity: exactly [1M, 1M+192k)).
+    let out = Command::new("qemu-nbd")
+        .args([
+            "--fork",
+            "-r",
+            "-f",
+            "qcow2",
+            "-B",
+            "bm",
+            "-k",
+            s(&sock),
+            s(&img),
+        ])
+        .status()
+        .unwrap();
+    assert!(out.success());
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:bm",
+        s(&sock)
+    );
+    let map = qemu_ok("qemu-img", &["map", "--output=json", "--image-opts", &opts]);
+    let v: serde_json::Value = serde_json::from_str(&map).unwrap();
+    let dirty: Vec<(u64, u64)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == false)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(dirty, vec![(1 << 20, 192 << 10)]);
+}
+
+#[test]
+fn serve_exports_a_snapshot_read_only_over_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img.qcow2");
+    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "4M"]);
+    qemu_ok("qemu-io", &["-c", "write -P 0x11 0 1M", s(&img)]);
+    qemu_ok("qemu-img", &["snapshot", "-c", "snap1", s(&img)]);
+    qemu_ok("qemu-io", &["-c", "write -P 0x22 0 1M", s(&img)]);
+    // Pick a free port by binding and releasing it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let child = spawn_serve(&[
+        s(&img),
+        "--bind",
+        &bind,
+        "--snapshot",
+        "snap1",
+        "--export-name",
+        "old",
+    ]);
+    wait_for("the port", || std::net::TcpStream::connect(&bind).is_ok());
+    let url = format!("nbd://{bind}/old");
+    qemu_ok(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x11 0 1M", &url],
+    );
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x33 0 4k", &url])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() || text.contains("read-only") || text.contains("not permitted"),
+        "a snapshot export refuses writes: {text}"
+    );
+    terminate(child, "-TERM");
+    qemu_ok("qemu-io", &["-c", "read -P 0x22 0 1M", s(&img)]);
+    assert_check_clean(&img);
+}

@@ -1,0 +1,46 @@
+//! An NBD server for qcow2-async images, on Tokio.
+//!
+//! Speaks the fixed newstyle handshake (`NBD_OPT_GO`, `INFO`, `LIST`, `EXPORT_NAME`,
+//! `ABORT`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT`, `SET_META_CONTEXT`) and the commands
+//! `READ`, `WRITE` (with `FUA`), `FLUSH`, `TRIM`, `WRITE_ZEROES` (with `NO_HOLE` and
+//! `FAST_ZERO`), `BLOCK_STATUS` and `DISC`, over TCP or Unix sockets. Metadata contexts:
+//! `base:allocation` (from [`qcow2_async::Image::map`]) and `qemu:dirty-bitmap:NAME` (from
+//! the image's persistent bitmaps, bit 0 = dirty, as qemu-nbd). Internal snapshots can be
+//! exported read-only by name.
+//!
+//! Requests are pipelined: each runs in its own task and replies go out in completion
+//! order. Choices where the protocol leaves room:
+//!
+//! - The maximum READ/WRITE payload is [`proto::MAX_REQUEST`] (32 MiB), advertised through
+//!   `NBD_INFO_BLOCK_SIZE`; larger reads get `EOVERFLOW`, larger writes `EOVERFLOW` and a
+//!   hard disconnect (their payload is not read).
+//! - Requests past the end: `ENOSPC` for WRITE and WRITE_ZEROES, `EINVAL` otherwise (as
+//!   qemu-nbd). A bad request magic, a bad option magic or an option payload over 64 KiB
+//!   ends the connection; running requests still finish, so the image stays consistent.
+//! - `FAST_ZERO` succeeds only for cluster-aligned ranges of v3 images (metadata-only in
+//!   the engine); anything else gets `ENOTSUP`, as the protocol asks.
+//! - Clients must set `NBD_FLAG_C_FIXED_NEWSTYLE`; others are disconnected after the
+//!   greeting. TLS is not offered (`NBD_OPT_STARTTLS` → `NBD_REP_ERR_UNSUP`).
+//!
+//! ```no_run
+//! # async fn demo() -> qcow2_nbd::Result<()> {
+//! use qcow2_async::{Image, OpenOptions};
+//! use qcow2_nbd::{ExportConfig, Listener, Server, ServerOptions};
+//! let img = Image::open("disk.qcow2", &OpenOptions::default()).await?;
+//! let server = Server::new(img.clone(), vec![ExportConfig::live("")], ServerOptions::default()).await?;
+//! let listener = Listener::bind_tcp("127.0.0.1:10809").await?;
+//! let s = server.clone();
+//! let task = tokio::spawn(async move { s.serve(listener).await });
+//! // ... later:
+//! server.shutdown();
+//! task.await.unwrap()?;
+//! img.close().await?;
+//! # Ok(()) }
+//! ```
+
+mod error;
+pub mod proto;
+mod server;
+
+pub use error::{Error, Result};
+pub use server::{ExportConfig, Listener, Server, ServerOptions, Source};

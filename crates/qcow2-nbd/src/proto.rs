@@ -1,0 +1,929 @@
+//! The NBD wire protocol, sans I/O: constants, decoders for everything a client sends and
+//! encoders for everything the server sends. Nothing here touches a socket, so every decoder
+//! can be fed arbitrary bytes (the fuzz target does).
+//!
+//! Only the compact (non-extended-header) protocol is spoken: requests are 28 bytes, lengths
+//! are 32 bits.
+
+use std::fmt;
+
+/// `NBDMAGIC`, the first eight bytes the server sends.
+pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+/// `IHAVEOPT`: after the greeting, and in front of every option the client sends.
+pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+/// In front of every option reply.
+pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+/// In front of every transmission request.
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// In front of every simple reply.
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// In front of every structured reply chunk.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+
+/// Largest READ or WRITE payload the server accepts (and advertises as the maximum block
+/// size): 32 MiB, the same as qemu-nbd. Larger reads get `EOVERFLOW`; larger writes get
+/// `EOVERFLOW` followed by a hard disconnect, because their payload cannot be trusted to be
+/// skipped.
+pub const MAX_REQUEST: u32 = 32 << 20;
+/// Largest option payload during the handshake. Legitimate options hold at most a few
+/// strings of up to 4 KiB each; a larger one ends the connection.
+pub const MAX_OPTION: u32 = 64 << 10;
+/// Largest string (export name, context query) the protocol allows.
+pub const MAX_STRING: usize = 4096;
+/// Size of a compact request header.
+pub const REQUEST_LEN: usize = 28;
+/// Size of an option header (magic, option, length).
+pub const OPTION_HEADER_LEN: usize = 16;
+
+/// Handshake flags (server → client, 16 bits).
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+/// The server can omit the 124 zero bytes after `NBD_OPT_EXPORT_NAME`.
+pub const FLAG_NO_ZEROES: u16 = 1 << 1;
+/// Client flags (client → server, 32 bits).
+pub const CLIENT_FIXED_NEWSTYLE: u32 = 1 << 0;
+/// The client does not want the 124 zero bytes.
+pub const CLIENT_NO_ZEROES: u32 = 1 << 1;
+
+/// Transmission flags.
+pub mod tflags {
+    pub const HAS_FLAGS: u16 = 1 << 0;
+    pub const READ_ONLY: u16 = 1 << 1;
+    pub const SEND_FLUSH: u16 = 1 << 2;
+    pub const SEND_FUA: u16 = 1 << 3;
+    pub const SEND_TRIM: u16 = 1 << 5;
+    pub const SEND_WRITE_ZEROES: u16 = 1 << 6;
+    pub const SEND_DF: u16 = 1 << 7;
+    pub const CAN_MULTI_CONN: u16 = 1 << 8;
+    pub const SEND_FAST_ZERO: u16 = 1 << 11;
+}
+
+/// Option numbers.
+pub mod opt {
+    pub const EXPORT_NAME: u32 = 1;
+    pub const ABORT: u32 = 2;
+    pub const LIST: u32 = 3;
+    pub const STARTTLS: u32 = 5;
+    pub const INFO: u32 = 6;
+    pub const GO: u32 = 7;
+    pub const STRUCTURED_REPLY: u32 = 8;
+    pub const LIST_META_CONTEXT: u32 = 9;
+    pub const SET_META_CONTEXT: u32 = 10;
+}
+
+/// Option reply types.
+pub mod rep {
+    pub const ACK: u32 = 1;
+    pub const SERVER: u32 = 2;
+    pub const INFO: u32 = 3;
+    pub const META_CONTEXT: u32 = 4;
+    pub const ERR_UNSUP: u32 = (1 << 31) + 1;
+    pub const ERR_POLICY: u32 = (1 << 31) + 2;
+    pub const ERR_INVALID: u32 = (1 << 31) + 3;
+    pub const ERR_UNKNOWN: u32 = (1 << 31) + 6;
+    pub const ERR_SHUTDOWN: u32 = (1 << 31) + 7;
+}
+
+/// `NBD_REP_INFO` item types.
+pub mod info {
+    pub const EXPORT: u16 = 0;
+    pub const NAME: u16 = 1;
+    pub const DESCRIPTION: u16 = 2;
+    pub const BLOCK_SIZE: u16 = 3;
+}
+
+/// Command types.
+pub mod cmd {
+    pub const READ: u16 = 0;
+    pub const WRITE: u16 = 1;
+    pub const DISC: u16 = 2;
+    pub const FLUSH: u16 = 3;
+    pub const TRIM: u16 = 4;
+    pub const WRITE_ZEROES: u16 = 6;
+    pub const BLOCK_STATUS: u16 = 7;
+}
+
+/// Command flags.
+pub mod cflags {
+    pub const FUA: u16 = 1 << 0;
+    pub const NO_HOLE: u16 = 1 << 1;
+    pub const DF: u16 = 1 << 2;
+    pub const REQ_ONE: u16 = 1 << 3;
+    pub const FAST_ZERO: u16 = 1 << 4;
+}
+
+/// Structured reply chunk types and flags.
+pub mod chunk {
+    pub const FLAG_DONE: u16 = 1 << 0;
+    pub const NONE: u16 = 0;
+    pub const OFFSET_DATA: u16 = 1;
+    pub const BLOCK_STATUS: u16 = 5;
+    pub const ERROR: u16 = (1 << 15) + 1;
+}
+
+/// Error values of the transmission phase (the protocol fixes them; they are not the host's
+/// errno values).
+pub mod errno {
+    pub const EPERM: u32 = 1;
+    pub const EIO: u32 = 5;
+    pub const EINVAL: u32 = 22;
+    pub const ENOSPC: u32 = 28;
+    pub const EOVERFLOW: u32 = 75;
+    pub const ENOTSUP: u32 = 95;
+}
+
+/// `base:allocation` flags.
+pub const STATE_HOLE: u32 = 1 << 0;
+/// The extent reads as zeros.
+pub const STATE_ZERO: u32 = 1 << 1;
+/// `qemu:dirty-bitmap:NAME`: the extent is dirty.
+pub const STATE_DIRTY: u32 = 1 << 0;
+
+/// A violation that leaves the byte stream unusable: the only answer is a hard disconnect.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtoError {
+    /// A magic number was wrong, so the stream cannot be resynchronised.
+    #[error("bad {what} magic {found:#x}")]
+    BadMagic {
+        /// Which magic.
+        what: &'static str,
+        /// What the client sent.
+        found: u64,
+    },
+    /// The client flags carry bits the server did not offer, or lack fixed newstyle.
+    #[error("unsupported client flags {0:#x} (fixed newstyle is required)")]
+    ClientFlags(u32),
+    /// An option payload is larger than [`MAX_OPTION`].
+    #[error("option {option} carries {length} bytes (at most {MAX_OPTION})")]
+    OptionTooLarge {
+        /// The option.
+        option: u32,
+        /// Its announced length.
+        length: u32,
+    },
+    /// `NBD_OPT_EXPORT_NAME` named an export that does not exist (it cannot return errors).
+    #[error("unknown export {0:?}")]
+    UnknownExport(String),
+}
+
+/// Checks the client flags that follow the greeting.
+pub fn decode_client_flags(raw: [u8; 4]) -> Result<u32, ProtoError> {
+    let flags = u32::from_be_bytes(raw);
+    if flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0
+        || flags & CLIENT_FIXED_NEWSTYLE == 0
+    {
+        return Err(ProtoError::ClientFlags(flags));
+    }
+    Ok(flags)
+}
+
+/// The server's greeting: magic, `IHAVEOPT`, handshake flags.
+pub fn greeting() -> [u8; 18] {
+    let mut b = [0u8; 18];
+    b[..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+    b[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    b[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    b
+}
+
+/// An option header: which option and how many payload bytes follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionHeader {
+    /// Option number.
+    pub option: u32,
+    /// Payload length, at most [`MAX_OPTION`].
+    pub length: u32,
+}
+
+/// Decodes an option header, refusing a bad magic and oversized payloads.
+pub fn decode_option_header(b: &[u8; OPTION_HEADER_LEN]) -> Result<OptionHeader, ProtoError> {
+    let magic = be64(&b[0..8]);
+    if magic != IHAVEOPT {
+        return Err(ProtoError::BadMagic {
+            what: "option",
+            found: magic,
+        });
+    }
+    let h = OptionHeader {
+        option: be32(&b[8..12]),
+        length: be32(&b[12..16]),
+    };
+    if h.length > MAX_OPTION {
+        return Err(ProtoError::OptionTooLarge {
+            option: h.option,
+            length: h.length,
+        });
+    }
+    Ok(h)
+}
+
+/// A malformed option payload: answered with `NBD_REP_ERR_INVALID`, negotiation goes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidOption(pub &'static str);
+
+impl fmt::Display for InvalidOption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// Payload of `NBD_OPT_INFO` / `NBD_OPT_GO`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InfoRequest {
+    /// Export name.
+    pub name: String,
+    /// Requested information items.
+    pub items: Vec<u16>,
+}
+
+/// Payload of `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaRequest {
+    /// Export name.
+    pub export: String,
+    /// Queries (possibly none).
+    pub queries: Vec<String>,
+}
+
+/// A cursor over an option payload that never reads past its end.
+struct Cursor<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], InvalidOption> {
+        if n > self.b.len() {
+            return Err(InvalidOption("option payload is truncated"));
+        }
+        let (h, t) = self.b.split_at(n);
+        self.b = t;
+        Ok(h)
+    }
+    fn u16(&mut self) -> Result<u16, InvalidOption> {
+        Ok(u16::from_be_bytes(
+            self.take(2)?.try_into().unwrap_or([0; 2]),
+        ))
+    }
+    fn u32(&mut self) -> Result<u32, InvalidOption> {
+        Ok(be32(self.take(4)?))
+    }
+    fn string(&mut self) -> Result<String, InvalidOption> {
+        let n = self.u32()? as usize;
+        if n > MAX_STRING {
+            return Err(InvalidOption("string longer than 4096 bytes"));
+        }
+        decode_string(self.take(n)?)
+    }
+    fn end(&self) -> Result<(), InvalidOption> {
+        if self.b.is_empty() {
+            Ok(())
+        } else {
+            Err(InvalidOption("trailing bytes after the option payload"))
+        }
+    }
+}
+
+/// A protocol string: UTF-8, no NUL, at most [`MAX_STRING`] bytes.
+pub fn decode_string(b: &[u8]) -> Result<String, InvalidOption> {
+    if b.len() > MAX_STRING {
+        return Err(InvalidOption("string longer than 4096 bytes"));
+    }
+    if b.contains(&0) {
+        return Err(InvalidOption("string contains NUL"));
+    }
+    String::from_utf8(b.to_vec()).map_err(|_| InvalidOption("string is not UTF-8"))
+}
+
+/// Decodes the payload of `NBD_OPT_INFO` / `NBD_OPT_GO`.
+pub fn decode_info_request(data: &[u8]) -> Result<InfoRequest, InvalidOption> {
+    let mut c = Cursor { b: data };
+    let name = c.string()?;
+    let n = c.u16()?;
+    let mut items = Vec::with_capacity(usize::from(n).min(data.len() / 2));
+    for _ in 0..n {
+        items.push(c.u16()?);
+    }
+    c.end()?;
+    Ok(InfoRequest { name, items })
+}
+
+/// Decodes the payload of `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`.
+pub fn decode_meta_request(data: &[u8]) -> Result<MetaRequest, InvalidOption> {
+    let mut c = Cursor { b: data };
+    let export = c.string()?;
+    let n = c.u32()?;
+    // Each query takes at least its 4-byte length: a count beyond that is a lie.
+    if n as usize > c.b.len() / 4 {
+        return Err(InvalidOption(
+            "more queries announced than the payload holds",
+        ));
+    }
+    let mut queries = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        queries.push(c.string()?);
+    }
+    c.end()?;
+    Ok(MetaRequest { export, queries })
+}
+
+/// A metadata context an export can offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaContext {
+    /// `base:allocation`: holes and zeros.
+    BaseAllocation,
+    /// `qemu:dirty-bitmap:NAME`: bit 0 set where the persistent bitmap is dirty.
+    DirtyBitmap(String),
+}
+
+impl MetaContext {
+    /// The context's name on the wire.
+    pub fn name(&self) -> String {
+        match self {
+            MetaContext::BaseAllocation => "base:allocation".into(),
+            MetaContext::DirtyBitmap(n) => format!("qemu:dirty-bitmap:{n}"),
+        }
+    }
+}
+
+/// Indices of the contexts in `available` that `query` selects. Exact names always match;
+/// for `LIST` (`list == true`) a bare namespace (`base:`, `qemu:`, `qemu:dirty-bitmap:`)
+/// matches everything in it, as in qemu-nbd. Unknown namespaces select nothing.
+pub fn match_query(query: &str, available: &[MetaContext], list: bool) -> Vec<usize> {
+    let wildcard = |prefix: &str| list && query == prefix;
+    available
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| {
+            let name = c.name();
+            name == query
+                || match c {
+                    MetaContext::BaseAllocation => wildcard("base:"),
+                    MetaContext::DirtyBitmap(_) => {
+                        wildcard("qemu:") || wildcard("qemu:dirty-bitmap:")
+                    }
+                }
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// A decoded request header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestHeader {
+    /// Command flags.
+    pub flags: u16,
+    /// Command type.
+    pub kind: u16,
+    /// The client's cookie (handle), echoed in the reply.
+    pub cookie: u64,
+    /// Offset.
+    pub offset: u64,
+    /// Length.
+    pub length: u32,
+}
+
+/// Decodes a request header; a bad magic is fatal for the connection.
+pub fn decode_request(b: &[u8; REQUEST_LEN]) -> Result<RequestHeader, ProtoError> {
+    let magic = be32(&b[0..4]);
+    if magic != REQUEST_MAGIC {
+        return Err(ProtoError::BadMagic {
+            what: "request",
+            found: u64::from(magic),
+        });
+    }
+    Ok(RequestHeader {
+        flags: u16::from_be_bytes([b[4], b[5]]),
+        kind: u16::from_be_bytes([b[6], b[7]]),
+        cookie: be64(&b[8..16]),
+        offset: be64(&b[16..24]),
+        length: be32(&b[24..28]),
+    })
+}
+
+/// What the transmission phase must know about the export and the session to judge a
+/// request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Export size in bytes.
+    pub size: u64,
+    /// Writes, trims and zeroes are refused with `EPERM`.
+    pub read_only: bool,
+    /// Structured replies were negotiated.
+    pub structured: bool,
+    /// How many metadata contexts were selected (`BLOCK_STATUS` needs at least one).
+    pub contexts: usize,
+}
+
+/// A validated command, ready to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// Read `len` bytes at `offset`.
+    Read { offset: u64, len: u32 },
+    /// Write the `len`-byte payload that follows at `offset`.
+    Write { offset: u64, len: u32, fua: bool },
+    /// The client is done.
+    Disconnect,
+    /// Make completed writes durable.
+    Flush,
+    /// Discard.
+    Trim { offset: u64, len: u32, fua: bool },
+    /// Make the range read as zeros.
+    WriteZeroes {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u32,
+        /// Persist before replying.
+        fua: bool,
+        /// `NO_HOLE`: keep the space allocated.
+        no_hole: bool,
+        /// `FAST_ZERO`: fail with `ENOTSUP` rather than write zeros slowly.
+        fast: bool,
+    },
+    /// Report the selected metadata contexts over the range.
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    },
+}
+
+/// A request refused before it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejection {
+    /// The error to reply with.
+    pub errno: u32,
+    /// Payload bytes that follow the header and must be read and dropped before the next
+    /// request (a refused in-limit write).
+    pub skip: u32,
+    /// After replying, end the connection: the payload of an oversized write cannot be
+    /// skipped sensibly.
+    pub disconnect: bool,
+    /// Why, for the error message and the log.
+    pub reason: &'static str,
+}
+
+/// Judges a request against the export: flags, bounds, size and permissions. Pure, so it can
+/// be fuzzed; the server runs exactly what this returns.
+pub fn validate(h: &RequestHeader, l: &Limits) -> Result<Command, Rejection> {
+    let has_payload = h.kind == cmd::WRITE;
+    let reject = |errno, reason| {
+        let oversized = has_payload && h.length > MAX_REQUEST;
+        Err(Rejection {
+            errno,
+            skip: if has_payload && !oversized {
+                h.length
+            } else {
+                0
+            },
+            disconnect: oversized,
+            reason,
+        })
+    };
+    let allowed = match h.kind {
+        cmd::READ => cflags::FUA | if l.structured { cflags::DF } else { 0 },
+        cmd::WRITE | cmd::DISC | cmd::FLUSH | cmd::TRIM => cflags::FUA,
+        cmd::WRITE_ZEROES => cflags::FUA | cflags::NO_HOLE | cflags::FAST_ZERO,
+        cmd::BLOCK_STATUS => cflags::FUA | cflags::REQ_ONE,
+        _ => return reject(errno::EINVAL, "unknown command"),
+    };
+    if h.flags & !allowed != 0 {
+        return reject(errno::EINVAL, "flag not valid for this command");
+    }
+    if matches!(h.kind, cmd::READ | cmd::WRITE) && h.length > MAX_REQUEST {
+        return reject(errno::EOVERFLOW, "request larger than the 32 MiB maximum");
+    }
+    let writes = matches!(h.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+    if writes && l.read_only {
+        return reject(errno::EPERM, "export is read-only");
+    }
+    let ranged = !matches!(h.kind, cmd::DISC | cmd::FLUSH);
+    let in_range = h
+        .offset
+        .checked_add(u64::from(h.length))
+        .is_some_and(|end| end <= l.size);
+    if ranged && !in_range {
+        // As qemu-nbd: ENOSPC for requests that would write past the end, EINVAL otherwise.
+        let e = if matches!(h.kind, cmd::WRITE | cmd::WRITE_ZEROES) {
+            errno::ENOSPC
+        } else {
+            errno::EINVAL
+        };
+        return reject(e, "request extends past the end of the export");
+    }
+    let fua = h.flags & cflags::FUA != 0;
+    let (offset, len) = (h.offset, h.length);
+    Ok(match h.kind {
+        cmd::READ => Command::Read { offset, len },
+        cmd::WRITE => Command::Write { offset, len, fua },
+        cmd::DISC => Command::Disconnect,
+        cmd::FLUSH => Command::Flush,
+        cmd::TRIM => Command::Trim { offset, len, fua },
+        cmd::WRITE_ZEROES => Command::WriteZeroes {
+            offset,
+            len,
+            fua,
+            no_hole: h.flags & cflags::NO_HOLE != 0,
+            fast: h.flags & cflags::FAST_ZERO != 0,
+        },
+        _ => {
+            if !l.structured || l.contexts == 0 {
+                return reject(errno::EINVAL, "no metadata context was negotiated");
+            }
+            if len == 0 {
+                return reject(errno::EINVAL, "block status of an empty range");
+            }
+            Command::BlockStatus {
+                offset,
+                len,
+                req_one: h.flags & cflags::REQ_ONE != 0,
+            }
+        }
+    })
+}
+
+/// Appends an option reply.
+pub fn option_reply(out: &mut Vec<u8>, option: u32, kind: u32, data: &[u8]) {
+    out.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+/// Appends an `NBD_REP_INFO` / `NBD_INFO_EXPORT` item.
+pub fn info_export(out: &mut Vec<u8>, option: u32, size: u64, flags: u16) {
+    let mut d = Vec::with_capacity(12);
+    d.extend_from_slice(&info::EXPORT.to_be_bytes());
+    d.extend_from_slice(&size.to_be_bytes());
+    d.extend_from_slice(&flags.to_be_bytes());
+    option_reply(out, option, rep::INFO, &d);
+}
+
+/// Appends an `NBD_REP_INFO` / `NBD_INFO_BLOCK_SIZE` item.
+pub fn info_block_size(out: &mut Vec<u8>, option: u32, min: u32, preferred: u32, max: u32) {
+    let mut d = Vec::with_capacity(14);
+    d.extend_from_slice(&info::BLOCK_SIZE.to_be_bytes());
+    for v in [min, preferred, max] {
+        d.extend_from_slice(&v.to_be_bytes());
+    }
+    option_reply(out, option, rep::INFO, &d);
+}
+
+/// Appends an `NBD_REP_INFO` item carrying a string (`NBD_INFO_NAME`, `_DESCRIPTION`).
+pub fn info_string(out: &mut Vec<u8>, option: u32, item: u16, s: &str) {
+    let mut d = Vec::with_capacity(2 + s.len());
+    d.extend_from_slice(&item.to_be_bytes());
+    d.extend_from_slice(s.as_bytes());
+    option_reply(out, option, rep::INFO, &d);
+}
+
+/// Appends an `NBD_REP_SERVER` entry of `NBD_OPT_LIST`.
+pub fn rep_server(out: &mut Vec<u8>, name: &str) {
+    let mut d = Vec::with_capacity(4 + name.len());
+    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    d.extend_from_slice(name.as_bytes());
+    option_reply(out, opt::LIST, rep::SERVER, &d);
+}
+
+/// Appends an `NBD_REP_META_CONTEXT` entry.
+pub fn rep_meta_context(out: &mut Vec<u8>, option: u32, id: u32, name: &str) {
+    let mut d = Vec::with_capacity(4 + name.len());
+    d.extend_from_slice(&id.to_be_bytes());
+    d.extend_from_slice(name.as_bytes());
+    option_reply(out, option, rep::META_CONTEXT, &d);
+}
+
+/// The reply to `NBD_OPT_EXPORT_NAME`: size, transmission flags, and (unless the client
+/// negotiated `NO_ZEROES`) 124 zero bytes.
+pub fn export_name_reply(out: &mut Vec<u8>, size: u64, flags: u16, no_zeroes: bool) {
+    out.extend_from_slice(&size.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    if !no_zeroes {
+        out.extend_from_slice(&[0u8; 124]);
+    }
+}
+
+/// Appends a simple reply header (the data of a successful read follows it).
+pub fn simple_reply(out: &mut Vec<u8>, cookie: u64, error: u32) {
+    out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&error.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+}
+
+/// Appends a structured reply chunk header announcing `length` payload bytes.
+pub fn chunk_header(out: &mut Vec<u8>, cookie: u64, flags: u16, kind: u16, length: u32) {
+    out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&flags.to_be_bytes());
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&cookie.to_be_bytes());
+    out.extend_from_slice(&length.to_be_bytes());
+}
+
+/// Appends the header of a final `NBD_REPLY_TYPE_OFFSET_DATA` chunk; `len` data bytes must
+/// follow.
+pub fn offset_data_header(out: &mut Vec<u8>, cookie: u64, offset: u64, len: u32) {
+    chunk_header(out, cookie, chunk::FLAG_DONE, chunk::OFFSET_DATA, len + 8);
+    out.extend_from_slice(&offset.to_be_bytes());
+}
+
+/// Appends a final `NBD_REPLY_TYPE_ERROR` chunk with a human-readable message.
+pub fn error_chunk(out: &mut Vec<u8>, cookie: u64, error: u32, msg: &str) {
+    // The message length field is 16 bits and strings are capped anyway.
+    let mut end = msg.len().min(MAX_STRING);
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    let msg = &msg.as_bytes()[..end];
+    chunk_header(
+        out,
+        cookie,
+        chunk::FLAG_DONE,
+        chunk::ERROR,
+        6 + msg.len() as u32,
+    );
+    out.extend_from_slice(&error.to_be_bytes());
+    out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    out.extend_from_slice(msg);
+}
+
+/// Appends an `NBD_REPLY_TYPE_BLOCK_STATUS` chunk (at least one descriptor).
+pub fn block_status_chunk(
+    out: &mut Vec<u8>,
+    cookie: u64,
+    done: bool,
+    context: u32,
+    extents: &[(u32, u32)],
+) {
+    let flags = if done { chunk::FLAG_DONE } else { 0 };
+    let len = 4 + 8 * extents.len() as u32;
+    chunk_header(out, cookie, flags, chunk::BLOCK_STATUS, len);
+    out.extend_from_slice(&context.to_be_bytes());
+    for &(length, status) in extents {
+        out.extend_from_slice(&length.to_be_bytes());
+        out.extend_from_slice(&status.to_be_bytes());
+    }
+}
+
+/// Appends `(length, flags)` to a descriptor list, merging with the previous descriptor
+/// when the flags are equal and the sum still fits 32 bits.
+pub fn push_extent(out: &mut Vec<(u32, u32)>, length: u64, flags: u32) {
+    let mut length = length;
+    while length > 0 {
+        if let Some(last) = out.last_mut() {
+            if last.1 == flags && u64::from(last.0) < u64::from(u32::MAX) {
+                let room = u64::from(u32::MAX - last.0);
+                let n = room.min(length);
+                last.0 += n as u32;
+                length -= n;
+                continue;
+            }
+        }
+        let n = length.min(u64::from(u32::MAX));
+        out.push((n as u32, flags));
+        length -= n;
+    }
+}
+
+fn be32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_be_bytes(a)
+}
+
+fn be64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(kind: u16, flags: u16, offset: u64, length: u32) -> RequestHeader {
+        RequestHeader {
+            flags,
+            kind,
+            cookie: 7,
+            offset,
+            length,
+        }
+    }
+
+    const RW: Limits = Limits {
+        size: 1 << 20,
+        read_only: false,
+        structured: true,
+        contexts: 1,
+    };
+
+    #[test]
+    fn request_header_round_trips_and_bad_magic_is_fatal() {
+        let mut b = [0u8; REQUEST_LEN];
+        b[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&cflags::FUA.to_be_bytes());
+        b[6..8].copy_from_slice(&cmd::WRITE.to_be_bytes());
+        b[8..16].copy_from_slice(&0xdead_beef_u64.to_be_bytes());
+        b[16..24].copy_from_slice(&4096u64.to_be_bytes());
+        b[24..28].copy_from_slice(&512u32.to_be_bytes());
+        assert_eq!(
+            decode_request(&b).unwrap(),
+            RequestHeader {
+                flags: cflags::FUA,
+                kind: cmd::WRITE,
+                cookie: 0xdead_beef,
+                offset: 4096,
+                length: 512
+            }
+        );
+        b[0] ^= 1;
+        assert!(matches!(
+            decode_request(&b),
+            Err(ProtoError::BadMagic {
+                what: "request",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn requests_past_the_end_are_refused_with_qemu_nbd_errors() {
+        let past = validate(&req(cmd::WRITE, 0, (1 << 20) - 100, 200), &RW).unwrap_err();
+        assert_eq!(
+            (past.errno, past.skip, past.disconnect),
+            (errno::ENOSPC, 200, false)
+        );
+        let past = validate(&req(cmd::READ, 0, 1 << 20, 1), &RW).unwrap_err();
+        assert_eq!((past.errno, past.skip), (errno::EINVAL, 0));
+        let wrap = validate(&req(cmd::TRIM, 0, u64::MAX - 1, 4), &RW).unwrap_err();
+        assert_eq!(wrap.errno, errno::EINVAL);
+        let z = validate(&req(cmd::WRITE_ZEROES, 0, 1 << 20, 1), &RW).unwrap_err();
+        assert_eq!(z.errno, errno::ENOSPC);
+        assert_eq!(
+            validate(&req(cmd::READ, 0, (1 << 20) - 1, 1), &RW),
+            Ok(Command::Read {
+                offset: (1 << 20) - 1,
+                len: 1
+            })
+        );
+    }
+
+    #[test]
+    fn oversized_reads_overflow_and_oversized_writes_disconnect() {
+        let big = Limits {
+            size: u64::MAX,
+            ..RW
+        };
+        let r = validate(&req(cmd::READ, 0, 0, MAX_REQUEST + 1), &big).unwrap_err();
+        assert_eq!((r.errno, r.disconnect), (errno::EOVERFLOW, false));
+        let w = validate(&req(cmd::WRITE, 0, 0, MAX_REQUEST + 1), &big).unwrap_err();
+        assert_eq!((w.errno, w.skip, w.disconnect), (errno::EOVERFLOW, 0, true));
+        assert!(validate(&req(cmd::WRITE, 0, 0, MAX_REQUEST), &big).is_ok());
+        // Zeroes and trims carry no payload: they may be as long as the export.
+        assert!(validate(&req(cmd::WRITE_ZEROES, 0, 0, u32::MAX), &big).is_ok());
+    }
+
+    #[test]
+    fn read_only_exports_refuse_every_write_with_eperm() {
+        let ro = Limits {
+            read_only: true,
+            ..RW
+        };
+        for kind in [cmd::WRITE, cmd::TRIM, cmd::WRITE_ZEROES] {
+            let r = validate(&req(kind, 0, 0, 512), &ro).unwrap_err();
+            assert_eq!(r.errno, errno::EPERM);
+            assert_eq!(r.skip, if kind == cmd::WRITE { 512 } else { 0 });
+        }
+        assert!(validate(&req(cmd::READ, 0, 0, 512), &ro).is_ok());
+        assert_eq!(validate(&req(cmd::FLUSH, 0, 0, 0), &ro), Ok(Command::Flush));
+    }
+
+    #[test]
+    fn flags_and_commands_are_checked() {
+        assert_eq!(
+            validate(&req(99, 0, 0, 0), &RW).unwrap_err().errno,
+            errno::EINVAL
+        );
+        let r = validate(&req(cmd::WRITE, cflags::NO_HOLE, 0, 16), &RW).unwrap_err();
+        assert_eq!((r.errno, r.skip), (errno::EINVAL, 16));
+        let simple = Limits {
+            structured: false,
+            contexts: 0,
+            ..RW
+        };
+        assert!(validate(&req(cmd::READ, cflags::DF, 0, 16), &simple).is_err());
+        assert!(validate(&req(cmd::READ, cflags::DF, 0, 16), &RW).is_ok());
+        assert!(validate(&req(cmd::BLOCK_STATUS, 0, 0, 16), &simple).is_err());
+        assert!(validate(&req(cmd::BLOCK_STATUS, 0, 0, 0), &RW).is_err());
+        assert_eq!(
+            validate(
+                &req(
+                    cmd::WRITE_ZEROES,
+                    cflags::NO_HOLE | cflags::FAST_ZERO,
+                    0,
+                    16
+                ),
+                &RW
+            ),
+            Ok(Command::WriteZeroes {
+                offset: 0,
+                len: 16,
+                fua: false,
+                no_hole: true,
+                fast: true
+            })
+        );
+    }
+
+    #[test]
+    fn option_payloads_are_bounded_and_exact() {
+        let mut go = Vec::new();
+        go.extend_from_slice(&3u32.to_be_bytes());
+        go.extend_from_slice(b"abc");
+        go.extend_from_slice(&2u16.to_be_bytes());
+        go.extend_from_slice(&info::NAME.to_be_bytes());
+        go.extend_from_slice(&info::BLOCK_SIZE.to_be_bytes());
+        assert_eq!(
+            decode_info_request(&go).unwrap(),
+            InfoRequest {
+                name: "abc".into(),
+                items: vec![info::NAME, info::BLOCK_SIZE]
+            }
+        );
+        assert!(decode_info_request(&go[..go.len() - 1]).is_err());
+        let mut trailing = go.clone();
+        trailing.push(0);
+        assert!(decode_info_request(&trailing).is_err());
+        // A name length beyond the payload, or a lying query count, is invalid, not a panic.
+        assert!(decode_info_request(&u32::MAX.to_be_bytes()).is_err());
+        let mut meta = Vec::new();
+        meta.extend_from_slice(&0u32.to_be_bytes());
+        meta.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode_meta_request(&meta).is_err());
+        let mut nul = Vec::new();
+        nul.extend_from_slice(&1u32.to_be_bytes());
+        nul.push(0);
+        nul.extend_from_slice(&0u16.to_be_bytes());
+        assert!(decode_info_request(&nul).is_err());
+    }
+
+    #[test]
+    fn option_headers_refuse_bad_magic_and_huge_payloads() {
+        let mut b = [0u8; OPTION_HEADER_LEN];
+        b[..8].copy_from_slice(&IHAVEOPT.to_be_bytes());
+        b[8..12].copy_from_slice(&opt::GO.to_be_bytes());
+        b[12..16].copy_from_slice(&(MAX_OPTION + 1).to_be_bytes());
+        assert!(matches!(
+            decode_option_header(&b),
+            Err(ProtoError::OptionTooLarge { .. })
+        ));
+        b[12..16].copy_from_slice(&10u32.to_be_bytes());
+        assert_eq!(
+            decode_option_header(&b),
+            Ok(OptionHeader {
+                option: opt::GO,
+                length: 10
+            })
+        );
+        b[0] = 0;
+        assert!(decode_option_header(&b).is_err());
+    }
+
+    #[test]
+    fn client_flags_require_fixed_newstyle_and_nothing_unknown() {
+        assert!(decode_client_flags(0u32.to_be_bytes()).is_err());
+        assert!(decode_client_flags(4u32.to_be_bytes()).is_err());
+        assert_eq!(decode_client_flags(3u32.to_be_bytes()), Ok(3));
+    }
+
+    #[test]
+    fn meta_context_queries_match_like_qemu_nbd() {
+        let avail = [
+            MetaContext::BaseAllocation,
+            MetaContext::DirtyBitmap("b0".into()),
+            MetaContext::DirtyBitmap("b1".into()),
+        ];
+        assert_eq!(match_query("base:allocation", &avail, false), vec![0]);
+        assert_eq!(match_query("qemu:dirty-bitmap:b1", &avail, false), vec![2]);
+        assert_eq!(match_query("qemu:", &avail, true), vec![1, 2]);
+        assert_eq!(match_query("qemu:", &avail, false), Vec::<usize>::new());
+        assert_eq!(match_query("base:", &avail, true), vec![0]);
+        assert_eq!(match_query("nope:x", &avail, true), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn extents_merge_and_split_at_32_bits() {
+        let mut v = Vec::new();
+        push_extent(&mut v, 4096, 0);
+        push_extent(&mut v, 4096, 0);
+        push_extent(&mut v, 512, STATE_HOLE);
+        assert_eq!(v, vec![(8192, 0), (512, STATE_HOLE)]);
+        let mut big = Vec::new();
+        push_extent(&mut big, (1 << 33) + 5, 3);
+        assert_eq!(
+            big.iter().map(|e| u64::from(e.0)).sum::<u64>(),
+            (1 << 33) + 5
+        );
+        assert!(big.iter().all(|e| e.0 > 0 && e.1 == 3));
+    }
+}

@@ -1,0 +1,938 @@
+//! The server: listeners, the handshake, and the transmission phase.
+//!
+//! Per connection one task reads requests and spawns one task per request (bounded by
+//! [`ServerOptions::max_in_flight`] and a byte budget for payload buffers), so the queue
+//! depth the client sends reaches the engine; a writer task serialises the replies in
+//! completion order. Every connection shares the one [`Image`], so a flush on any connection
+//! covers writes completed on all of them: exports advertise `NBD_FLAG_CAN_MULTI_CONN`.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use qcow2_async::qcow2_format::Version;
+use qcow2_async::Image;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, info, instrument, warn};
+
+use crate::error::{Error, Result};
+use crate::proto::{self, errno, opt, rep, tflags, Command, Limits, MetaContext};
+
+/// What an export shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The image as it is now (read-write unless the export or the image is read-only).
+    Live,
+    /// An internal snapshot, by id or name, always read-only.
+    Snapshot(String),
+}
+
+/// One export of the image.
+#[derive(Debug, Clone)]
+pub struct ExportConfig {
+    /// Name clients ask for (`""` is the default export).
+    pub name: String,
+    /// What the export shows.
+    pub source: Source,
+    /// Refuse writes even if the image is writable.
+    pub read_only: bool,
+    /// Persistent bitmaps offered as `qemu:dirty-bitmap:NAME` contexts (live exports only).
+    pub bitmaps: Vec<String>,
+}
+
+impl ExportConfig {
+    /// The live image under `name`, read-write, no bitmaps.
+    pub fn live(name: impl Into<String>) -> Self {
+        ExportConfig {
+            name: name.into(),
+            source: Source::Live,
+            read_only: false,
+            bitmaps: Vec::new(),
+        }
+    }
+}
+
+/// Limits of the server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Requests of one connection that may run at once; further requests wait to be read.
+    pub max_in_flight: usize,
+    /// Bytes of read and write buffers one connection may hold at once (at least
+    /// [`proto::MAX_REQUEST`]).
+    pub buffer_bytes: usize,
+    /// After [`Server::shutdown`], how long connections get to finish running requests and
+    /// deliver their replies before they are cut (a client that stalls mid-request or stops
+    /// reading replies must not hold the shutdown forever).
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            max_in_flight: 128,
+            buffer_bytes: 128 << 20,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A listening socket.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Unix domain socket.
+    Unix(UnixListener),
+}
+
+impl Listener {
+    /// Binds a TCP listener (`127.0.0.1:0` picks a free port).
+    pub async fn bind_tcp(addr: &str) -> Result<Listener> {
+        TcpListener::bind(addr)
+            .await
+            .map(Listener::Tcp)
+            .map_err(Error::io("binding the TCP socket"))
+    }
+
+    /// Binds a Unix socket at `path` (which must not exist).
+    pub fn bind_unix(path: &Path) -> Result<Listener> {
+        UnixListener::bind(path)
+            .map(Listener::Unix)
+            .map_err(Error::io("binding the Unix socket"))
+    }
+
+    /// The bound address, for logs (and to learn the port picked for `:0`).
+    pub fn local_addr(&self) -> Result<String> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()),
+            Listener::Unix(l) => l
+                .local_addr()
+                .map(|a| format!("{:?}", a.as_pathname().unwrap_or(Path::new("?")))),
+        }
+        .map_err(Error::io("reading the socket address"))
+    }
+}
+
+/// Bytes per unit of the buffer budget (tokio semaphores count in `u32`).
+const UNIT: usize = 4096;
+/// `BLOCK_STATUS` looks at most this far per request; the reply may cover less than asked,
+/// which the protocol allows, and the client asks again.
+const BLOCK_STATUS_SPAN: u64 = 1 << 30;
+/// Descriptors per context in one `BLOCK_STATUS` reply.
+const MAX_DESCRIPTORS: usize = 1 << 16;
+
+/// An export resolved against the image.
+#[derive(Debug)]
+struct Export {
+    name: String,
+    source: Source,
+    read_only: bool,
+    size: u64,
+    contexts: Vec<MetaContext>,
+}
+
+struct Shared {
+    image: Image,
+    exports: Vec<Export>,
+    opts: ServerOptions,
+    cluster: u64,
+    version3: bool,
+    stop: watch::Sender<bool>,
+}
+
+/// An NBD server for one image. Cheap to clone; every clone is the same server.
+#[derive(Clone)]
+pub struct Server {
+    sh: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("image", &self.sh.image)
+            .field("exports", &self.sh.exports)
+            .finish()
+    }
+}
+
+impl Server {
+    /// Checks the exports against the image: snapshots and bitmaps must exist, bitmaps must
+    /// be consistent, names unique.
+    #[instrument(skip(image, exports, opts))]
+    pub async fn new(
+        image: Image,
+        exports: Vec<ExportConfig>,
+        opts: ServerOptions,
+    ) -> Result<Self> {
+        if opts.max_in_flight == 0 || opts.buffer_bytes < proto::MAX_REQUEST as usize {
+            return Err(Error::Config(format!(
+                "max_in_flight must be positive and buffer_bytes at least {} (got {opts:?})",
+                proto::MAX_REQUEST
+            )));
+        }
+        if opts.buffer_bytes / UNIT > Semaphore::MAX_PERMITS {
+            return Err(Error::Config("buffer_bytes is too large".into()));
+        }
+        let bitmaps = image.bitmaps().await;
+        let snapshots = image.list_snapshots().await?;
+        let mut out: Vec<Export> = Vec::new();
+        for e in exports {
+            proto::decode_string(e.name.as_bytes())
+                .map_err(|m| Error::Config(format!("export name {:?}: {m}", e.name)))?;
+            if out.iter().any(|o| o.name == e.name) {
+                return Err(Error::Config(format!("export {:?} given twice", e.name)));
+            }
+            let export = match &e.source {
+                Source::Live => {
+                    let mut contexts = vec![MetaContext::BaseAllocation];
+                    for b in &e.bitmaps {
+                        match bitmaps.iter().find(|i| &i.name == b) {
+                            None => return Err(Error::Config(format!("no bitmap named {b:?}"))),
+                            Some(i) if i.inconsistent => {
+                                return Err(Error::Config(format!(
+                                    "bitmap {b:?} is inconsistent (the image was not closed \
+                                     cleanly); it can only be removed"
+                                )))
+                            }
+                            Some(_) => contexts.push(MetaContext::DirtyBitmap(b.clone())),
+                        }
+                    }
+                    Export {
+                        name: e.name,
+                        read_only: e.read_only || image.is_read_only(),
+                        size: image.virtual_size(),
+                        source: e.source,
+                        contexts,
+                    }
+                }
+                Source::Snapshot(id) => {
+                    if !e.bitmaps.is_empty() {
+                        return Err(Error::Config(
+                            "dirty bitmaps describe the live image, not a snapshot".into(),
+                        ));
+                    }
+                    let snap = snapshots
+                        .iter()
+                        .find(|s| &s.id == id)
+                        .or_else(|| snapshots.iter().find(|s| &s.name == id))
+                        .ok_or_else(|| Error::Config(format!("no snapshot {id:?}")))?;
+                    Export {
+                        name: e.name,
+                        read_only: true,
+                        size: snap.disk_size,
+                        source: e.source,
+                        // The engine has no block-status view of a snapshot: offer none
+                        // rather than report made-up allocation.
+                        contexts: Vec::new(),
+                    }
+                }
+            };
+            out.push(export);
+        }
+        let version3 = image.header().await.header.version == Version::V3;
+        Ok(Server {
+            sh: Arc::new(Shared {
+                cluster: image.cluster_size(),
+                image,
+                exports: out,
+                opts,
+                version3,
+                stop: watch::channel(false).0,
+            }),
+        })
+    }
+
+    /// The image the server exports.
+    pub fn image(&self) -> &Image {
+        &self.sh.image
+    }
+
+    /// Stops every [`Server::serve`] loop and connection: no new connections or requests
+    /// are taken, requests already running finish and are answered, then the connections
+    /// close. `serve` returns once they have.
+    pub fn shutdown(&self) {
+        self.sh.stop.send_replace(true);
+    }
+
+    /// Accepts connections until [`Server::shutdown`], then waits for every connection to
+    /// finish its running requests.
+    #[instrument(skip_all)]
+    pub async fn serve(&self, listener: Listener) -> Result<()> {
+        let mut stop = self.sh.stop.subscribe();
+        let mut conns = JoinSet::new();
+        info!(
+            addr = listener.local_addr().unwrap_or_default(),
+            "NBD server listening"
+        );
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                Some(done) = conns.join_next(), if !conns.is_empty() => {
+                    if let Err(e) = done {
+                        warn!("connection task failed: {e}");
+                    }
+                    continue;
+                }
+                a = accept(&listener) => a,
+            };
+            match accepted {
+                Ok(Stream::Tcp(s, peer)) => {
+                    let _ = s.set_nodelay(true);
+                    let (r, w) = s.into_split();
+                    conns.spawn(self.clone().connection(r, w, peer));
+                }
+                Ok(Stream::Unix(s)) => {
+                    let (r, w) = s.into_split();
+                    conns.spawn(self.clone().connection(r, w, "unix".into()));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+        let drained = tokio::time::timeout(self.sh.opts.shutdown_grace, async {
+            while let Some(done) = conns.join_next().await {
+                if let Err(e) = done {
+                    warn!("connection task failed: {e}");
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                left = conns.len(),
+                "connections did not finish within the shutdown grace period: cut"
+            );
+            // Aborting a connection aborts its reply writer too; request tasks then find
+            // nobody to answer and end after their engine call.
+            conns.shutdown().await;
+        }
+        Ok(())
+    }
+
+    /// Serves one already-connected client (both halves of a stream) to the end.
+    pub async fn serve_stream<R, W>(&self, r: R, w: W)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        self.clone().connection(r, w, "stream".into()).await
+    }
+
+    #[instrument(skip(self, r, w))]
+    async fn connection<R, W>(self, r: R, w: W, peer: String)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut r = BufReader::with_capacity(64 << 10, r);
+        let mut w = BufWriter::with_capacity(64 << 10, w);
+        let mut stop = self.sh.stop.subscribe();
+        if *stop.borrow() {
+            return;
+        }
+        let session = tokio::select! {
+            s = self.handshake(&mut r, &mut w) => s,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let session = match session {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(e) => {
+                debug!("handshake ended: {e}");
+                return;
+            }
+        };
+        let export = &self.sh.exports[session.export];
+        debug!(export = export.name, "transmission phase");
+        if let Err(e) = self.transmission(session, r, w, stop).await {
+            debug!("connection ended: {e}");
+        }
+    }
+
+    /// Option haggling. `Ok(None)`: the client aborted.
+    async fn handshake<R, W>(&self, r: &mut R, w: &mut W) -> Result<Option<Session>>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let io = Error::io("negotiating");
+        w.write_all(&proto::greeting()).await.map_err(&io)?;
+        w.flush().await.map_err(&io)?;
+        let mut raw = [0u8; 4];
+        r.read_exact(&mut raw).await.map_err(&io)?;
+        let no_zeroes = proto::decode_client_flags(raw)? & proto::CLIENT_NO_ZEROES != 0;
+        let mut structured = false;
+        // Contexts chosen by the last SET_META_CONTEXT: (export, indices).
+        let mut selected: Option<(usize, Vec<usize>)> = None;
+        loop {
+            let mut hb = [0u8; proto::OPTION_HEADER_LEN];
+            r.read_exact(&mut hb).await.map_err(&io)?;
+            let h = proto::decode_option_header(&hb)?;
+            let mut data = vec![0u8; h.length as usize];
+            r.read_exact(&mut data).await.map_err(&io)?;
+            let o = h.option;
+            let mut out = Vec::new();
+            let err = |out: &mut Vec<u8>, kind: u32, msg: &str| {
+                proto::option_reply(out, o, kind, msg.as_bytes())
+            };
+            match o {
+                opt::EXPORT_NAME => {
+                    let name = String::from_utf8_lossy(&data).into_owned();
+                    let Some(i) = self.find(&name) else {
+                        return Err(proto::ProtoError::UnknownExport(name).into());
+                    };
+                    let e = &self.sh.exports[i];
+                    let flags = transmission_flags(e, structured);
+                    proto::export_name_reply(&mut out, e.size, flags, no_zeroes);
+                    w.write_all(&out).await.map_err(&io)?;
+                    w.flush().await.map_err(&io)?;
+                    return Ok(Some(Session::new(i, structured, selected)));
+                }
+                opt::ABORT => {
+                    proto::option_reply(&mut out, o, rep::ACK, &[]);
+                    // The client may already be gone; that is fine.
+                    let _ = w.write_all(&out).await;
+                    let _ = w.flush().await;
+                    return Ok(None);
+                }
+                opt::LIST if !data.is_empty() => {
+                    err(&mut out, rep::ERR_INVALID, "NBD_OPT_LIST takes no data")
+                }
+                opt::LIST => {
+                    for e in &self.sh.exports {
+                        proto::rep_server(&mut out, &e.name);
+                    }
+                    proto::option_reply(&mut out, o, rep::ACK, &[]);
+                }
+                opt::STARTTLS => err(&mut out, rep::ERR_UNSUP, "TLS is not supported"),
+                opt::INFO | opt::GO => match proto::decode_info_request(&data) {
+                    Err(m) => err(&mut out, rep::ERR_INVALID, m.0),
+                    Ok(req) => match self.find(&req.name) {
+                        None => err(&mut out, rep::ERR_UNKNOWN, "no such export"),
+                        Some(i) => {
+                            let e = &self.sh.exports[i];
+                            let flags = transmission_flags(e, structured);
+                            proto::info_export(&mut out, o, e.size, flags);
+                            if req.items.contains(&proto::info::NAME) {
+                                proto::info_string(&mut out, o, proto::info::NAME, &e.name);
+                            }
+                            // Sent whether asked or not (as qemu-nbd): the engine takes any
+                            // byte alignment, so the minimum is 1.
+                            let preferred = self.sh.cluster.clamp(4096, 1 << 20) as u32;
+                            proto::info_block_size(&mut out, o, 1, preferred, proto::MAX_REQUEST);
+                            proto::option_reply(&mut out, o, rep::ACK, &[]);
+                            if o == opt::GO {
+                                w.write_all(&out).await.map_err(&io)?;
+                                w.flush().await.map_err(&io)?;
+                                return Ok(Some(Session::new(i, structured, selected)));
+                            }
+                        }
+                    },
+                },
+                opt::STRUCTURED_REPLY if !data.is_empty() => err(
+                    &mut out,
+                    rep::ERR_INVALID,
+                    "NBD_OPT_STRUCTURED_REPLY takes no data",
+                ),
+                opt::STRUCTURED_REPLY if structured => err(
+                    &mut out,
+                    rep::ERR_INVALID,
+                    "structured replies already negotiated",
+                ),
+                opt::STRUCTURED_REPLY => {
+                    structured = true;
+                    proto::option_reply(&mut out, o, rep::ACK, &[]);
+                }
+                opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                    let set = o == opt::SET_META_CONTEXT;
+                    if set {
+                        selected = None;
+                    }
+                    match proto::decode_meta_request(&data) {
+                        _ if !structured => err(
+                            &mut out,
+                            rep::ERR_INVALID,
+                            "negotiate structured replies first",
+                        ),
+                        Err(m) => err(&mut out, rep::ERR_INVALID, m.0),
+                        Ok(req) => match self.find(&req.export) {
+                            None => err(&mut out, rep::ERR_UNKNOWN, "no such export"),
+                            Some(i) => {
+                                let avail = &self.sh.exports[i].contexts;
+                                let mut hits: Vec<usize> = Vec::new();
+                                if !set && req.queries.is_empty() {
+                                    hits = (0..avail.len()).collect();
+                                }
+                                for q in &req.queries {
+                                    for h in proto::match_query(q, avail, !set) {
+                                        if !hits.contains(&h) {
+                                            hits.push(h);
+                                        }
+                                    }
+                                }
+                                for &h in &hits {
+                                    let id = if set { h as u32 } else { 0 };
+                                    proto::rep_meta_context(&mut out, o, id, &avail[h].name());
+                                }
+                                proto::option_reply(&mut out, o, rep::ACK, &[]);
+                                if set {
+                                    selected = Some((i, hits));
+                                }
+                            }
+                        },
+                    }
+                }
+                _ => err(&mut out, rep::ERR_UNSUP, "option not supported"),
+            }
+            w.write_all(&out).await.map_err(&io)?;
+            w.flush().await.map_err(&io)?;
+        }
+    }
+
+    fn find(&self, name: &str) -> Option<usize> {
+        self.sh.exports.iter().position(|e| e.name == name)
+    }
+
+    async fn transmission<R, W>(
+        &self,
+        s: Session,
+        mut r: BufReader<R>,
+        w: BufWriter<W>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<()>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let export = &self.sh.exports[s.export];
+        let limits = Limits {
+            size: export.size,
+            read_only: export.read_only,
+            structured: s.structured,
+            contexts: s.contexts.len(),
+        };
+        let (tx, rx) = mpsc::channel::<Outgoing>(self.sh.opts.max_in_flight + 1);
+        let mut writer = AbortOnDrop(tokio::spawn(write_replies(w, rx)));
+        let in_flight = Arc::new(Semaphore::new(self.sh.opts.max_in_flight));
+        let budget = Arc::new(Semaphore::new(self.sh.opts.buffer_bytes / UNIT));
+        let conn = Arc::new(Conn {
+            sh: self.sh.clone(),
+            export: s.export,
+            structured: s.structured,
+            contexts: s.contexts,
+        });
+        let io = Error::io("reading a request");
+        let result: Result<()> = loop {
+            let mut hb = [0u8; proto::REQUEST_LEN];
+            let read = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => break Ok(()),
+                r = r.read_exact(&mut hb) => r,
+            };
+            match read {
+                Ok(_) => {}
+                // The client went away between requests.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
+                Err(e) => break Err(io(e)),
+            }
+            let h = match proto::decode_request(&hb) {
+                Ok(h) => h,
+                Err(e) => break Err(e.into()),
+            };
+            let Ok(slot) = in_flight.clone().acquire_owned().await else {
+                break Ok(());
+            };
+            let command = match proto::validate(&h, &limits) {
+                Ok(c) => c,
+                Err(rej) => {
+                    debug!(cookie = h.cookie, kind = h.kind, "refused: {}", rej.reason);
+                    if rej.skip > 0 {
+                        let mut sink = tokio::io::sink();
+                        let mut payload = (&mut r).take(u64::from(rej.skip));
+                        match tokio::io::copy(&mut payload, &mut sink).await {
+                            Ok(n) if n == u64::from(rej.skip) => {}
+                            Ok(_) => break Ok(()),
+                            Err(e) => break Err(io(e)),
+                        }
+                    }
+                    let head = conn.error_reply(h.cookie, rej.errno, rej.reason);
+                    let _ = tx.send(Outgoing::new(head, Vec::new(), slot, None)).await;
+                    if rej.disconnect {
+                        break Ok(());
+                    }
+                    continue;
+                }
+            };
+            let bytes = match command {
+                Command::Disconnect => break Ok(()),
+                Command::Read { len, .. } | Command::Write { len, .. } => len as usize,
+                _ => 0,
+            };
+            let buffer = if bytes > 0 {
+                let units = bytes.div_ceil(UNIT) as u32;
+                match budget.clone().acquire_many_owned(units).await {
+                    Ok(p) => Some(p),
+                    Err(_) => break Ok(()),
+                }
+            } else {
+                None
+            };
+            let payload = if let Command::Write { len, .. } = command {
+                let mut p = vec![0u8; len as usize];
+                // A client that leaves mid-payload leaves the write undone: nothing of it
+                // reaches the image.
+                match r.read_exact(&mut p).await {
+                    Ok(_) => p,
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
+                    Err(e) => break Err(io(e)),
+                }
+            } else {
+                Vec::new()
+            };
+            let conn = conn.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (head, data) = conn.execute(h.cookie, command, payload).await;
+                let _ = tx.send(Outgoing::new(head, data, slot, buffer)).await;
+            });
+        };
+        // Requests still running finish and are answered before the connection closes
+        // (each holds a sender; the writer ends when the last one is dropped).
+        drop(tx);
+        let written = (&mut writer.0)
+            .await
+            .map_err(|e| Error::io("writing replies")(io::Error::other(e)))?;
+        result?;
+        written.map_err(Error::io("writing replies"))
+    }
+}
+
+fn transmission_flags(e: &Export, structured: bool) -> u16 {
+    let mut f = tflags::HAS_FLAGS | tflags::CAN_MULTI_CONN;
+    if structured {
+        f |= tflags::SEND_DF;
+    }
+    if e.read_only {
+        f |= tflags::READ_ONLY;
+    } else {
+        f |= tflags::SEND_FLUSH
+            | tflags::SEND_FUA
+            | tflags::SEND_TRIM
+            | tflags::SEND_WRITE_ZEROES
+            | tflags::SEND_FAST_ZERO;
+    }
+    f
+}
+
+/// The reply writer of a connection dies with the connection's task.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream, String),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(l: &Listener) -> io::Result<Stream> {
+    match l {
+        Listener::Tcp(l) => {
+            let (s, peer) = l.accept().await?;
+            Ok(Stream::Tcp(s, peer.to_string()))
+        }
+        Listener::Unix(l) => Ok(Stream::Unix(l.accept().await?.0)),
+    }
+}
+
+/// What the handshake settled.
+struct Session {
+    export: usize,
+    structured: bool,
+    /// Indices into the export's contexts, in the order selected.
+    contexts: Vec<usize>,
+}
+
+impl Session {
+    fn new(export: usize, structured: bool, selected: Option<(usize, Vec<usize>)>) -> Self {
+        // Contexts selected for a different export do not apply to this one.
+        let contexts = match selected {
+            Some((e, c)) if e == export && structured => c,
+            _ => Vec::new(),
+        };
+        Session {
+            export,
+            structured,
+            contexts,
+        }
+    }
+}
+
+/// A reply on its way out, holding the request's in-flight slot and buffer budget until it
+/// is written.
+struct Outgoing {
+    head: Vec<u8>,
+    data: Vec<u8>,
+    _slot: OwnedSemaphorePermit,
+    _buffer: Option<OwnedSemaphorePermit>,
+}
+
+impl Outgoing {
+    fn new(
+        head: Vec<u8>,
+        data: Vec<u8>,
+        slot: OwnedSemaphorePermit,
+        buffer: Option<OwnedSemaphorePermit>,
+    ) -> Self {
+        Outgoing {
+            head,
+            data,
+            _slot: slot,
+            _buffer: buffer,
+        }
+    }
+}
+
+/// Writes replies in the order requests complete, flushing when no reply is waiting. After a
+/// write error the rest are dropped (the client is gone), but still received so that
+/// request tasks never block.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut w: BufWriter<W>,
+    mut rx: mpsc::Receiver<Outgoing>,
+) -> io::Result<()> {
+    let mut failed: Option<io::Error> = None;
+    while let Some(m) = rx.recv().await {
+        if failed.is_none() {
+            let mut r = w.write_all(&m.head).await;
+            if r.is_ok() && !m.data.is_empty() {
+                r = w.write_all(&m.data).await;
+            }
+            if r.is_ok() && rx.is_empty() {
+                r = w.flush().await;
+            }
+            failed = r.err();
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => {
+            w.flush().await?;
+            w.shutdown().await
+        }
+    }
+}
+
+/// What request tasks of one connection share.
+struct Conn {
+    sh: Arc<Shared>,
+    export: usize,
+    structured: bool,
+    contexts: Vec<usize>,
+}
+
+impl Conn {
+    fn export(&self) -> &Export {
+        &self.sh.exports[self.export]
+    }
+
+    fn ok_reply(&self, cookie: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16);
+        proto::simple_reply(&mut out, cookie, 0);
+        out
+    }
+
+    fn error_reply(&self, cookie: u64, errno: u32, msg: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        if self.structured {
+            proto::error_chunk(&mut out, cookie, errno, msg);
+        } else {
+            proto::simple_reply(&mut out, cookie, errno);
+        }
+        out
+    }
+
+    fn engine_error(&self, cookie: u64, e: &qcow2_async::Error) -> Vec<u8> {
+        warn!(cookie, "request failed: {e}");
+        self.error_reply(cookie, errno_of(e), &e.to_string())
+    }
+
+    fn done(&self, cookie: u64, r: qcow2_async::Result<()>) -> (Vec<u8>, Vec<u8>) {
+        match r {
+            Ok(()) => (self.ok_reply(cookie), Vec::new()),
+            Err(e) => (self.engine_error(cookie, &e), Vec::new()),
+        }
+    }
+
+    /// Runs one validated command; returns the reply header and data.
+    async fn execute(&self, cookie: u64, c: Command, payload: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
+        let img = &self.sh.image;
+        let fua = |fua: bool| async move {
+            if fua {
+                img.flush().await
+            } else {
+                Ok(())
+            }
+        };
+        match c {
+            Command::Read { offset, len } => {
+                let mut buf = vec![0u8; len as usize];
+                let r = match &self.export().source {
+                    Source::Live => img.read_at(&mut buf, offset).await,
+                    Source::Snapshot(id) => img.read_snapshot_at(id, &mut buf, offset).await,
+                };
+                if let Err(e) = r {
+                    return (self.engine_error(cookie, &e), Vec::new());
+                }
+                let mut head = Vec::with_capacity(32);
+                if !self.structured {
+                    proto::simple_reply(&mut head, cookie, 0);
+                } else if len == 0 {
+                    let done = proto::chunk::FLAG_DONE;
+                    proto::chunk_header(&mut head, cookie, done, proto::chunk::NONE, 0);
+                } else {
+                    // Everything is in memory: no error can follow, so one chunk is final.
+                    proto::offset_data_header(&mut head, cookie, offset, len);
+                }
+                (head, buf)
+            }
+            Command::Write { offset, fua: f, .. } => {
+                let r = match img.write_at(&payload, offset).await {
+                    Ok(()) => fua(f).await,
+                    Err(e) => Err(e),
+                };
+                self.done(cookie, r)
+            }
+            Command::Flush => self.done(cookie, img.flush().await),
+            Command::Trim {
+                offset,
+                len,
+                fua: f,
+            } => {
+                let r = if len == 0 {
+                    Ok(())
+                } else {
+                    match img.discard(offset, u64::from(len)).await {
+                        Ok(()) => fua(f).await,
+                        Err(e) => Err(e),
+                    }
+                };
+                self.done(cookie, r)
+            }
+            Command::WriteZeroes {
+                offset,
+                len,
+                fua: f,
+                no_hole,
+                fast,
+            } => {
+                if fast && !self.zeroing_is_fast(offset, u64::from(len)) {
+                    let msg =
+                        "zeroing this range would write data (not cluster aligned, or a v2 image)";
+                    return (self.error_reply(cookie, errno::ENOTSUP, msg), Vec::new());
+                }
+                let r = if len == 0 {
+                    Ok(())
+                } else {
+                    match img.write_zeroes(offset, u64::from(len), !no_hole).await {
+                        Ok(()) => fua(f).await,
+                        Err(e) => Err(e),
+                    }
+                };
+                self.done(cookie, r)
+            }
+            Command::BlockStatus {
+                offset,
+                len,
+                req_one,
+            } => match self
+                .block_status(cookie, offset, u64::from(len), req_one)
+                .await
+            {
+                Ok(out) => (out, Vec::new()),
+                Err(e) => (self.engine_error(cookie, &e), Vec::new()),
+            },
+            Command::Disconnect => (Vec::new(), Vec::new()),
+        }
+    }
+
+    /// `FAST_ZERO` promise: on a v3 image, zeroing whole clusters only changes L2 entries
+    /// (the engine never writes zero data for them). Partial clusters and v2 images may
+    /// need data written, so those get `ENOTSUP` and the client falls back.
+    fn zeroing_is_fast(&self, offset: u64, len: u64) -> bool {
+        let cs = self.sh.cluster;
+        let end = offset + len;
+        self.sh.version3 && offset % cs == 0 && (end % cs == 0 || end == self.export().size)
+    }
+
+    async fn block_status(
+        &self,
+        cookie: u64,
+        offset: u64,
+        len: u64,
+        req_one: bool,
+    ) -> qcow2_async::Result<Vec<u8>> {
+        let img = &self.sh.image;
+        let len = len.min(BLOCK_STATUS_SPAN);
+        let end = offset + len;
+        let mut out = Vec::new();
+        for (k, &ci) in self.contexts.iter().enumerate() {
+            let mut ext: Vec<(u32, u32)> = Vec::new();
+            match &self.export().contexts[ci] {
+                MetaContext::BaseAllocation => {
+                    for e in img.map(offset, len).await? {
+                        let mut flags = 0;
+                        if !e.data {
+                            flags |= proto::STATE_HOLE;
+                        }
+                        if e.zero {
+                            flags |= proto::STATE_ZERO;
+                        }
+                        proto::push_extent(&mut ext, e.length, flags);
+                    }
+                }
+                MetaContext::DirtyBitmap(name) => {
+                    let mut pos = offset;
+                    for r in img.dirty_ranges(name, offset..end).await? {
+                        if r.start > pos {
+                            proto::push_extent(&mut ext, r.start - pos, 0);
+                        }
+                        proto::push_extent(&mut ext, r.end - r.start, proto::STATE_DIRTY);
+                        pos = r.end;
+                    }
+                    if pos < end {
+                        proto::push_extent(&mut ext, end - pos, 0);
+                    }
+                }
+            }
+            ext.truncate(if req_one { 1 } else { MAX_DESCRIPTORS });
+            if ext.is_empty() {
+                // Cannot happen for a non-empty range, but the protocol needs a descriptor.
+                proto::push_extent(&mut ext, len, 0);
+            }
+            let last = k + 1 == self.contexts.len();
+            proto::block_status_chunk(&mut out, cookie, last, ci as u32, &ext);
+        }
+        Ok(out)
+    }
+}
+
+/// The protocol's error value for an engine error.
+fn errno_of(e: &qcow2_async::Error) -> u32 {
+    use qcow2_async::Error as E;
+    match e {
+        E::ReadOnly => errno::EPERM,
+        E::OutOfRange { .. } | E::InvalidArgument(_) => errno::EINVAL,
+        E::NoSpace(_) => errno::ENOSPC,
+        _ => errno::EIO,
+    }
+}

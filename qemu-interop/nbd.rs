@@ -1,0 +1,459 @@
+//! `qcow2-nbd` against QEMU's own NBD client: qemu-io, qemu-img convert / compare / map,
+//! and qemu-nbd as the reference server for block status. Fails loudly without QEMU.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{assert_check_clean, qemu, qemu_ok};
+use qcow2_async::{BitmapOptions, CreateOptions, Image, OpenOptions};
+use qcow2_nbd::{ExportConfig, Listener, Server, ServerOptions, Source};
+use serde_json::Value;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A server running in the test's runtime.
+struct Running {
+    server: Server,
+    task: tokio::task::JoinHandle<qcow2_nbd::Result<()>>,
+    /// `nbd+unix:///?socket=` or `nbd://127.0.0.1:PORT/` prefix; append the export name.
+    uri: String,
+    sock: Option<PathBuf>,
+}
+
+impl Running {
+    fn url(&self, export: &str) -> String {
+        match &self.sock {
+            Some(p) => format!("nbd+unix:///{export}?socket={}", s(p)),
+            None => format!("{}{export}", self.uri),
+        }
+    }
+
+    /// `--image-opts` spelling, to add `x-dirty-bitmap`.
+    fn opts(&self, extra: &str) -> String {
+        let p = self.sock.as_ref().expect("unix socket");
+        format!("driver=nbd,server.type=unix,server.path={}{extra}", s(p))
+    }
+
+    async fn stop(self) {
+        self.server.shutdown();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+async fn start(img: &Image, exports: Vec<ExportConfig>, unix_dir: Option<&Path>) -> Running {
+    let server = Server::new(img.clone(), exports, ServerOptions::default())
+        .await
+        .unwrap();
+    let (listener, uri, sock) = match unix_dir {
+        Some(d) => {
+            let p = d.join("nbd.sock");
+            (Listener::bind_unix(&p).unwrap(), String::new(), Some(p))
+        }
+        None => {
+            let l = Listener::bind_tcp("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            (l, format!("nbd://{addr}/"), None)
+        }
+    };
+    let srv = server.clone();
+    let task = tokio::spawn(async move { srv.serve(listener).await });
+    Running {
+        server,
+        task,
+        uri,
+        sock,
+    }
+}
+
+/// Runs a QEMU tool off the runtime's threads (the server needs them meanwhile).
+async fn run_ok(tool: &'static str, args: Vec<String>) -> String {
+    tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        qemu_ok(tool, &a)
+    })
+    .await
+    .unwrap()
+}
+
+async fn run(tool: &'static str, args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        qemu(tool, &a)
+    })
+    .await
+    .unwrap()
+}
+
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+/// qemu-io command list: `-c CMD` for each.
+fn io_cmds(target: &str, raw: bool, cmds: &[String]) -> Vec<String> {
+    let mut v = Vec::new();
+    if raw {
+        v.extend(args(&["-f", "raw"]));
+    }
+    for c in cmds {
+        v.push("-c".into());
+        v.push(c.clone());
+    }
+    v.push(target.into());
+    v
+}
+
+/// Fails if any qemu-io command reported a verification failure (qemu-io exits 0 anyway).
+fn assert_io_clean(out: &str) {
+    assert!(
+        !out.contains("Pattern verification failed") && !out.contains("failed"),
+        "qemu-io reported a failure:\n{out}"
+    );
+}
+
+async fn new_image(path: &Path, size: u64) -> Image {
+    Image::create(path, &CreateOptions::new(size), &OpenOptions::default())
+        .await
+        .unwrap()
+}
+
+/// Writes, unaligned writes, FUA writes, zeroes (unmapping and not) and discards from
+/// qemu-io through the export read back with the right patterns, both over NBD and from
+/// the image opened directly afterwards; the image is check-clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_io_patterns_over_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    let img = new_image(&path, 16 << 20).await;
+    let srv = start(&img, vec![ExportConfig::live("")], Some(dir.path())).await;
+    let url = srv.url("");
+    let writes: Vec<String> = [
+        "write -P 0xa1 0 1M",
+        "write -P 0xb2 1052673 12345",
+        "write -f -P 0xc3 4M 192k",
+        "write -P 0xd4 6M 1M",
+        "write -z 6M 64k",
+        "write -z -u 6324224 128k",
+        "write -P 0xe5 9M 1M",
+        "discard 9M 512k",
+        "aio_write -P 0x11 12M 64k",
+        "aio_write -P 0x12 13M 4k",
+        "aio_flush",
+        "flush",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = run_ok("qemu-io", io_cmds(&url, true, &writes)).await;
+    assert_io_clean(&out);
+    let reads: Vec<String> = [
+        "read -P 0xa1 0 1M",
+        "read -P 0xb2 1052673 12345",
+        "read -P 0 1069056 4096",
+        "read -P 0xc3 4M 192k",
+        "read -P 0 6M 160k",
+        "read -P 0xd4 6455296 884736",
+        "read -P 0xe5 9961472 512k",
+        "read -P 0x11 12M 64k",
+        "read -P 0x12 13M 4k",
+        "read -P 0 15M 1M",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let out = run_ok("qemu-io", io_cmds(&url, true, &reads)).await;
+    assert_io_clean(&out);
+    assert!(out.matches("read ").count() >= reads.len(), "{out}");
+    srv.stop().await;
+    img.close().await.unwrap();
+    assert_check_clean(&path);
+    let out = run_ok(
+        "qemu-io",
+        io_cmds(s(&path), false, &reads[..reads.len() - 1]),
+    )
+    .await;
+    assert_io_clean(&out);
+}
+
+fn map_json(out: &str) -> Vec<Value> {
+    serde_json::from_str::<Value>(out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// Writes a mix of data, zero clusters (allocated and not), a discard and untouched space,
+/// with an enabled bitmap recording them.
+async fn mixed_image(path: &Path) -> Image {
+    let img = new_image(path, 8 << 20).await;
+    img.add_bitmap("bm", &BitmapOptions::default())
+        .await
+        .unwrap();
+    img.write_at(&vec![0x5a; 256 << 10], 0).await.unwrap();
+    img.write_at(&vec![0x6b; 5000], (1 << 20) + 100)
+        .await
+        .unwrap();
+    img.write_at(&vec![0x7c; 128 << 10], 2 << 20).await.unwrap();
+    img.write_zeroes(2 << 20, 64 << 10, false).await.unwrap();
+    img.write_zeroes(3 << 20, 128 << 10, true).await.unwrap();
+    img.write_at(&vec![0x01; 192 << 10], 5 << 20).await.unwrap();
+    img.discard(5 << 20, 64 << 10).await.unwrap();
+    img.write_at(&[0x02; 512], (8 << 20) - 512).await.unwrap();
+    img
+}
+
+/// `qemu-img map` through our export equals `qemu-img map` through qemu-nbd serving the
+/// same image, for `base:allocation` and for `qemu:dirty-bitmap:bm`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_status_matches_qemu_nbd_for_allocation_and_dirty_bitmap() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    let img = mixed_image(&path).await;
+    let export = ExportConfig {
+        bitmaps: vec!["bm".into()],
+        ..ExportConfig::live("")
+    };
+    let srv = start(&img, vec![export], Some(dir.path())).await;
+    let alloc = run_ok(
+        "qemu-img",
+        args(&["map", "--output=json", "--image-opts", &srv.opts("")]),
+    )
+    .await;
+    let dirty_opts = srv.opts(",x-dirty-bitmap=qemu:dirty-bitmap:bm");
+    let dirty = run_ok(
+        "qemu-img",
+        args(&["map", "--output=json", "--image-opts", &dirty_opts]),
+    )
+    .await;
+    srv.stop().await;
+    img.close().await.unwrap();
+    assert_check_clean(&path);
+
+    let qsock = dir.path().join("qemu-nbd.sock");
+    let reference = |extra: &str| {
+        let opts = format!(
+            "driver=nbd,server.type=unix,server.path={}{extra}",
+            s(&qsock)
+        );
+        let path = path.clone();
+        let qsock = qsock.clone();
+        async move {
+            // Without --persistent qemu-nbd serves one client and exits.
+            run_ok(
+                "qemu-nbd",
+                args(&[
+                    "--fork",
+                    "-r",
+                    "-f",
+                    "qcow2",
+                    "-B",
+                    "bm",
+                    "-k",
+                    s(&qsock),
+                    s(&path),
+                ]),
+            )
+            .await;
+            run_ok(
+                "qemu-img",
+                args(&["map", "--output=json", "--image-opts", &opts]),
+            )
+            .await
+        }
+    };
+    let q_alloc = reference("").await;
+    let q_dirty = reference(",x-dirty-bitmap=qemu:dirty-bitmap:bm").await;
+    let (ours, theirs) = (map_json(&alloc), map_json(&q_alloc));
+    assert!(ours.len() > 4, "a mixed image has many extents: {ours:?}");
+    assert_eq!(ours, theirs, "base:allocation differs from qemu-nbd");
+    let (ours, theirs) = (map_json(&dirty), map_json(&q_dirty));
+    assert!(
+        ours.iter().any(|e| e["data"] == false) && ours.iter().any(|e| e["data"] == true),
+        "the bitmap has dirty and clean parts: {ours:?}"
+    );
+    assert_eq!(ours, theirs, "qemu:dirty-bitmap:bm differs from qemu-nbd");
+}
+
+/// `qemu-img convert` from and to the export over TCP, and `qemu-img compare` of the export
+/// against the image itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn convert_from_and_to_the_export_over_tcp_and_compare() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    let img = mixed_image(&path).await;
+    let srv = start(&img, vec![ExportConfig::live("disk")], None).await;
+    let url = srv.url("disk");
+    // qemu-img reads the file itself too: the engine's write-back metadata must be there.
+    img.flush().await.unwrap();
+    let copy = dir.path().join("copy.qcow2");
+    run_ok(
+        "qemu-img",
+        args(&["convert", "-f", "raw", "-O", "qcow2", &url, s(&copy)]),
+    )
+    .await;
+    run_ok(
+        "qemu-img",
+        args(&["compare", "-U", "-f", "raw", "-F", "qcow2", &url, s(&path)]),
+    )
+    .await;
+    run_ok("qemu-img", args(&["compare", "-U", s(&copy), s(&path)])).await;
+
+    // Into the export: a different image replaces the contents.
+    let src = dir.path().join("src.qcow2");
+    run_ok(
+        "qemu-img",
+        args(&["create", "-q", "-f", "qcow2", s(&src), "8M"]),
+    )
+    .await;
+    run_ok(
+        "qemu-io",
+        io_cmds(
+            s(&src),
+            false,
+            &args(&["write -P 0x33 64k 1M", "write -P 0x44 7M 4k"]),
+        ),
+    )
+    .await;
+    run_ok(
+        "qemu-img",
+        args(&["convert", "-n", "-f", "qcow2", "-O", "raw", s(&src), &url]),
+    )
+    .await;
+    run_ok(
+        "qemu-img",
+        args(&["compare", "-U", "-f", "raw", "-F", "qcow2", &url, s(&src)]),
+    )
+    .await;
+    srv.stop().await;
+    img.close().await.unwrap();
+    assert_check_clean(&path);
+    run_ok("qemu-img", args(&["compare", s(&path), s(&src)])).await;
+}
+
+/// Two clients at once on one image: each sees the other's completed writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_connections_share_one_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    let img = new_image(&path, 8 << 20).await;
+    let srv = start(&img, vec![ExportConfig::live("")], Some(dir.path())).await;
+    let url = srv.url("");
+    let a = run_ok(
+        "qemu-io",
+        io_cmds(&url, true, &args(&["write -P 0x61 0 2M", "flush"])),
+    );
+    let b = run_ok(
+        "qemu-io",
+        io_cmds(&url, true, &args(&["write -P 0x62 4M 2M", "flush"])),
+    );
+    let (a, b) = tokio::join!(a, b);
+    assert_io_clean(&a);
+    assert_io_clean(&b);
+    let out = run_ok(
+        "qemu-io",
+        io_cmds(
+            &url,
+            true,
+            &args(&["read -P 0x61 0 2M", "read -P 0x62 4M 2M", "read -P 0 2M 2M"]),
+        ),
+    )
+    .await;
+    assert_io_clean(&out);
+    srv.stop().await;
+    img.close().await.unwrap();
+    assert_check_clean(&path);
+}
+
+/// A snapshot exported by name reads the snapshot's contents, refuses writes, and shows up
+/// in `qemu-nbd --list` next to the live export with its metadata contexts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_export_is_read_only_and_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    let img = new_image(&path, 4 << 20).await;
+    img.add_bitmap("bm", &BitmapOptions::default())
+        .await
+        .unwrap();
+    img.write_at(&vec![0xaa; 1 << 20], 0).await.unwrap();
+    img.create_snapshot("before").await.unwrap();
+    img.write_at(&vec![0xbb; 1 << 20], 0).await.unwrap();
+    let exports = vec![
+        ExportConfig {
+            bitmaps: vec!["bm".into()],
+            ..ExportConfig::live("live")
+        },
+        ExportConfig {
+            name: "snap".into(),
+            source: Source::Snapshot("before".into()),
+            read_only: true,
+            bitmaps: Vec::new(),
+        },
+    ];
+    let srv = start(&img, exports, Some(dir.path())).await;
+    let out = run_ok(
+        "qemu-io",
+        args(&[
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0xaa 0 1M",
+            "-c",
+            "read -P 0 1M 3M",
+            &srv.url("snap"),
+        ]),
+    )
+    .await;
+    assert_io_clean(&out);
+    let out = run_ok(
+        "qemu-io",
+        io_cmds(&srv.url("live"), true, &args(&["read -P 0xbb 0 1M"])),
+    )
+    .await;
+    assert_io_clean(&out);
+    // Opening the snapshot read-write fails: the export says it is read-only.
+    let rw = run(
+        "qemu-io",
+        io_cmds(&srv.url("snap"), true, &args(&["write -P 1 0 4k"])),
+    )
+    .await;
+    let text =
+        String::from_utf8_lossy(&rw.stdout).to_string() + &String::from_utf8_lossy(&rw.stderr);
+    assert!(
+        !rw.status.success()
+            || text.contains("read-only")
+            || text.contains("Operation not permitted"),
+        "a write to the snapshot export must fail: {text}"
+    );
+    let list = run_ok(
+        "qemu-nbd",
+        args(&["--list", "-k", s(srv.sock.as_ref().unwrap())]),
+    )
+    .await;
+    for want in [
+        "export: 'live'",
+        "export: 'snap'",
+        "size:  4194304",
+        "base:allocation",
+        "qemu:dirty-bitmap:bm",
+        "df multi",
+        "readonly",
+        "fast-zero",
+    ] {
+        assert!(
+            list.contains(want),
+            "qemu-nbd --list lacks {want:?}:\n{list}"
+        );
+    }
+    srv.stop().await;
+    img.close().await.unwrap();
+    assert_check_clean(&path);
+    // Serving the snapshot left both it and the live disk as they were.
+    run_ok("qemu-io", args(&["-c", "read -P 0xbb 0 1M", s(&path)])).await;
+    let list = run_ok("qemu-img", args(&["snapshot", "-l", s(&path)])).await;
+    assert!(list.contains("before"), "{list}");
+}
