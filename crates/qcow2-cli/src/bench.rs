@@ -55,6 +55,9 @@ pub struct BenchArgs {
     /// Flush every N write requests.
     #[arg(long = "flush-interval", default_value_t = 0)]
     flush_interval: u64,
+    /// Metadata cache size in clusters per cache (L2 tables, refcount blocks).
+    #[arg(long = "cache-clusters")]
+    cache_clusters: Option<usize>,
     /// `human` or `json`.
     #[arg(long = "output", default_value = "human")]
     output: String,
@@ -70,6 +73,18 @@ fn mix(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
+}
+
+/// Peak resident set size of this process in KiB (`VmHWM`).
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
 }
 
 /// This process's user + system CPU seconds (from /proc, no unsafe needed).
@@ -110,6 +125,9 @@ pub async fn bench(a: BenchArgs) -> Result<u8> {
         aio: Some(aio),
         direct,
         backing: BackingPolicy::FromImage,
+        cache_clusters: a
+            .cache_clusters
+            .unwrap_or(OpenOptions::default().cache_clusters),
         ..OpenOptions::default()
     };
     let img = Image::open(&a.filename, &opts).await?;
@@ -211,15 +229,17 @@ pub async fn bench(a: BenchArgs) -> Result<u8> {
             "iops": iops, "mib-per-second": mibs,
             "latency-us": {"p50": pct(0.50), "p99": pct(0.99), "p99.9": pct(0.999), "max": pct(1.0)},
             "cpu-seconds": cpu_run, "cpu-us-per-request": cpu_us,
+            "peak-rss-kib": peak_rss_kib(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("Run completed in {run:.3} seconds.");
         println!(
-            "{iops:.0} IOPS, {mibs:.1} MiB/s; latency p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs; CPU {cpu_us:.1} µs per request; {total:.3} s including close",
+            "{iops:.0} IOPS, {mibs:.1} MiB/s; latency p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs; CPU {cpu_us:.1} µs per request; {total:.3} s including close; peak RSS {} KiB",
             pct(0.5),
             pct(0.99),
-            pct(0.999)
+            pct(0.999),
+            peak_rss_kib()
         );
     }
     Ok(0)
