@@ -502,3 +502,52 @@ fn demo_verifies_its_own_workload() {
     }
     assert!(!out.contains("FAILED"), "{out}");
 }
+
+#[test]
+fn bench_reports_rates_latencies_and_leaves_a_clean_image() {
+    let d = Dir::new();
+    let img = d.p("b.qcow2");
+    ok(qcow2(&["create", "-q", "-f", "qcow2", s(&img), "64M"]));
+    // Allocating writes with a cluster-sized stride, then random reads and a mix.
+    let w = json(qcow2(&[
+        "bench",
+        "--output",
+        "json",
+        "-w",
+        "-c",
+        "500",
+        "-d",
+        "8",
+        "-s",
+        "4k",
+        "-S",
+        "64k",
+        "--pattern",
+        "0x5a",
+        s(&img),
+    ]));
+    assert_eq!(w["requests"], 500);
+    assert!(w["iops"].as_f64().unwrap() > 0.0);
+    assert!(w["latency-us"]["p99"].as_f64().unwrap() >= w["latency-us"]["p50"].as_f64().unwrap());
+    ok(qemu("qemu-img", &["check", "-q", s(&img)]));
+    ok(qemu("qemu-io", &["-c", "read -P 0x5a 64k 4k", s(&img)]));
+    let m = json(qcow2(&[
+        "bench",
+        "--output",
+        "json",
+        "--random",
+        "--read-percent",
+        "50",
+        "-c",
+        "300",
+        "-t",
+        "none",
+        "-i",
+        "threads",
+        s(&img),
+    ]));
+    assert_eq!(m["requests"], 300);
+    ok(qemu("qemu-img", &["check", "-q", s(&img)]));
+    let o = qcow2(&["bench", "-i", "posix", s(&img)]);
+    assert_eq!(o.status.code(), Some(1));
+}
