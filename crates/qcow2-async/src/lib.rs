@@ -24,6 +24,7 @@ mod barrier;
 mod cache;
 mod check;
 mod compress;
+mod crypto;
 mod direct;
 mod error;
 mod image;
@@ -37,6 +38,9 @@ mod snapshot;
 pub use backing::Backing;
 pub use barrier::BarrierMode;
 pub use check::{CheckReport, RepairMode, Verdict};
+pub use crypto::cipher::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
+pub use crypto::luks::{KdfIterations, LuksAlgorithms};
+pub use crypto::{EncryptionOptions, Secret};
 pub use error::{Error, Result};
 pub use image::Image;
 pub use options::{
