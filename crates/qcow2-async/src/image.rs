@@ -11,6 +11,7 @@
 //! * the L2 update is made only after the data write completed, and reaches the disk only
 //!   after a barrier (see [`crate::meta`]) — metadata never points at data that is not there.
 
+mod encrypted;
 mod subcluster;
 
 use std::path::{Path, PathBuf};
@@ -78,6 +79,8 @@ struct Inner {
     /// Guest requests hold it shared, snapshot operations exclusive: a snapshot is one
     /// instant between requests.
     snap_lock: tokio::sync::RwLock<()>,
+    /// Encryption of guest data (see `image/encrypted.rs`).
+    crypto: crate::crypto::Encryption,
 }
 
 impl std::fmt::Debug for Image {
@@ -177,6 +180,9 @@ impl Image {
             ));
         }
         let size = o.size.div_ceil(512) * 512;
+        if let Some(e) = &o.encryption {
+            e.algorithms.check()?;
+        }
         if o.data_file_raw && o.data_file.is_none() {
             return Err(Error::InvalidArgument(
                 "data_file_raw requires a data_file".into(),
@@ -323,6 +329,23 @@ impl Image {
                     .map_err(Error::io("preallocating"))?;
             }
         }
+        if let Some(e) = &o.encryption {
+            // After preallocation, as QEMU: its LUKS region follows preallocated data.
+            let region = crate::crypto::new_region(e).await?;
+            let clusters = geo.clusters_for(region.length);
+            let off = meta.alloc(clusters, Pool::Metadata).await?;
+            // QEMU zero-fills the whole cluster-rounded region before writing the header.
+            write(vec![0u8; (clusters * cs) as usize], off).await?;
+            write(region.bytes, off).await?;
+            meta.hdr.header.crypt_method = CryptMethod::Luks;
+            meta.hdr.encryption = Some(qcow2_format::EncryptionExtension {
+                offset: off,
+                length: region.length,
+            });
+            meta.writeback().await?;
+            barrier.order().await?;
+            meta.write_header().await?;
+        }
         meta.writeback().await?;
         barrier.sync().await
     }
@@ -431,6 +454,7 @@ impl Image {
             (false, None) => file.clone(),
         };
         check_features(&hdr, opts.read_only, opts.open_for_repair)?;
+        let crypto = crate::crypto::open(&file, &hdr, opts.secret.as_ref(), opts.read_only).await?;
         let h = &hdr.header;
         let geo = h.geometry().map_err(Error::format("header"))?;
         let size = h.size;
@@ -503,6 +527,7 @@ impl Image {
                 version3,
                 direct_align: if opts.direct { 4096 } else { 1 },
                 snap_lock: tokio::sync::RwLock::new(()),
+                crypto,
             }),
         })
     }
@@ -668,13 +693,8 @@ impl Image {
                     None => piece.fill(0),
                 },
                 Source::Data(host) => {
-                    let b = self
-                        .inner
-                        .data
-                        .read_at(IoBuf::zeroed(n, 1), host)
-                        .await
-                        .map_err(Error::io("reading guest data"))?;
-                    piece.copy_from_slice(&b);
+                    let guest = (gc << self.inner.geo.cluster_bits()) + pos;
+                    self.read_data(host, guest, piece).await?;
                 }
             }
             done += n;
@@ -725,21 +745,17 @@ impl Image {
     }
 
     async fn write_in_place(&self, host: u64, data: &[u8]) -> Result<()> {
-        self.inner
-            .data
-            .write_at(IoBuf::from_slice(data, 1), host)
-            .await
-            .map(|_| ())
-            .map_err(Error::io("writing guest data"))
+        self.write_data(host, data).await
     }
 
     async fn write_cluster(&self, gc: u64, inc: u64, data: &[u8]) -> Result<()> {
         if self.inner.geo.extended_l2() {
             return self.write_subclusters(gc, inc, data).await;
         }
-        // With O_DIRECT an unaligned write is a read-modify-write of whole blocks: it must
-        // not run beside another writer of the same cluster (see `direct.rs`).
-        let a = self.inner.direct_align;
+        // With O_DIRECT or encryption an unaligned write is a read-modify-write of whole
+        // blocks or sectors: it must not run beside another writer of the same cluster (see
+        // `direct.rs`, `image/encrypted.rs`).
+        let a = self.write_align();
         if a <= 1 || (inc % a == 0 && data.len() as u64 % a == 0) {
             let _shared = self.inner.leases.shared(gc).await;
             let mut meta = self.inner.meta.lock().await;
@@ -1148,10 +1164,11 @@ async fn read_header(file: &Arc<dyn BlockFile>) -> Result<ImageHeader> {
 /// Refuses, with a typed error, what this engine cannot do correctly yet (invariant 8).
 fn check_features(hdr: &ImageHeader, read_only: bool, for_repair: bool) -> Result<()> {
     let h = &hdr.header;
-    if h.crypt_method != CryptMethod::None {
+    if h.crypt_method == CryptMethod::Aes && !read_only {
         return Err(Error::unsupported(
-            "encryption",
-            format!("{:?}", h.crypt_method),
+            "writing legacy AES-encrypted images (crypt_method 1)",
+            "AES-CBC keyed directly by the passphrase with predictable IVs is insecure and \
+             deprecated by QEMU; open read-only, or convert to LUKS",
         ));
     }
     if h.incompatible

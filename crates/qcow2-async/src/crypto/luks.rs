@@ -130,6 +130,12 @@ impl LuksAlgorithms {
         }
     }
 
+    /// Refuses combinations no key can make work (ESSIV with a digest that is no AES key
+    /// size), before anything is written.
+    pub(crate) fn check(&self) -> Result<()> {
+        self.cipher(&vec![0u8; self.key_bytes()]).map(|_| ())
+    }
+
     /// The sector cipher keyed by `key` (a slot key or the master key).
     pub(crate) fn cipher(&self, key: &[u8]) -> Result<SectorCipher> {
         SectorCipher::new(self.cipher_alg, self.cipher_mode, self.ivgen, key)
@@ -269,12 +275,11 @@ fn random_uuid() -> Result<String> {
     ))
 }
 
-/// A new LUKS volume: its header, slot 0's encrypted key material, and the master key.
+/// A new LUKS volume: its header and slot 0's encrypted key material.
 pub(crate) struct NewVolume {
     pub header: LuksHeader,
     /// Key material of slot 0, to be written at its offset (relative to the header).
     pub slot0_material: Vec<u8>,
-    pub master_key: MasterKey,
 }
 
 /// Creates a volume as `qcrypto_block_luks_create` does: a random master key and salts, the
@@ -286,9 +291,9 @@ pub(crate) fn create(
 ) -> Result<NewVolume> {
     let n = alg.key_bytes();
     // Refuse combinations that cannot work before spending any time on them.
+    alg.check()?;
     let mut master = Zeroizing::new(vec![0u8; n]);
     random_bytes(&mut master)?;
-    alg.cipher(&master)?;
     let (slot_iters, mk_iters) = match iterations {
         KdfIterations::Count(0) => {
             return Err(Error::InvalidArgument(
@@ -338,7 +343,6 @@ pub(crate) fn create(
     Ok(NewVolume {
         header,
         slot0_material: material,
-        master_key: MasterKey(master),
     })
 }
 
@@ -494,7 +498,11 @@ mod tests {
             )
             .unwrap()
             .expect("the passphrase unlocks slot 0");
-            assert_eq!(mk.bytes(), v.master_key.bytes());
+            assert_eq!(mk.bytes().len(), alg.key_bytes());
+            assert!(check_master_key(&alg, &back, mk.bytes()));
+            let mut other = mk.bytes().to_vec();
+            other[0] ^= 1;
+            assert!(!check_master_key(&alg, &back, &other));
             let wrong = try_slot(
                 &alg,
                 &back,
