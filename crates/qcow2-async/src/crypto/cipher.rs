@@ -225,11 +225,12 @@ impl Aes {
     }
 }
 
+// Boxed: key schedules are large and differ in size; one indirection per sector is nothing.
 enum Engine {
-    Xts128(Xts128<Aes128>),
-    Xts192(Xts128<Aes192>),
-    Xts256(Xts128<Aes256>),
-    Cbc(Aes),
+    Xts128(Box<Xts128<Aes128>>),
+    Xts192(Box<Xts128<Aes192>>),
+    Xts256(Box<Xts128<Aes256>>),
+    Cbc(Box<Aes>),
 }
 
 fn xts<C: BlockCipher + BlockEncrypt + BlockDecrypt + KeyInit>(key: &[u8]) -> Result<Xts128<C>> {
@@ -270,7 +271,7 @@ where
 enum IvGen {
     Plain,
     Plain64,
-    Essiv(Aes),
+    Essiv(Box<Aes>),
 }
 
 impl IvGen {
@@ -320,10 +321,10 @@ impl SectorCipher {
             ));
         }
         let engine = match (mode, alg) {
-            (CipherMode::Xts, CipherAlg::Aes128) => Engine::Xts128(xts(key)?),
-            (CipherMode::Xts, CipherAlg::Aes192) => Engine::Xts192(xts(key)?),
-            (CipherMode::Xts, CipherAlg::Aes256) => Engine::Xts256(xts(key)?),
-            (CipherMode::Cbc, _) => Engine::Cbc(Aes::new(key)?),
+            (CipherMode::Xts, CipherAlg::Aes128) => Engine::Xts128(Box::new(xts(key)?)),
+            (CipherMode::Xts, CipherAlg::Aes192) => Engine::Xts192(Box::new(xts(key)?)),
+            (CipherMode::Xts, CipherAlg::Aes256) => Engine::Xts256(Box::new(xts(key)?)),
+            (CipherMode::Cbc, _) => Engine::Cbc(Box::new(Aes::new(key)?)),
         };
         let ivgen = match ivgen {
             IvGenAlg::Plain => IvGen::Plain,
@@ -336,7 +337,7 @@ impl SectorCipher {
                     ));
                 }
                 let salt = zeroize::Zeroizing::new(h.digest(&[key]));
-                IvGen::Essiv(Aes::new(&salt)?)
+                IvGen::Essiv(Box::new(Aes::new(&salt)?))
             }
         };
         Ok(SectorCipher {
@@ -375,12 +376,14 @@ impl SectorCipher {
                 (Engine::Xts192(x), false) => x.decrypt_sector(sector, iv),
                 (Engine::Xts256(x), true) => x.encrypt_sector(sector, iv),
                 (Engine::Xts256(x), false) => x.decrypt_sector(sector, iv),
-                (Engine::Cbc(Aes::A128(c)), true) => cbc_encrypt(c, &iv, sector)?,
-                (Engine::Cbc(Aes::A128(c)), false) => cbc_decrypt(c, &iv, sector)?,
-                (Engine::Cbc(Aes::A192(c)), true) => cbc_encrypt(c, &iv, sector)?,
-                (Engine::Cbc(Aes::A192(c)), false) => cbc_decrypt(c, &iv, sector)?,
-                (Engine::Cbc(Aes::A256(c)), true) => cbc_encrypt(c, &iv, sector)?,
-                (Engine::Cbc(Aes::A256(c)), false) => cbc_decrypt(c, &iv, sector)?,
+                (Engine::Cbc(a), _) => match (a.as_ref(), enc) {
+                    (Aes::A128(c), true) => cbc_encrypt(c, &iv, sector)?,
+                    (Aes::A128(c), false) => cbc_decrypt(c, &iv, sector)?,
+                    (Aes::A192(c), true) => cbc_encrypt(c, &iv, sector)?,
+                    (Aes::A192(c), false) => cbc_decrypt(c, &iv, sector)?,
+                    (Aes::A256(c), true) => cbc_encrypt(c, &iv, sector)?,
+                    (Aes::A256(c), false) => cbc_decrypt(c, &iv, sector)?,
+                },
             }
         }
         Ok(())
@@ -571,7 +574,10 @@ mod tests {
         let mut expect = [0u8; 16];
         expect[..8].copy_from_slice(&s.to_le_bytes());
         essiv.encrypt_block(&mut expect);
-        assert_eq!(IvGen::Essiv(Aes::new(&salt).unwrap()).iv(s), expect);
+        assert_eq!(
+            IvGen::Essiv(Box::new(Aes::new(&salt).unwrap())).iv(s),
+            expect
+        );
         // AES-256 of the zero block under sha256(00..1f); sha256(00..1f) itself is the
         // well-known 630dcd29...
         assert_eq!(
