@@ -99,6 +99,26 @@ fn assert_qemu_check_clean(p: &Path) {
     );
 }
 
+/// The host offset of guest offset `guest`, read straight from the L1 and L2 tables of a
+/// standard-L2 image (`qemu-img map` hides offsets of encrypted images).
+fn host_offset(p: &Path, guest: u64) -> u64 {
+    let f = std::fs::read(p).unwrap();
+    let be64 = |at: usize| u64::from_be_bytes(f[at..at + 8].try_into().unwrap());
+    let bits = u32::from_be_bytes(f[20..24].try_into().unwrap());
+    let l1 = be64(40) as usize;
+    let cs = 1u64 << bits;
+    let per_l2 = cs / 8;
+    let mask = 0x00ff_ffff_ffff_fe00u64;
+    let l2 = (be64(l1 + 8 * (guest / cs / per_l2) as usize) & mask) as usize;
+    let entry = be64(l2 + 8 * (guest / cs % per_l2) as usize);
+    let host = entry & mask;
+    assert!(
+        host != 0 && entry & 1 == 0,
+        "{guest:#x} is not allocated in {p:?}"
+    );
+    host + guest % cs
+}
+
 fn info(p: &Path) -> serde_json::Value {
     let out = qemu_ok("qemu-img", &["info", "--output=json", s(p)]);
     serde_json::from_str(&out).unwrap()
@@ -248,10 +268,22 @@ async fn luks_images_we_create_and_write_read_back_in_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let size = 5u64 << 20;
-    for (i, (_, alg)) in cipher_settings().into_iter().enumerate() {
+    // Every cipher setting with 64 KiB clusters; then the default one with extended L2
+    // entries (subcluster writes) and with 2 MiB clusters (whole-cluster buffers the cipher
+    // splits across cores).
+    let mut cases: Vec<_> = cipher_settings()
+        .into_iter()
+        .map(|(_, alg)| (alg, false, 65536u64))
+        .collect();
+    cases.push((LuksAlgorithms::default(), true, 65536));
+    cases.push((LuksAlgorithms::default(), false, 2 << 20));
+    for (i, (alg, extended_l2, cluster_size)) in cases.into_iter().enumerate() {
         let p = d.join(format!("ours{i}.qcow2"));
-        let co = luks_create_options(size, alg, KdfIterations::Count(2000));
-        let img = Image::create(&p, &co, &with_secret(false, PASS))
+        let mut co = luks_create_options(size, alg, KdfIterations::Count(2000));
+        co.extended_l2 = extended_l2;
+        co.cluster_size = cluster_size;
+        // The create passphrase also opens the new image.
+        let img = Image::create(&p, &co, &OpenOptions::default())
             .await
             .unwrap();
         let mut model = vec![0u8; size as usize];
@@ -284,9 +316,17 @@ async fn luks_images_we_create_and_write_read_back_in_qemu() {
             "{alg:?}: QEMU reads something else"
         );
         qemu_io(&p, &["read -P 0x5a 4k 60k", "read -P 0x66 4000k 512"]);
-        // The rest of the cluster written at 4000k is stored as encrypted zeros: QEMU reads
-        // zeros, the file holds ciphertext.
-        qemu_io(&p, &["read -P 0 4000.5k 63.5k"]);
+        // The rest of the cluster written at 4000k is stored as encrypted zeros (or left
+        // unallocated, with subclusters): QEMU reads zeros, the file holds ciphertext.
+        qemu_io(&p, &["read -P 0 3968k 32k", "read -P 0 4000.5k 63.5k"]);
+        if !extended_l2 {
+            let host = host_offset(&p, 3968 << 10) as usize;
+            let file = std::fs::read(&p).unwrap();
+            assert!(
+                file[host..host + (32 << 10)].iter().any(|&b| b != 0),
+                "{alg:?}: unwritten part of a new cluster stored as raw zeros"
+            );
+        }
         assert_qemu_check_clean(&p);
         let v = info(&p);
         let enc = &v["format-specific"]["data"]["encrypt"];

@@ -137,8 +137,18 @@ impl Image {
         }
         Self::format_file(file.clone(), create).await?;
         drop(file);
-        // Reopen by path so that backing and data files are resolved as for any image.
-        Self::open(path, open).await
+        // Reopen by path so that backing and data files are resolved as for any image; a new
+        // encrypted image opens with the passphrase it was created with unless told otherwise.
+        match (&open.secret, &create.encryption) {
+            (None, Some(e)) => {
+                let open = OpenOptions {
+                    secret: Some(e.secret.clone()),
+                    ..open.clone()
+                };
+                Self::open(path, &open).await
+            }
+            _ => Self::open(path, open).await,
+        }
     }
 
     /// Writes a fresh image into `file` exactly as `qemu-img create` lays it out (reference
@@ -620,6 +630,8 @@ impl Image {
     pub async fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let _instant = self.inner.snap_lock.read().await;
         self.check_range(offset, buf.len() as u64)?;
+        // A locked encrypted image refuses every read, not only of allocated clusters.
+        self.inner.crypto.data()?;
         for (gc, inc, r) in self.pieces(offset, buf.len() as u64) {
             let _lease = self.inner.leases.shared(gc).await;
             let (entry, bm) = self.inner.meta.lock().await.lookup(gc).await?;
@@ -997,6 +1009,7 @@ impl Image {
         offset: u64,
     ) -> Result<()> {
         let _instant = self.inner.snap_lock.read().await;
+        self.inner.crypto.data()?;
         let (l1, size) = {
             let mut meta = self.inner.meta.lock().await;
             let snap = meta.find_snapshot(id_or_name).await?;
