@@ -321,3 +321,40 @@ pub(crate) async fn new_region(o: &EncryptionOptions) -> Result<NewRegion> {
     .await
     .map_err(join_error)?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::cipher::{CipherAlg, CipherMode, IvGenAlg};
+    use super::*;
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Secret::new("hunter2");
+        assert!(!format!("{s:?}").contains("hunter2"));
+        let o = crate::OpenOptions {
+            secret: Some(s.clone()),
+            ..Default::default()
+        };
+        assert!(!format!("{o:?}").contains("hunter2"));
+        let e = EncryptionOptions::luks(s);
+        assert!(!format!("{e:?}").contains("hunter2"));
+    }
+
+    /// Splitting a buffer across blocking tasks gives the bytes one pass over it gives.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn parallel_parts_match_one_pass() {
+        let key = [9u8; 64];
+        let mk = || SectorCipher::new(CipherAlg::Aes256, CipherMode::Xts, IvGenAlg::Plain64, &key);
+        let mut c = DataCrypto::new(mk().unwrap(), IvSector::Host);
+        c.cores = 3;
+        let c = Arc::new(c);
+        let plain: Vec<u8> = (0..(1 << 20) + 4096)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        let mut expect = plain.clone();
+        mk().unwrap().encrypt(77, &mut expect).unwrap();
+        let got = c.encrypt(77, plain.clone()).await.unwrap();
+        assert!(got == expect, "parallel encryption differs");
+        assert!(c.decrypt(77, got).await.unwrap() == plain);
+    }
+}
