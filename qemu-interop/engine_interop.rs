@@ -492,11 +492,17 @@ async fn unsupported_features_are_refused_and_feature_bits_handled_like_qemu() {
             "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
         ],
     );
+    // Without a passphrase an encrypted image opens only read-only, for its metadata.
+    let locked = Image::open(&luks, &OpenOptions::read_only()).await.unwrap();
     assert!(matches!(
-        Image::open(&luks, &OpenOptions::read_only())
+        locked.read_at(&mut [0u8; 512], 0).await.unwrap_err(),
+        Error::PassphraseRequired
+    ));
+    assert!(matches!(
+        Image::open(&luks, &OpenOptions::default())
             .await
             .unwrap_err(),
-        Error::Unsupported { .. }
+        Error::PassphraseRequired
     ));
     let datafile = d.join("data.raw");
     let df = mk("df.qcow2", &["-o", &format!("data_file={}", s(&datafile))]);

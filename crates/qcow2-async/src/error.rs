@@ -64,6 +64,13 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// No key slot of the encrypted image accepts the passphrase.
+    #[error("invalid password: cannot unlock any key slot")]
+    WrongPassphrase,
+    /// The image is encrypted and no passphrase was given (only a read-only open, for
+    /// metadata, works without one).
+    #[error("the image is encrypted: a passphrase is required")]
+    PassphraseRequired,
     /// The image ran out of addressable space or a table would exceed its limit.
     #[error("no space: {0}")]
     NoSpace(String),

@@ -12,6 +12,7 @@
 //!   after a barrier (see [`crate::meta`]) — metadata never points at data that is not there.
 
 mod amend;
+mod encrypted;
 mod map;
 mod resize;
 mod subcluster;
@@ -95,6 +96,8 @@ struct Inner {
     /// Serialises compressed payload writes on O_DIRECT files: payloads of different guest
     /// clusters share blocks, and the byte-granular O_DIRECT view writes whole blocks.
     payload_lock: Mutex<()>,
+    /// Encryption of guest data (see `image/encrypted.rs`).
+    crypto: crate::crypto::Encryption,
 }
 
 impl std::fmt::Debug for Image {
@@ -151,8 +154,18 @@ impl Image {
         }
         Self::format_file(file.clone(), create).await?;
         drop(file);
-        // Reopen by path so that backing and data files are resolved as for any image.
-        Self::open(path, open).await
+        // Reopen by path so that backing and data files are resolved as for any image; a new
+        // encrypted image opens with the passphrase it was created with unless told otherwise.
+        match (&open.secret, &create.encryption) {
+            (None, Some(e)) => {
+                let open = OpenOptions {
+                    secret: Some(e.secret.clone()),
+                    ..open.clone()
+                };
+                Self::open(path, &open).await
+            }
+            _ => Self::open(path, open).await,
+        }
     }
 
     /// Writes a fresh image into `file` exactly as `qemu-img create` lays it out (reference
@@ -194,6 +207,9 @@ impl Image {
             ));
         }
         let size = o.size.div_ceil(512) * 512;
+        if let Some(e) = &o.encryption {
+            e.algorithms.check()?;
+        }
         if o.data_file_raw && o.data_file.is_none() {
             return Err(Error::InvalidArgument(
                 "data_file_raw requires a data_file".into(),
@@ -340,6 +356,23 @@ impl Image {
                     .map_err(Error::io("preallocating"))?;
             }
         }
+        if let Some(e) = &o.encryption {
+            // After preallocation, as QEMU: its LUKS region follows preallocated data.
+            let region = crate::crypto::new_region(e).await?;
+            let clusters = geo.clusters_for(region.length);
+            let off = meta.alloc(clusters, Pool::Metadata).await?;
+            // QEMU zero-fills the whole cluster-rounded region before writing the header.
+            write(vec![0u8; (clusters * cs) as usize], off).await?;
+            write(region.bytes, off).await?;
+            meta.hdr.header.crypt_method = CryptMethod::Luks;
+            meta.hdr.encryption = Some(qcow2_format::EncryptionExtension {
+                offset: off,
+                length: region.length,
+            });
+            meta.writeback().await?;
+            barrier.order().await?;
+            meta.write_header().await?;
+        }
         meta.writeback().await?;
         barrier.sync().await
     }
@@ -448,6 +481,7 @@ impl Image {
             (false, None) => file.clone(),
         };
         check_features(&hdr, opts.read_only, opts.open_for_repair)?;
+        let crypto = crate::crypto::open(&file, &hdr, opts.secret.as_ref(), opts.read_only).await?;
         let h = &hdr.header;
         let geo = h.geometry().map_err(Error::format("header"))?;
         let size = h.size;
@@ -531,6 +565,7 @@ impl Image {
                 tracking: tracking.into(),
                 decompressed,
                 payload_lock: Mutex::new(()),
+                crypto,
             }),
         })
     }
@@ -628,6 +663,8 @@ impl Image {
     pub async fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let _instant = self.inner.snap_lock.read().await;
         self.check_range(offset, buf.len() as u64)?;
+        // A locked encrypted image refuses every read, not only of allocated clusters.
+        self.inner.crypto.data()?;
         let mut pieces = self.pieces(offset, buf.len() as u64);
         let mut rest = buf;
         // Clusters of one request are read concurrently, a few at a time, so that compressed
@@ -714,13 +751,8 @@ impl Image {
                     None => piece.fill(0),
                 },
                 Source::Data(host) => {
-                    let b = self
-                        .inner
-                        .data
-                        .read_at(IoBuf::zeroed(n, 1), host)
-                        .await
-                        .map_err(Error::io("reading guest data"))?;
-                    piece.copy_from_slice(&b);
+                    let guest = (gc << self.inner.geo.cluster_bits()) + pos;
+                    self.read_data(host, guest, piece).await?;
                 }
             }
             done += n;
@@ -780,6 +812,13 @@ impl Image {
     /// an external data file cannot hold compressed clusters (QEMU: -ENOTSUP).
     #[instrument(level = "debug", skip(self, buf), fields(len = buf.len()))]
     pub async fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        if self.inner.crypto.is_encrypted() {
+            // QEMU refuses too: a compressed payload has no sector layout to encrypt.
+            return Err(Error::unsupported(
+                "compressed clusters",
+                "the image is encrypted",
+            ));
+        }
         if self.inner.external {
             return Err(Error::unsupported(
                 "compressed clusters",
@@ -888,21 +927,17 @@ impl Image {
     }
 
     async fn write_in_place(&self, host: u64, data: &[u8]) -> Result<()> {
-        self.inner
-            .data
-            .write_at(IoBuf::from_slice(data, 1), host)
-            .await
-            .map(|_| ())
-            .map_err(Error::io("writing guest data"))
+        self.write_data(host, data).await
     }
 
     async fn write_cluster(&self, gc: u64, inc: u64, data: &[u8]) -> Result<()> {
         if self.inner.geo.extended_l2() {
             return self.write_subclusters(gc, inc, data).await;
         }
-        // With O_DIRECT an unaligned write is a read-modify-write of whole blocks: it must
-        // not run beside another writer of the same cluster (see `direct.rs`).
-        let a = self.inner.direct_align;
+        // With O_DIRECT or encryption an unaligned write is a read-modify-write of whole
+        // blocks or sectors: it must not run beside another writer of the same cluster (see
+        // `direct.rs`, `image/encrypted.rs`).
+        let a = self.write_align();
         if a <= 1 || (inc % a == 0 && data.len() as u64 % a == 0) {
             let _shared = self.inner.leases.shared(gc).await;
             let mut meta = self.inner.meta.lock().await;
@@ -1155,6 +1190,7 @@ impl Image {
         offset: u64,
     ) -> Result<()> {
         let _instant = self.inner.snap_lock.read().await;
+        self.inner.crypto.data()?;
         let (l1, size) = {
             let mut meta = self.inner.meta.lock().await;
             let snap = meta.find_snapshot(id_or_name).await?;
@@ -1494,10 +1530,11 @@ async fn read_header(file: &Arc<dyn BlockFile>) -> Result<ImageHeader> {
 /// Refuses, with a typed error, what this engine cannot do correctly yet (invariant 8).
 fn check_features(hdr: &ImageHeader, read_only: bool, for_repair: bool) -> Result<()> {
     let h = &hdr.header;
-    if h.crypt_method != CryptMethod::None {
+    if h.crypt_method == CryptMethod::Aes && !read_only {
         return Err(Error::unsupported(
-            "encryption",
-            format!("{:?}", h.crypt_method),
+            "writing legacy AES-encrypted images (crypt_method 1)",
+            "AES-CBC keyed directly by the passphrase with predictable IVs is insecure and \
+             deprecated by QEMU; open read-only, or convert to LUKS",
         ));
     }
     if h.incompatible

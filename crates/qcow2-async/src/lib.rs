@@ -25,6 +25,7 @@ mod bitmaps;
 mod cache;
 mod check;
 mod compress;
+mod crypto;
 mod direct;
 mod error;
 mod image;
@@ -40,6 +41,9 @@ pub use backing::Backing;
 pub use barrier::BarrierMode;
 pub use bitmaps::{BitmapInfo, BitmapOptions};
 pub use check::{CheckReport, RepairMode, Verdict};
+pub use crypto::cipher::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
+pub use crypto::luks::{KdfIterations, LuksAlgorithms};
+pub use crypto::{EncryptionOptions, Secret};
 pub use error::{Error, Result};
 pub use image::{AmendOptions, Image, MapExtent, ResizeOptions};
 pub use options::{

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use crate::barrier::BarrierMode;
+use crate::crypto::{EncryptionOptions, Secret};
 use crate::io::Aio;
 
 /// How much of the image `create` allocates up front (qemu-img's `preallocation`).
@@ -89,6 +90,8 @@ pub struct CreateOptions {
     pub data_file: Option<String>,
     /// `data_file_raw`: keep the data file a valid raw image of the guest disk.
     pub data_file_raw: bool,
+    /// `encrypt.format=luks` and its settings; `None` for a plain image.
+    pub encryption: Option<EncryptionOptions>,
 }
 
 impl CreateOptions {
@@ -107,6 +110,7 @@ impl CreateOptions {
             extended_l2: false,
             data_file: None,
             data_file_raw: false,
+            encryption: None,
         }
     }
 }
@@ -167,6 +171,9 @@ pub struct OpenOptions {
     pub open_for_repair: bool,
     /// External data file policy.
     pub data_file: DataFilePolicy,
+    /// Passphrase of an encrypted image (`encrypt.key-secret`), also used for encrypted
+    /// backing files. Without it an encrypted image opens only read-only, for its metadata.
+    pub secret: Option<Secret>,
 }
 
 impl Default for OpenOptions {
@@ -183,6 +190,7 @@ impl Default for OpenOptions {
             cache_clusters: 512,
             open_for_repair: false,
             data_file: DataFilePolicy::FromImage,
+            secret: None,
         }
     }
 }

@@ -29,8 +29,12 @@ impl Image {
             let _shared = self.inner.leases.shared(gc).await;
             let mut meta = self.inner.meta.lock().await;
             let (entry, bm) = meta.lookup(gc).await?;
+            // An unaligned write to an encrypted image rewrites whole sectors: it takes the
+            // exclusive lease below.
+            let a = self.write_align();
+            let aligned = inc % a == 0 && data.len() as u64 % a == 0;
             if let L2Entry::Normal { host, copied: true } = entry {
-                if bm.alloc() & mask == mask {
+                if aligned && bm.alloc() & mask == mask {
                     if !self.inner.external {
                         meta.check_data_target(host.0).await?;
                     }
