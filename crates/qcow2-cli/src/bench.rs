@@ -125,10 +125,8 @@ pub async fn bench(a: BenchArgs) -> Result<u8> {
         aio: Some(aio),
         direct,
         backing: BackingPolicy::FromImage,
-        cache_clusters: a
-            .cache_clusters
-            .unwrap_or(OpenOptions::default().cache_clusters),
-        ..OpenOptions::default()
+        cache_clusters: a.cache_clusters.unwrap_or(crate::opts::rw().cache_clusters),
+        ..crate::opts::rw()
     };
     let img = Image::open(&a.filename, &opts).await?;
     let size = img.virtual_size();

@@ -36,7 +36,7 @@ pub async fn resize(a: ResizeArgs) -> Result<u8> {
         &a.filename,
         &OpenOptions {
             backing: BackingPolicy::FromImage,
-            ..OpenOptions::default()
+            ..crate::opts::rw()
         },
     )
     .await?;
@@ -92,7 +92,7 @@ pub async fn commit(a: CommitArgs) -> Result<u8> {
         keep_top: a.keep,
         parallel: 8,
         progress: cb,
-        open: OpenOptions::default(),
+        open: crate::opts::rw(),
     };
     ops::commit(&a.filename, &o).await?;
     if let Some(b) = bar {
@@ -153,7 +153,7 @@ pub async fn rebase(a: RebaseArgs) -> Result<u8> {
     };
     let o = RebaseOptions {
         unsafe_names_only: a.unsafe_,
-        open: OpenOptions::default(),
+        open: crate::opts::rw(),
     };
     ops::rebase(&a.filename, backing, &o).await?;
     Ok(0)
@@ -204,7 +204,7 @@ pub async fn amend(a: AmendArgs) -> Result<u8> {
         &a.filename,
         &OpenOptions {
             backing: BackingPolicy::Ignore,
-            ..OpenOptions::default()
+            ..crate::opts::rw()
         },
     )
     .await?;

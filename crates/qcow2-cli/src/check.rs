@@ -44,7 +44,7 @@ pub async fn check(a: CheckArgs) -> Result<u8> {
         backing: BackingPolicy::Ignore,
         read_only: repair.is_none(),
         open_for_repair: repair.is_some(),
-        ..OpenOptions::default()
+        ..crate::opts::rw()
     };
     let img = Image::open(&a.filename, &opts).await?;
     let report = img.check(repair).await?;
@@ -158,7 +158,7 @@ pub async fn map(a: MapArgs) -> Result<u8> {
     if fmt != qcow2_async::BackingFormat::Qcow2 {
         return Err("map is implemented for qcow2 images".into());
     }
-    let img = Image::open(&a.filename, &OpenOptions::read_only()).await?;
+    let img = Image::open(&a.filename, &crate::opts::ro()).await?;
     let size = img.virtual_size();
     let start = a.start.min(size);
     let len = a.max_length.unwrap_or(size).min(size - start);

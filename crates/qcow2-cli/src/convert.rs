@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use qcow2_async::ops::{self, CompareResult, ConvertOptions};
-use qcow2_async::{Backing, BackingFormat, CreateOptions, OpenOptions};
+use qcow2_async::{Backing, BackingFormat, CreateOptions};
 use serde_json::json;
 
 use crate::opts::{apply_create_options, format_of, parse_format, parse_size, Result};
@@ -44,7 +44,7 @@ pub struct ConvertArgs {
 
 pub async fn convert(a: ConvertArgs) -> Result<u8> {
     let sfmt = format_of(&a.source, a.src_format.as_deref())?;
-    let src = Backing::open(&a.source, sfmt, &OpenOptions::read_only()).await?;
+    let src = Backing::open(&a.source, sfmt, &crate::opts::ro()).await?;
     let mut o = ConvertOptions::new(parse_format(&a.format)?);
     o.compress = a.compress;
     o.parallel = a.parallel.max(1);
@@ -108,9 +108,7 @@ pub async fn compare(a: CompareArgs) -> Result<u8> {
         let f = f.map(str::to_string);
         async move {
             let fmt = format_of(&p, f.as_deref())?;
-            Ok::<_, Box<dyn std::error::Error>>(
-                Backing::open(&p, fmt, &OpenOptions::read_only()).await?,
-            )
+            Ok::<_, Box<dyn std::error::Error>>(Backing::open(&p, fmt, &crate::opts::ro()).await?)
         }
     };
     let (x, y) = match (
@@ -164,7 +162,7 @@ pub async fn measure(a: MeasureArgs) -> Result<u8> {
     let src = match (&a.filename, &a.size) {
         (Some(p), None) => {
             let f = format_of(p, a.src_format.as_deref())?;
-            Some(Backing::open(p, f, &OpenOptions::read_only()).await?)
+            Some(Backing::open(p, f, &crate::opts::ro()).await?)
         }
         (None, Some(_)) => None,
         _ => return Err("either --size N or a filename must be given (not both)".into()),

@@ -29,7 +29,7 @@ pub async fn info(a: InfoArgs) -> Result<u8> {
     }
     let opts = OpenOptions {
         backing: qcow2_async::BackingPolicy::Ignore,
-        ..OpenOptions::read_only()
+        ..crate::opts::ro()
     };
     let img = Image::open(&a.filename, &opts).await?;
     let h = img.header().await;
@@ -201,7 +201,7 @@ pub async fn create(a: CreateArgs) -> Result<u8> {
         .map(str::parse::<BackingFormat>)
         .transpose()?;
     crate::opts::apply_create_options(&mut o, a.options.as_deref().unwrap_or(""))?;
-    let img = Image::create(&a.filename, &o, &OpenOptions::default()).await?;
+    let img = Image::create(&a.filename, &o, &crate::opts::rw()).await?;
     img.close().await?;
     if !a.quiet {
         println!(

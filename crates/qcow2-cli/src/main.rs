@@ -28,6 +28,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     verb: Verb,
+    #[command(flatten)]
+    keys: opts::KeyArgs,
 }
 
 #[derive(Subcommand)]
@@ -72,6 +74,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Err(e) = opts::load_secret(&cli.keys) {
+        eprintln!("qcow2: {e}");
+        return ExitCode::from(1);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -3,7 +3,12 @@
 
 use std::path::Path;
 
-use qcow2_async::{BackingFormat, CreateOptions, Preallocation};
+use std::sync::OnceLock;
+
+use qcow2_async::{
+    BackingFormat, CipherAlg, CipherMode, CreateOptions, EncryptionOptions, HashAlg, IvGenAlg,
+    KdfIterations, OpenOptions, Preallocation, Secret,
+};
 
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -32,6 +37,87 @@ fn on(v: &str) -> Result<bool> {
         "on" | "true" | "yes" => Ok(true),
         "off" | "false" | "no" => Ok(false),
         _ => Err(format!("invalid boolean '{v}' (on/off)").into()),
+    }
+}
+
+/// Where the passphrase of encrypted images comes from (never the command line itself).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct KeyArgs {
+    /// Read the passphrase from this file (its bytes, without a trailing newline).
+    #[arg(long = "key-file", global = true)]
+    pub key_file: Option<std::path::PathBuf>,
+    /// Read the passphrase from this environment variable.
+    #[arg(long = "key-env", global = true)]
+    pub key_env: Option<String>,
+    /// Ask for the passphrase on the terminal.
+    #[arg(long = "key-prompt", global = true)]
+    pub key_prompt: bool,
+}
+
+static SECRET: OnceLock<Option<Secret>> = OnceLock::new();
+
+/// Loads the passphrase the user pointed at, once, before any image is opened.
+pub fn load_secret(k: &KeyArgs) -> Result<()> {
+    let s = if let Some(p) = &k.key_file {
+        let mut b = std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()))?;
+        while b.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
+            b.pop();
+        }
+        Some(Secret::new(b))
+    } else if let Some(v) = &k.key_env {
+        let val =
+            std::env::var_os(v).ok_or_else(|| format!("environment variable {v} is not set"))?;
+        use std::os::unix::ffi::OsStringExt;
+        Some(Secret::new(val.into_vec()))
+    } else if k.key_prompt {
+        Some(prompt()?)
+    } else {
+        None
+    };
+    let _ = SECRET.set(s);
+    Ok(())
+}
+
+/// Reads a line from the terminal with echo off (`stty -echo`; no unsafe code needed).
+fn prompt() -> Result<Secret> {
+    use std::io::{BufRead, Write};
+    let tty = std::fs::File::open("/dev/tty").map_err(|e| format!("no terminal to ask on: {e}"))?;
+    let stty = |arg: &str| {
+        std::process::Command::new("stty")
+            .arg(arg)
+            .stdin(tty.try_clone().expect("tty handle"))
+            .status()
+    };
+    eprint!("Passphrase: ");
+    std::io::stderr().flush()?;
+    let _ = stty("-echo");
+    let mut line = String::new();
+    let r = std::io::BufReader::new(&tty).read_line(&mut line);
+    let _ = stty("echo");
+    eprintln!();
+    r?;
+    Ok(Secret::new(
+        line.trim_end_matches(['\n', '\r']).as_bytes().to_vec(),
+    ))
+}
+
+fn secret() -> Option<Secret> {
+    SECRET.get().cloned().flatten()
+}
+
+/// Read-only open options carrying the user's passphrase.
+pub fn ro() -> OpenOptions {
+    OpenOptions {
+        secret: secret(),
+        ..OpenOptions::read_only()
+    }
+}
+
+/// Read-write open options carrying the user's passphrase.
+pub fn rw() -> OpenOptions {
+    OpenOptions {
+        secret: secret(),
+        ..OpenOptions::default()
     }
 }
 
@@ -64,6 +150,74 @@ pub fn apply_create_options(o: &mut CreateOptions, list: &str) -> Result<()> {
             "backing_fmt" => o.backing_format = Some(v.parse()?),
             "data_file" => o.data_file = Some(v.to_string()),
             "data_file_raw" => o.data_file_raw = on(v)?,
+            "encrypt.format" | "encryption" => {
+                if !(v == "luks" || (k == "encryption" && on(v)?)) {
+                    return Err(format!(
+                        "unsupported encryption format '{v}' (only luks is created)"
+                    )
+                    .into());
+                }
+                let s = secret().ok_or(
+                    "encryption needs a passphrase: --key-file, --key-env or --key-prompt",
+                )?;
+                o.encryption = Some(EncryptionOptions::luks(s));
+            }
+            // qemu-img names a --object secret here; this tool takes the passphrase from
+            // --key-file / --key-env / --key-prompt instead.
+            "encrypt.key-secret" => {}
+            k if k.starts_with("encrypt.") => {
+                let e = o
+                    .encryption
+                    .as_mut()
+                    .ok_or("encrypt.* options need encrypt.format=luks first")?;
+                let hash = |v: &str| -> Result<HashAlg> {
+                    Ok(match v {
+                        "sha1" => HashAlg::Sha1,
+                        "sha224" => HashAlg::Sha224,
+                        "sha256" => HashAlg::Sha256,
+                        "sha384" => HashAlg::Sha384,
+                        "sha512" => HashAlg::Sha512,
+                        _ => return Err(format!("unsupported hash '{v}'").into()),
+                    })
+                };
+                let a = &mut e.algorithms;
+                match k {
+                    "encrypt.cipher-alg" => {
+                        a.cipher_alg = match v {
+                            "aes-128" => CipherAlg::Aes128,
+                            "aes-192" => CipherAlg::Aes192,
+                            "aes-256" => CipherAlg::Aes256,
+                            _ => return Err(format!("unsupported cipher '{v}'").into()),
+                        }
+                    }
+                    "encrypt.cipher-mode" => {
+                        a.cipher_mode = match v {
+                            "xts" => CipherMode::Xts,
+                            "cbc" => CipherMode::Cbc,
+                            _ => return Err(format!("unsupported cipher mode '{v}'").into()),
+                        }
+                    }
+                    "encrypt.ivgen-alg" => {
+                        a.ivgen = match v {
+                            "plain" => IvGenAlg::Plain,
+                            "plain64" => IvGenAlg::Plain64,
+                            "essiv" => IvGenAlg::Essiv(HashAlg::Sha256),
+                            _ => return Err(format!("unsupported IV generator '{v}'").into()),
+                        }
+                    }
+                    "encrypt.ivgen-hash-alg" => {
+                        if let IvGenAlg::Essiv(_) = a.ivgen {
+                            a.ivgen = IvGenAlg::Essiv(hash(v)?);
+                        }
+                    }
+                    "encrypt.hash-alg" => a.hash = hash(v)?,
+                    "encrypt.iter-time" => {
+                        e.iterations =
+                            KdfIterations::Time(std::time::Duration::from_millis(v.parse()?))
+                    }
+                    _ => return Err(format!("invalid option '{k}'").into()),
+                }
+            }
             _ => return Err(format!("invalid option '{k}' (or not supported yet)").into()),
         }
     }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use qcow2_async::{Image, OpenOptions};
+use qcow2_async::Image;
 use qcow2_nbd::{ExportConfig, Listener, Server, ServerOptions, Source};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -46,9 +46,9 @@ pub async fn serve(a: ServeArgs) -> Result<u8> {
     }
     let read_only = a.read_only || a.snapshot.is_some();
     let opts = if read_only {
-        OpenOptions::read_only()
+        crate::opts::ro()
     } else {
-        OpenOptions::default()
+        crate::opts::rw()
     };
     let img = Image::open(&a.filename, &opts).await?;
     let export = ExportConfig {

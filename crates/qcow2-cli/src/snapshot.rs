@@ -42,7 +42,7 @@ pub async fn snapshot(a: SnapshotArgs) -> Result<u8> {
     let opts = OpenOptions {
         backing: BackingPolicy::Ignore,
         read_only: a.list,
-        ..OpenOptions::default()
+        ..crate::opts::rw()
     };
     let img = Image::open(&a.filename, &opts).await?;
     if a.list {
@@ -183,7 +183,7 @@ pub async fn bitmap(a: BitmapArgs) -> Result<u8> {
     }
     let opts = OpenOptions {
         backing: BackingPolicy::Ignore,
-        ..OpenOptions::default()
+        ..crate::opts::rw()
     };
     let img = Image::open(&a.filename, &opts).await?;
     let run = async {

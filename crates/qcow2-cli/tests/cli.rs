@@ -551,3 +551,74 @@ fn bench_reports_rates_latencies_and_leaves_a_clean_image() {
     let o = qcow2(&["bench", "-i", "posix", s(&img)]);
     assert_eq!(o.status.code(), Some(1));
 }
+
+#[test]
+fn encrypted_images_take_the_passphrase_from_a_file_or_the_environment() {
+    let d = Dir::new();
+    let img = d.p("enc.qcow2");
+    let key = d.p("key");
+    std::fs::write(&key, "s3cret\n").unwrap();
+    let with_env = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_qcow2"))
+            .args(args)
+            .env("QCOW2_TEST_KEY", "s3cret")
+            .output()
+            .unwrap()
+    };
+    ok(with_env(&[
+        "--key-env",
+        "QCOW2_TEST_KEY",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.iter-time=10,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv",
+        s(&img),
+        "4M",
+    ]));
+    let opts = format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=k",
+        s(&img)
+    );
+    ok(qemu(
+        "qemu-io",
+        &[
+            "--object",
+            "secret,id=k,data=s3cret",
+            "--image-opts",
+            "-c",
+            "write -P 0x61 64k 128k",
+            &opts,
+        ],
+    ));
+    let raw = d.p("plain.raw");
+    ok(qcow2(&[
+        "--key-file",
+        s(&key),
+        "convert",
+        "-O",
+        "raw",
+        s(&img),
+        s(&raw),
+    ]));
+    let data = std::fs::read(&raw).unwrap();
+    assert!(data[65536..196608].iter().all(|&b| b == 0x61));
+    assert!(data[..65536].iter().all(|&b| b == 0));
+    std::fs::write(&key, "wrong").unwrap();
+    let o = qcow2(&[
+        "--key-file",
+        s(&key),
+        "convert",
+        "-O",
+        "raw",
+        s(&img),
+        s(&d.p("x.raw")),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("cannot unlock"), "{err}");
+    // Metadata needs no key.
+    ok(qcow2(&["info", s(&img)]));
+    ok(qcow2(&["check", s(&img)]));
+}
