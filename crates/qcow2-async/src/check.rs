@@ -160,9 +160,17 @@ impl Meta {
             // COPIED flags once the refcounts are right (QEMU does this for -r leaks only
             // when nothing else is left).
             let fixes = self.copied_fixes(&copied_fixes).await?;
+            let l1_start = self.hdr.header.l1_table_offset;
             for f in &fixes {
                 self.write(f.entry_at, &f.fixed.to_be_bytes(), "COPIED flag repair")
                     .await?;
+                // The active L1 lives in memory too: a stale copy would undo the fix at the
+                // next write-back (and the re-check reads it).
+                if let Some(i) = f.entry_at.checked_sub(l1_start).map(|d| (d / 8) as usize) {
+                    if i < self.l1.len() && f.entry_at % 8 == l1_start % 8 {
+                        self.l1[i] = f.fixed;
+                    }
+                }
             }
             fixed_corruptions += fixes.len() as u64;
             self.drop_l2_cache();
