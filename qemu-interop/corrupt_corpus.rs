@@ -11,6 +11,7 @@
 //!
 //! Run with `--nocapture` to see the table.
 
+#[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -73,8 +74,12 @@ enum Seen {
     Corrupt,
     /// The check ran but could not complete (qemu-img exit 1 with a report).
     CheckError,
-    /// The image could not be opened (or checked at all): the message.
+    /// The image could not be opened: the message.
     Refused(String),
+    /// The check itself failed (our `check` returned an error): the message.
+    Failed(String),
+    /// qemu-img did not answer within `QEMU_TIMEOUT` seconds.
+    Hung,
 }
 
 impl Seen {
@@ -83,16 +88,25 @@ impl Seen {
             Seen::Clean => "clean",
             Seen::Leaks => "leaks",
             Seen::Corrupt => "corrupt",
-            Seen::CheckError => "check-error",
+            Seen::CheckError | Seen::Failed(_) => "check-error",
             Seen::Refused(_) => "open-error",
+            Seen::Hung => "no-answer",
         }
     }
 }
 
+const QEMU_TIMEOUT: &str = "5";
+
 fn qemu_verdict(path: &Path) -> Seen {
-    let out = qemu("qemu-img", &["check", "--output=json", path.to_str().unwrap()]);
+    // Under `timeout`: qemu-img check never returns on some images (backing loops).
+    let out = qemu(
+        "timeout",
+        &[QEMU_TIMEOUT, "qemu-img", "check", "--output=json", path.to_str().unwrap()],
+    );
     let json = serde_json::from_slice::<serde_json::Value>(&out.stdout).ok();
     match (json, out.status.code()) {
+        (_, Some(124)) => Seen::Hung,
+        (None, Some(127)) => panic!("qemu-img not found: install qemu-utils"),
         (Some(_), Some(0)) => Seen::Clean,
         (Some(_), Some(2)) => Seen::Corrupt,
         (Some(_), Some(3)) => Seen::Leaks,
@@ -114,7 +128,7 @@ async fn our_verdict(path: &Path) -> Seen {
             Verdict::Corrupt => Seen::Corrupt,
             Verdict::Error => Seen::CheckError,
         },
-        Err(e) => Seen::Refused(format!("check failed: {e}")),
+        Err(e) => Seen::Failed(e.to_string()),
     }
 }
 
@@ -349,20 +363,33 @@ fn cases() -> Vec<Case> {
             put16(b, m.rc(m.data0), 1)
         }),
         // --- backing chains
-        files("backing-chain-loop", |dir, _| {
+        Case {
+            diverges: Some((
+                "open-error",
+                "qemu-img check never returns on a backing loop (qemu-img info --backing-chain \
+                 reports 'creates an infinite loop'); we refuse the open with Error::Backing",
+            )),
+            ..files("backing-chain-loop", |dir, _| {
             let a = dir.join("a.qcow2");
             let b = dir.join("b.qcow2");
             qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&a), "1M"]);
             qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", s(&b)]);
             qemu_ok("qemu-img", &["rebase", "-u", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", s(&a)]);
             b
-        }),
-        files("backing-self-loop", |dir, _| {
+        })
+        },
+        Case {
+            diverges: Some((
+                "open-error",
+                "as backing-chain-loop: qemu-img check hangs, we refuse with Error::Backing",
+            )),
+            ..files("backing-self-loop", |dir, _| {
             let a = dir.join("self.qcow2");
             qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&a), "1M"]);
             qemu_ok("qemu-img", &["rebase", "-u", "-f", "qcow2", "-b", "self.qcow2", "-F", "qcow2", s(&a)]);
             a
-        }),
+        })
+        },
         files("backing-missing", |dir, _| {
             let a = dir.join("orphan.qcow2");
             qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&a), "1M"]);
@@ -433,7 +460,9 @@ fn damaged_images_get_the_verdict_qemu_img_gives_without_panic_growth_or_writes(
         let peak = PEAK.load(Ordering::Relaxed) - start;
         let after = std::fs::read(&path).unwrap();
         let detail = |v: &Seen| match v {
-            Seen::Refused(m) => format!("{} ({})", v.class(), m.lines().next().unwrap_or("")),
+            Seen::Refused(m) | Seen::Failed(m) => {
+                format!("{} ({})", v.class(), m.lines().next().unwrap_or(""))
+            }
             _ => v.class().to_string(),
         };
         println!(
