@@ -101,7 +101,13 @@ fn qemu_verdict(path: &Path) -> Seen {
     // Under `timeout`: qemu-img check never returns on some images (backing loops).
     let out = qemu(
         "timeout",
-        &[QEMU_TIMEOUT, "qemu-img", "check", "--output=json", path.to_str().unwrap()],
+        &[
+            QEMU_TIMEOUT,
+            "qemu-img",
+            "check",
+            "--output=json",
+            path.to_str().unwrap(),
+        ],
     );
     let json = serde_json::from_slice::<serde_json::Value>(&out.stdout).ok();
     match (json, out.status.code()) {
@@ -234,7 +240,9 @@ fn cases() -> Vec<Case> {
     vec![
         bytes("untouched", |_, _| {}),
         // --- L2 entries
-        bytes("l2-entry-past-eof", |b, m| put64(b, m.l2, COPIED | 0x1_0000_0000)),
+        bytes("l2-entry-past-eof", |b, m| {
+            put64(b, m.l2, COPIED | 0x1_0000_0000)
+        }),
         bytes("l2-entry-into-header", |b, m| put64(b, m.l2, COPIED)),
         bytes("l2-entry-into-reftable", |b, m| {
             put64(b, m.l2, COPIED | m.reftable)
@@ -265,7 +273,9 @@ fn cases() -> Vec<Case> {
             put64(b, m.l2, e & !COPIED);
         }),
         // --- L1 entries
-        bytes("l1-entry-past-eof", |b, m| put64(b, m.l1, COPIED | 0x1_0000_0000)),
+        bytes("l1-entry-past-eof", |b, m| {
+            put64(b, m.l1, COPIED | 0x1_0000_0000)
+        }),
         bytes("l1-entry-into-reftable", |b, m| {
             put64(b, m.l1, COPIED | m.reftable)
         }),
@@ -273,7 +283,9 @@ fn cases() -> Vec<Case> {
             // Offset 0 with bits set elsewhere: not "unallocated".
             put64(b, m.l1, COPIED | 0x200)
         }),
-        bytes("l1-entry-unaligned", |b, m| put64(b, m.l1, COPIED | (m.l2 + 0x200))),
+        bytes("l1-entry-unaligned", |b, m| {
+            put64(b, m.l1, COPIED | (m.l2 + 0x200))
+        }),
         bytes("l1-entry-reserved-bits", |b, m| {
             put64(b, m.l1, COPIED | m.l2 | 1 << 60)
         }),
@@ -285,7 +297,9 @@ fn cases() -> Vec<Case> {
         bytes("refcount-zero-data", |b, m| put16(b, m.rc(m.data0), 0)),
         bytes("refcount-zero-l2", |b, m| put16(b, m.rc(m.l2), 0)),
         bytes("refcount-zero-l1", |b, m| put16(b, m.rc(m.l1), 0)),
-        bytes("refcount-zero-refblock", |b, m| put16(b, m.rc(m.refblock), 0)),
+        bytes("refcount-zero-refblock", |b, m| {
+            put16(b, m.rc(m.refblock), 0)
+        }),
         bytes("refcount-two-data", |b, m| put16(b, m.rc(m.data0), 2)),
         bytes("refcount-leak", |b, m| {
             let end = b.len() as u64;
@@ -298,8 +312,12 @@ fn cases() -> Vec<Case> {
         bytes("reftable-entry-unaligned", |b, m| {
             put64(b, m.reftable, m.refblock + 0x200)
         }),
-        bytes("reftable-entry-into-header", |b, m| put64(b, m.reftable + 8, 0)),
-        bytes("reftable-entry-into-l1", |b, m| put64(b, m.reftable + 8, m.l1)),
+        bytes("reftable-entry-into-header", |b, m| {
+            put64(b, m.reftable + 8, 0)
+        }),
+        bytes("reftable-entry-into-l1", |b, m| {
+            put64(b, m.reftable + 8, m.l1)
+        }),
         // --- overlapping tables
         bytes("l2-overlaps-refblock", |b, m| {
             put64(b, m.l1, COPIED | m.refblock)
@@ -316,9 +334,15 @@ fn cases() -> Vec<Case> {
         bytes("huge-l1-size", |b, _| put32(b, 36, 0x7fff_ffff)),
         bytes("l1-size-too-small", |b, _| put32(b, 36, 0)),
         bytes("l1-offset-unaligned", |b, m| put64(b, 40, m.l1 + 8)),
-        bytes("huge-refcount-table-clusters", |b, _| put32(b, 56, 0xffff_ffff)),
-        bytes("refcount-table-offset-unaligned", |b, m| put64(b, 48, m.reftable + 8)),
-        bytes("refcount-table-past-eof", |b, _| put64(b, 48, 0x1_0000_0000)),
+        bytes("huge-refcount-table-clusters", |b, _| {
+            put32(b, 56, 0xffff_ffff)
+        }),
+        bytes("refcount-table-offset-unaligned", |b, m| {
+            put64(b, 48, m.reftable + 8)
+        }),
+        bytes("refcount-table-past-eof", |b, _| {
+            put64(b, 48, 0x1_0000_0000)
+        }),
         bytes("huge-nb-snapshots", |b, _| {
             put32(b, 60, 0xffff_ffff);
             put64(b, 64, 0x5_0000);
@@ -331,7 +355,9 @@ fn cases() -> Vec<Case> {
         bytes("unknown-incompatible-bit", |b, _| put64(b, 72, 1 << 40)),
         bytes("header-length-too-small", |b, _| put32(b, 100, 64)),
         bytes("header-length-past-cluster", |b, _| put32(b, 100, 0x2_0000)),
-        bytes("extension-length-past-cluster", |b, _| put32(b, 116, 0xffff_0000)),
+        bytes("extension-length-past-cluster", |b, _| {
+            put32(b, 116, 0xffff_0000)
+        }),
         bytes("backing-name-past-cluster", |b, _| {
             put64(b, 8, 0xfff0);
             put32(b, 16, 0x100);
@@ -341,7 +367,9 @@ fn cases() -> Vec<Case> {
             put32(b, 16, 0x2000);
         }),
         bytes("corrupt-bit-set", |b, _| put64(b, 72, 1 << 1)),
-        bytes("external-data-bit-without-name", |b, _| put64(b, 72, 1 << 2)),
+        bytes("external-data-bit-without-name", |b, _| {
+            put64(b, 72, 1 << 2)
+        }),
         bytes("truncated-before-data", |b, m| b.truncate(m.data0 as usize)),
         bytes("truncated-inside-header", |b, _| b.truncate(50)),
         // --- snapshots
@@ -370,13 +398,39 @@ fn cases() -> Vec<Case> {
                  reports 'creates an infinite loop'); we refuse the open with Error::Backing",
             )),
             ..files("backing-chain-loop", |dir, _| {
-            let a = dir.join("a.qcow2");
-            let b = dir.join("b.qcow2");
-            qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&a), "1M"]);
-            qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", s(&b)]);
-            qemu_ok("qemu-img", &["rebase", "-u", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", s(&a)]);
-            b
-        })
+                let a = dir.join("a.qcow2");
+                let b = dir.join("b.qcow2");
+                qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&a), "1M"]);
+                qemu_ok(
+                    "qemu-img",
+                    &[
+                        "create",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        "-b",
+                        "a.qcow2",
+                        "-F",
+                        "qcow2",
+                        s(&b),
+                    ],
+                );
+                qemu_ok(
+                    "qemu-img",
+                    &[
+                        "rebase",
+                        "-u",
+                        "-f",
+                        "qcow2",
+                        "-b",
+                        "b.qcow2",
+                        "-F",
+                        "qcow2",
+                        s(&a),
+                    ],
+                );
+                b
+            })
         },
         Case {
             diverges: Some((
@@ -384,16 +438,42 @@ fn cases() -> Vec<Case> {
                 "as backing-chain-loop: qemu-img check hangs, we refuse with Error::Backing",
             )),
             ..files("backing-self-loop", |dir, _| {
-            let a = dir.join("self.qcow2");
-            qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&a), "1M"]);
-            qemu_ok("qemu-img", &["rebase", "-u", "-f", "qcow2", "-b", "self.qcow2", "-F", "qcow2", s(&a)]);
-            a
-        })
+                let a = dir.join("self.qcow2");
+                qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&a), "1M"]);
+                qemu_ok(
+                    "qemu-img",
+                    &[
+                        "rebase",
+                        "-u",
+                        "-f",
+                        "qcow2",
+                        "-b",
+                        "self.qcow2",
+                        "-F",
+                        "qcow2",
+                        s(&a),
+                    ],
+                );
+                a
+            })
         },
         files("backing-missing", |dir, _| {
             let a = dir.join("orphan.qcow2");
             qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&a), "1M"]);
-            qemu_ok("qemu-img", &["rebase", "-u", "-f", "qcow2", "-b", "gone.qcow2", "-F", "qcow2", s(&a)]);
+            qemu_ok(
+                "qemu-img",
+                &[
+                    "rebase",
+                    "-u",
+                    "-f",
+                    "qcow2",
+                    "-b",
+                    "gone.qcow2",
+                    "-F",
+                    "qcow2",
+                    s(&a),
+                ],
+            );
             a
         }),
         files("dirty-lazy-stale-refcounts", |dir, base| {
@@ -418,7 +498,15 @@ fn bases(dir: &Path) -> (PathBuf, PathBuf) {
     qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "4M"]);
     qemu_ok(
         "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 0x11 0 128k", "-c", "write -P 0x22 1M 64k", s(&base)],
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x11 0 128k",
+            "-c",
+            "write -P 0x22 1M 64k",
+            s(&base),
+        ],
     );
     let snap = dir.join("snap.qcow2");
     std::fs::copy(&base, &snap).unwrap();
@@ -442,7 +530,10 @@ fn damaged_images_get_the_verdict_qemu_img_gives_without_panic_growth_or_writes(
         let cdir = dir.path().join(case.name);
         std::fs::create_dir(&cdir).unwrap();
         let path = match &case.damage {
-            Damage::Bytes { snap: with_snap, patch } => {
+            Damage::Bytes {
+                snap: with_snap,
+                patch,
+            } => {
                 let mut b = std::fs::read(if *with_snap { &snap } else { &base }).unwrap();
                 let m = Map::of(&b);
                 patch(&mut b, &m);
@@ -474,7 +565,11 @@ fn damaged_images_get_the_verdict_qemu_img_gives_without_panic_growth_or_writes(
         if matches!(qemu, Seen::Refused(_)) {
             println!("{:<34} |   qemu-img: {}", "", detail(&qemu));
         }
-        assert!(before == after, "{}: a read-only open and check wrote to the file", case.name);
+        assert!(
+            before == after,
+            "{}: a read-only open and check wrote to the file",
+            case.name
+        );
         assert!(
             peak < ALLOC_CAP,
             "{}: open + check allocated {} MiB at peak",
@@ -492,5 +587,9 @@ fn damaged_images_get_the_verdict_qemu_img_gives_without_panic_growth_or_writes(
             mismatches.push(format!("{}: qemu-img {qemu:?}, ours {ours:?}", case.name));
         }
     }
-    assert!(mismatches.is_empty(), "verdicts differ:\n{}", mismatches.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "verdicts differ:\n{}",
+        mismatches.join("\n")
+    );
 }

@@ -329,8 +329,15 @@ impl Guest {
 
     async fn open(&mut self) -> Result<()> {
         let data = self.data.clone().map(|d| d as Arc<dyn BlockFile>);
-        self.img =
-            Some(open_on(self.qcow.clone(), data, &self.backing, &OpenOptions::default()).await?);
+        self.img = Some(
+            open_on(
+                self.qcow.clone(),
+                data,
+                &self.backing,
+                &OpenOptions::default(),
+            )
+            .await?,
+        );
         Ok(())
     }
 
@@ -487,7 +494,9 @@ async fn start(w: &Workload, lazy: bool) -> Guest {
     let mem = Arc::new(MemFile::new());
     Image::format_file(mem.clone(), &o).await.unwrap();
     let qcow = FaultFile::new(mem.snapshot());
-    let data = w.data_file.then(|| qcow.sibling(vec![0u8; o.size as usize]));
+    let data = w
+        .data_file
+        .then(|| qcow.sibling(vec![0u8; o.size as usize]));
     let mut disk = vec![0u8; o.size as usize];
     if let Some(b) = &backing {
         disk[..b.len()].copy_from_slice(b);
@@ -556,9 +565,14 @@ fn crash_points(g: &Guest, seed: u64, budget: usize) -> Vec<usize> {
 async fn verify(g: &Guest, at: usize, qcow: Vec<u8>, data: Option<Vec<u8>>, ctx: &str) {
     let qcow_file = Arc::new(MemFile::from_bytes(qcow));
     let data_file = data.map(|d| Arc::new(MemFile::from_bytes(d)) as Arc<dyn BlockFile>);
-    let img = open_on(qcow_file.clone(), data_file, &g.backing, &OpenOptions::default())
-        .await
-        .unwrap_or_else(|e| panic!("{ctx}: open after the crash failed: {e}"));
+    let img = open_on(
+        qcow_file.clone(),
+        data_file,
+        &g.backing,
+        &OpenOptions::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{ctx}: open after the crash failed: {e}"));
     let report = img.check(None).await.unwrap();
     assert!(
         report.corruptions == 0 && report.check_errors == 0,
@@ -595,10 +609,7 @@ async fn verify(g: &Guest, at: usize, qcow: Vec<u8>, data: Option<Vec<u8>>, ctx:
         );
         let mut buf = vec![0u8; content.len()];
         img.read_snapshot_at(name, &mut buf, 0).await.unwrap();
-        assert!(
-            buf == **content,
-            "{ctx}: snapshot {name} reads differently"
-        );
+        assert!(buf == **content, "{ctx}: snapshot {name} reads differently");
     }
     let r = img.check(Some(RepairMode::Leaks)).await.unwrap();
     assert_eq!(r.verdict(), Verdict::Clean, "{ctx}: after repair: {r:#?}");
@@ -727,7 +738,11 @@ async fn enumerate(w: &Workload, lazy: bool, budget: usize) -> (usize, usize) {
 async fn every_crash_point_leaves_a_consistent_image_that_keeps_flushed_data() {
     for w in selected() {
         for lazy in [false, true] {
-            let budget = if w.name.starts_with("refcount") { 20 } else { 40 };
+            let budget = if w.name.starts_with("refcount") {
+                20
+            } else {
+                40
+            };
             let t = std::time::Instant::now();
             let (points, states) = enumerate(&w, lazy, budget).await;
             eprintln!(
@@ -773,8 +788,12 @@ async fn write_errors_reach_the_caller_and_leave_the_image_consistent() {
                     (FaultErrno::Enospc, true)
                 };
                 let mut g = start(&w, lazy).await;
-                g.qcow.fail_writes(Some(WriteFailure { nth, errno, sticky }));
-                let ctx = format!("{} (lazy={lazy}) write {nth}/{writes} fails with {errno:?}", w.name);
+                g.qcow
+                    .fail_writes(Some(WriteFailure { nth, errno, sticky }));
+                let ctx = format!(
+                    "{} (lazy={lazy}) write {nth}/{writes} fails with {errno:?}",
+                    w.name
+                );
                 let mut result = (w.steps)(&mut g).await;
                 if result.is_ok() {
                     result = g.close().await;

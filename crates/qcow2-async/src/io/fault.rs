@@ -297,11 +297,17 @@ impl FaultFile {
                 out.push(s);
             }
         };
-        push(self.crash_state(at, "none", |_, _, _| Survival::Lost), &mut out);
+        push(
+            self.crash_state(at, "none", |_, _, _| Survival::Lost),
+            &mut out,
+        );
         if total == 0 {
             return out;
         }
-        push(self.crash_state(at, "all", |_, _, _| Survival::Whole), &mut out);
+        push(
+            self.crash_state(at, "all", |_, _, _| Survival::Whole),
+            &mut out,
+        );
         let mut rng = SplitMix(seed ^ (at as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         // A prefix of each file's unflushed operations (different lengths per file).
         let cuts: Vec<usize> = pending
