@@ -631,7 +631,7 @@ fn check_bytes(durable: &[u8], now: &[u8], later: &[&GuestOp], ctx: &str) {
                 Change::Data { off, len, new } => {
                     let (off, len) = (*off as usize, *len as usize);
                     (off..off + len).contains(&pos)
-                        && new.as_ref().is_none_or(|n| n[pos - off] == b)
+                        && new.as_ref().map_or(true, |n| n[pos - off] == b)
                 }
                 _ => false,
             });

@@ -167,7 +167,7 @@ pub struct FaultFile {
 }
 
 fn power_cut() -> io::Error {
-    io::Error::new(io::ErrorKind::Other, "power cut (fault injection)")
+    io::Error::other("power cut (fault injection)")
 }
 
 impl FaultFile {
