@@ -191,6 +191,8 @@ impl Meta {
                     .without(IncompatibleFeatures::DIRTY);
                 self.write_header().await?;
                 self.barrier.sync().await?;
+                // With lazy refcounts the next mapping change must set the bit again.
+                self.marked_dirty = false;
             }
             self.corrupt = None;
         }
