@@ -275,35 +275,49 @@ impl Meta {
         Ok(true)
     }
 
-    /// Makes everything durable and clears the dirty bit set by `begin_refcount_window`. On
-    /// an error the bit stays set, so the next open repairs.
-    async fn end_refcount_window(&mut self, set: bool) -> Result<()> {
+    /// Makes everything durable and clears the dirty bit set by `begin_refcount_window`.
+    ///
+    /// If the operation failed part-way, refcounts in memory may be higher than the
+    /// references and COPIED flags may disagree with them (never the dangerous way round:
+    /// increases always come first). The image is then repaired in place, best effort, so
+    /// that it stays check-clean while open; the caller gets the operation's error either
+    /// way, and if the repair fails too the dirty bit stays set for the next open.
+    async fn end_refcount_window<T>(&mut self, set: bool, result: Result<T>) -> Result<T> {
+        let value = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let size = self.hdr.header.size;
+                if let Err(repair) = self.check(size, Some(crate::check::RepairMode::All)).await {
+                    tracing::warn!(%repair, "repair after a failed snapshot operation failed");
+                }
+                return Err(e);
+            }
+        };
         if set {
             self.writeback().await?;
             self.write_blocks().await?;
             self.barrier.sync().await?;
             self.set_dirty_bit(false).await?;
         }
-        Ok(())
+        Ok(value)
     }
 
     pub(crate) async fn create_snapshot(&mut self, name: &str) -> Result<SnapshotInfo> {
         let window = self.begin_refcount_window().await?;
-        let info = self.create_snapshot_inner(name).await?;
-        self.end_refcount_window(window).await?;
-        Ok(info)
+        let r = self.create_snapshot_inner(name).await;
+        self.end_refcount_window(window, r).await
     }
 
     pub(crate) async fn delete_snapshot(&mut self, key: &str) -> Result<()> {
         let window = self.begin_refcount_window().await?;
-        self.delete_snapshot_inner(key).await?;
-        self.end_refcount_window(window).await
+        let r = self.delete_snapshot_inner(key).await;
+        self.end_refcount_window(window, r).await
     }
 
     pub(crate) async fn apply_snapshot(&mut self, key: &str) -> Result<()> {
         let window = self.begin_refcount_window().await?;
-        self.apply_snapshot_inner(key).await?;
-        self.end_refcount_window(window).await
+        let r = self.apply_snapshot_inner(key).await;
+        self.end_refcount_window(window, r).await
     }
 
     async fn create_snapshot_inner(&mut self, name: &str) -> Result<SnapshotInfo> {
