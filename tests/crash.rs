@@ -22,7 +22,7 @@
 //!
 //! Adding a workload (later features should): write an `async fn(&mut Guest) -> Result<()>`
 //! that drives the image through `Guest` (`write`, `zeroes`, `discard`, `flush`, `snapshot`,
-//! `delete_snapshot`, `reopen`; `g.img()` for anything else), and add one `Workload` entry
+//! `delete_snapshot`, `repair_leaks`, `reopen`; `g.img()` for anything else), and add one `Workload` entry
 //! to `workloads()` with the creation options it needs. The harness runs it with lazy
 //! refcounts on and off, at every sampled crash point and under injected write errors.
 //!
@@ -202,6 +202,9 @@ async fn discard_and_zeroes(g: &mut Guest) -> Result<()> {
         g.write(i * 4096, &pattern(30 + i as u8, 4096)).await?;
     }
     g.flush().await?;
+    // A repair while open (it writes refcounts and clears a lazy image's dirty bit, which
+    // the next allocation must set again).
+    g.repair_leaks().await?;
     g.discard(2 * 4096, 3 * 4096).await?;
     g.zeroes(6 * 4096, 2 * 4096, true).await?;
     g.zeroes(9 * 4096, 4096, false).await?; // keeps its host cluster (zero-alloc)
@@ -438,6 +441,19 @@ impl Guest {
         });
         self.img().delete_snapshot(name).await?;
         self.snapshots.retain(|(n, _)| n != name);
+        Ok(())
+    }
+
+    /// `check` with leak repair on the open image (it writes refcounts and may clear the
+    /// dirty bit, which must then be set again before the next mapping change).
+    async fn repair_leaks(&mut self) -> Result<()> {
+        let start = self.events();
+        self.ops.push(GuestOp {
+            start,
+            change: Change::None,
+        });
+        let r = self.img().check(Some(RepairMode::Leaks)).await?;
+        assert_eq!(r.verdict(), Verdict::Clean, "live image: {r:#?}");
         Ok(())
     }
 
