@@ -113,6 +113,8 @@ struct Scan {
     /// (entry offset, raw entry, host cluster index).
     copied: Vec<(u64, u64, u64)>,
     last_data: Option<u64>,
+    file_len: u64,
+    cluster_size: u64,
 }
 
 impl Meta {
@@ -160,9 +162,17 @@ impl Meta {
             // COPIED flags once the refcounts are right (QEMU does this for -r leaks only
             // when nothing else is left).
             let fixes = self.copied_fixes(&copied_fixes).await?;
+            let l1_start = self.hdr.header.l1_table_offset;
             for f in &fixes {
                 self.write(f.entry_at, &f.fixed.to_be_bytes(), "COPIED flag repair")
                     .await?;
+                // The active L1 lives in memory too: a stale copy would undo the fix at the
+                // next write-back (and the re-check reads it).
+                if let Some(i) = f.entry_at.checked_sub(l1_start).map(|d| (d / 8) as usize) {
+                    if i < self.l1.len() && f.entry_at % 8 == l1_start % 8 {
+                        self.l1[i] = f.fixed;
+                    }
+                }
             }
             fixed_corruptions += fixes.len() as u64;
             self.drop_l2_cache();
@@ -181,6 +191,8 @@ impl Meta {
                     .without(IncompatibleFeatures::DIRTY);
                 self.write_header().await?;
                 self.barrier.sync().await?;
+                // With lazy refcounts the next mapping change must set the bit again.
+                self.marked_dirty = false;
             }
             self.corrupt = None;
         }
@@ -218,6 +230,12 @@ impl Meta {
             },
             copied: Vec::new(),
             last_data: None,
+            file_len: self
+                .file
+                .len()
+                .await
+                .map_err(Error::io("sizing the image"))?,
+            cluster_size: cs,
         };
         s.add(0, cs, "header");
         let h = self.hdr.header.clone();
@@ -294,10 +312,20 @@ impl Meta {
         s.report.image_end_offset = end * cs;
         // COPIED: only meaningful when refcounts are trustworthy for those clusters.
         let copied = std::mem::take(&mut s.copied);
-        for f in self.copied_fixes(&copied).await? {
-            let _ = f;
-            s.report
-                .corrupt("OFLAG_COPIED flag does not match the refcount".into());
+        match self.copied_fixes(&copied).await {
+            Ok(fixes) => {
+                for _ in fixes {
+                    s.report
+                        .corrupt("OFLAG_COPIED flag does not match the refcount".into());
+                }
+            }
+            // Unreadable refcounts were already counted as a check error above.
+            Err(e) if compare_failed => {
+                s.report
+                    .messages
+                    .push(format!("ERROR comparing COPIED flags: {e}"));
+            }
+            Err(e) => return Err(e),
         }
         let mut report = s.report;
         report.messages.dedup();
@@ -600,6 +628,16 @@ impl Meta {
 impl Scan {
     /// Counts a reference to `[off, off + len)`; false (and a corruption) when it cannot be.
     fn add(&mut self, off: u64, len: u64, what: &str) -> bool {
+        // QEMU's rule: the last cluster may be partly past the end of the file, anything
+        // reaching a whole cluster or more past it is corrupt (and not counted).
+        let end = off.saturating_add(len);
+        if len > 0 && end.saturating_sub(self.file_len) >= self.cluster_size {
+            self.report.corrupt(format!(
+                "counting reference for region exceeding the end of the file by one cluster \
+                 or more: {what} at {off:#x} size {len:#x}"
+            ));
+            return false;
+        }
         match self.acc.add(off, len) {
             Ok(()) => true,
             Err(e) => {

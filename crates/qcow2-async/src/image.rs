@@ -526,8 +526,10 @@ impl Image {
                 .await?;
             if report.verdict() != crate::check::Verdict::Clean {
                 return Err(Error::Corrupt(format!(
-                    "could not repair dirty image: {} corruptions, {} leaks remain",
-                    report.corruptions, report.leaks
+                    "could not repair dirty image: {} corruptions, {} leaks remain ({})",
+                    report.corruptions,
+                    report.leaks,
+                    report.messages.join("; ")
                 )));
             }
             tracing::info!(

@@ -261,7 +261,66 @@ impl Meta {
         Ok(())
     }
 
+    /// Snapshot operations change refcounts and the COPIED flags that depend on them with
+    /// separate writes, so a crash between them leaves flags that disagree with refcounts —
+    /// a corruption to `check` (QEMU has the same window). On v3 images the operation runs
+    /// with the dirty bit set: after such a crash the next read-write open rebuilds
+    /// refcounts and flags, and the crash costs at most leaked clusters. Returns whether the
+    /// bit was set here (and must be cleared by [`Meta::end_refcount_window`]).
+    async fn begin_refcount_window(&mut self) -> Result<bool> {
+        if self.hdr.header.version != qcow2_format::Version::V3 || self.marked_dirty {
+            return Ok(false);
+        }
+        self.set_dirty_bit(true).await?;
+        Ok(true)
+    }
+
+    /// Makes everything durable and clears the dirty bit set by `begin_refcount_window`.
+    ///
+    /// If the operation failed part-way, refcounts in memory may be higher than the
+    /// references and COPIED flags may disagree with them (never the dangerous way round:
+    /// increases always come first). The image is then repaired in place, best effort, so
+    /// that it stays check-clean while open; the caller gets the operation's error either
+    /// way, and if the repair fails too the dirty bit stays set for the next open.
+    async fn end_refcount_window<T>(&mut self, set: bool, result: Result<T>) -> Result<T> {
+        let value = match result {
+            Ok(v) => v,
+            Err(e) => {
+                let size = self.hdr.header.size;
+                if let Err(repair) = self.check(size, Some(crate::check::RepairMode::All)).await {
+                    tracing::warn!(%repair, "repair after a failed snapshot operation failed");
+                }
+                return Err(e);
+            }
+        };
+        if set {
+            self.writeback().await?;
+            self.write_blocks().await?;
+            self.barrier.sync().await?;
+            self.set_dirty_bit(false).await?;
+        }
+        Ok(value)
+    }
+
     pub(crate) async fn create_snapshot(&mut self, name: &str) -> Result<SnapshotInfo> {
+        let window = self.begin_refcount_window().await?;
+        let r = self.create_snapshot_inner(name).await;
+        self.end_refcount_window(window, r).await
+    }
+
+    pub(crate) async fn delete_snapshot(&mut self, key: &str) -> Result<()> {
+        let window = self.begin_refcount_window().await?;
+        let r = self.delete_snapshot_inner(key).await;
+        self.end_refcount_window(window, r).await
+    }
+
+    pub(crate) async fn apply_snapshot(&mut self, key: &str) -> Result<()> {
+        let window = self.begin_refcount_window().await?;
+        let r = self.apply_snapshot_inner(key).await;
+        self.end_refcount_window(window, r).await
+    }
+
+    async fn create_snapshot_inner(&mut self, name: &str) -> Result<SnapshotInfo> {
         if self.fmt.external_data_file {
             return Err(Error::unsupported(
                 "internal snapshots with an external data file",
@@ -312,7 +371,7 @@ impl Meta {
         Ok(info)
     }
 
-    pub(crate) async fn delete_snapshot(&mut self, key: &str) -> Result<()> {
+    async fn delete_snapshot_inner(&mut self, key: &str) -> Result<()> {
         let mut table = self.snapshot_table().await?;
         let idx = find(&table, key)?;
         let snap = table.entries.remove(idx);
@@ -334,7 +393,7 @@ impl Meta {
         self.barrier.sync().await
     }
 
-    pub(crate) async fn apply_snapshot(&mut self, key: &str) -> Result<()> {
+    async fn apply_snapshot_inner(&mut self, key: &str) -> Result<()> {
         let table = self.snapshot_table().await?;
         let snap = table.entries[find(&table, key)?].clone();
         let size = self.hdr.header.size;

@@ -11,6 +11,7 @@ use std::io;
 use std::pin::Pin;
 
 mod buf;
+mod fault;
 mod mem;
 mod open;
 #[cfg(test)]
@@ -20,6 +21,9 @@ mod threads;
 mod uring;
 
 pub use buf::IoBuf;
+pub use fault::{
+    CrashState, FaultErrno, FaultEvent, FaultFile, FaultOp, Survival, WriteFailure, SECTOR,
+};
 pub use mem::MemFile;
 pub use open::{open_file, Aio, FileOptions};
 pub use threads::ThreadFile;
