@@ -41,7 +41,8 @@ use qcow2_async::io::{BlockFile, FaultErrno, FaultFile, MemFile, WriteFailure};
 use qcow2_async::qcow2_format::l2::decode_extended;
 use qcow2_async::qcow2_format::{ImageHeader, L1Entry, L2Entry, L2Format, Limits};
 use qcow2_async::{
-    Backing, BackingFormat, CreateOptions, Error, Image, OpenOptions, RepairMode, Result, Verdict,
+    Backing, BackingFormat, CreateOptions, EncryptionOptions, Error, Image, KdfIterations,
+    OpenOptions, RepairMode, Result, Secret, Verdict,
 };
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -126,7 +127,133 @@ fn workloads() -> Vec<Workload> {
             data_file: true,
             steps: |g| Box::pin(external_data(g)),
         },
+        Workload {
+            name: "compressed-writes",
+            create: || CreateOptions {
+                cluster_size: 4096,
+                ..CreateOptions::new(1 << 20)
+            },
+            backing: false,
+            data_file: false,
+            steps: |g| Box::pin(compressed_writes(g)),
+        },
+        Workload {
+            name: "compressed-overwrite",
+            create: || CreateOptions {
+                cluster_size: 4096,
+                zstd: true,
+                ..CreateOptions::new(1 << 20)
+            },
+            backing: false,
+            data_file: false,
+            steps: |g| Box::pin(compressed_overwrite(g)),
+        },
+        Workload {
+            name: "persistent-bitmaps",
+            create: || CreateOptions {
+                cluster_size: 4096,
+                ..CreateOptions::new(1 << 20)
+            },
+            backing: false,
+            data_file: false,
+            steps: |g| Box::pin(bitmap_store(g)),
+        },
+        Workload {
+            name: "luks-encrypted",
+            create: || CreateOptions {
+                cluster_size: 4096,
+                encryption: Some(EncryptionOptions {
+                    iterations: KdfIterations::Count(1000),
+                    ..EncryptionOptions::luks(Secret::new(PASSPHRASE))
+                }),
+                ..CreateOptions::new(1 << 20)
+            },
+            backing: false,
+            data_file: false,
+            steps: |g| Box::pin(encrypted(g)),
+        },
     ]
+}
+
+/// Passphrase of the encrypted workload; handed to every open (plain images ignore it).
+const PASSPHRASE: &str = "crash-passphrase";
+
+fn open_opts() -> OpenOptions {
+    OpenOptions {
+        secret: Some(Secret::new(PASSPHRASE)),
+        ..OpenOptions::default()
+    }
+}
+
+/// Compressible cluster contents: runs of one byte.
+fn runs(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_add((i / 700) as u8))
+        .collect()
+}
+
+/// (g) Compressed writes packed into shared host clusters (deflate), one spilling into the
+/// next cluster, an incompressible fallback, then flushes.
+async fn compressed_writes(g: &mut Guest) -> Result<()> {
+    for i in 0..5u64 {
+        g.compressed(i * 4096, &runs(40 + i as u8, 4096)).await?;
+    }
+    g.flush().await?;
+    g.compressed(8 * 4096, &pattern(50, 4096)).await?; // does not shrink: a normal write
+    g.compressed(9 * 4096, &runs(51, 4096)).await?;
+    g.write(20 * 4096, &pattern(52, 4096)).await?;
+    g.flush().await?;
+    g.compressed(10 * 4096, &runs(53, 4096)).await?;
+    Ok(())
+}
+
+/// (h) Rewrites of compressed clusters (zstd): a partial write decompresses into a normal
+/// cluster, whole-cluster zeroes and discards drop the payload, a compressed write replaces
+/// a compressed one, while a snapshot still shares some payloads.
+async fn compressed_overwrite(g: &mut Guest) -> Result<()> {
+    for i in 0..6u64 {
+        g.compressed(i * 4096, &runs(60 + i as u8, 4096)).await?;
+    }
+    g.flush().await?;
+    g.snapshot("s").await?;
+    g.write(4096 + 100, &pattern(70, 300)).await?;
+    g.zeroes(2 * 4096, 4096, true).await?;
+    g.flush().await?;
+    g.discard(3 * 4096, 4096).await?;
+    g.compressed(4 * 4096, &runs(71, 4096)).await?;
+    g.flush().await?;
+    g.write(5 * 4096, &pattern(72, 4096)).await?;
+    Ok(())
+}
+
+/// (i) Persistent bitmaps: add (new directory and tables), writes while they are flagged in
+/// use, a clean close that stores them copy-on-write, more writes after the reopen.
+async fn bitmap_store(g: &mut Guest) -> Result<()> {
+    g.write(0, &pattern(80, 4096)).await?;
+    g.flush().await?;
+    g.add_bitmap("b1").await?;
+    g.write(3 * 4096, &pattern(81, 4096)).await?;
+    g.zeroes(5 * 4096, 4096, true).await?;
+    g.flush().await?;
+    g.add_bitmap("b2").await?;
+    g.reopen().await?;
+    g.write(7 * 4096, &pattern(82, 100)).await?;
+    g.flush().await?;
+    g.write(9 * 4096, &pattern(83, 4096)).await?;
+    Ok(())
+}
+
+/// (j) LUKS-encrypted data: allocating and partial-sector writes (read-modify-write of
+/// encrypted sectors), COW of encrypted clusters under a snapshot.
+async fn encrypted(g: &mut Guest) -> Result<()> {
+    g.write(0, &pattern(90, 4096)).await?;
+    g.write(4096 + 7, &pattern(91, 100)).await?;
+    g.flush().await?;
+    g.snapshot("e").await?;
+    g.write(200, &pattern(92, 1000)).await?;
+    g.flush().await?;
+    g.write(3 * 4096, &pattern(93, 5000)).await?;
+    Ok(())
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -332,15 +459,7 @@ impl Guest {
 
     async fn open(&mut self) -> Result<()> {
         let data = self.data.clone().map(|d| d as Arc<dyn BlockFile>);
-        self.img = Some(
-            open_on(
-                self.qcow.clone(),
-                data,
-                &self.backing,
-                &OpenOptions::default(),
-            )
-            .await?,
-        );
+        self.img = Some(open_on(self.qcow.clone(), data, &self.backing, &open_opts()).await?);
         Ok(())
     }
 
@@ -379,6 +498,24 @@ impl Guest {
         self.img().write_at(data, off).await?;
         self.done(op, data.to_vec());
         Ok(())
+    }
+
+    async fn compressed(&mut self, off: u64, data: &[u8]) -> Result<()> {
+        let op = self.begin(off, data.len() as u64, Some(data.to_vec()));
+        self.img().write_compressed(off, data).await?;
+        self.done(op, data.to_vec());
+        Ok(())
+    }
+
+    async fn add_bitmap(&mut self, name: &str) -> Result<()> {
+        let start = self.events();
+        self.ops.push(GuestOp {
+            start,
+            change: Change::None,
+        });
+        self.img()
+            .add_bitmap(name, &qcow2_async::BitmapOptions::default())
+            .await
     }
 
     async fn zeroes(&mut self, off: u64, len: u64, unmap: bool) -> Result<()> {
@@ -581,14 +718,9 @@ fn crash_points(g: &Guest, seed: u64, budget: usize) -> Vec<usize> {
 async fn verify(g: &Guest, at: usize, qcow: Vec<u8>, data: Option<Vec<u8>>, ctx: &str) {
     let qcow_file = Arc::new(MemFile::from_bytes(qcow));
     let data_file = data.map(|d| Arc::new(MemFile::from_bytes(d)) as Arc<dyn BlockFile>);
-    let img = open_on(
-        qcow_file.clone(),
-        data_file,
-        &g.backing,
-        &OpenOptions::default(),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{ctx}: open after the crash failed: {e}"));
+    let img = open_on(qcow_file.clone(), data_file, &g.backing, &open_opts())
+        .await
+        .unwrap_or_else(|e| panic!("{ctx}: open after the crash failed: {e}"));
     let report = img.check(None).await.unwrap();
     assert!(
         report.corruptions == 0 && report.check_errors == 0,
