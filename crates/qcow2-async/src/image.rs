@@ -70,6 +70,8 @@ struct Inner {
     file: Arc<dyn BlockFile>,
     /// Where guest data lives: the qcow2 file itself, or the external data file.
     data: Arc<dyn BlockFile>,
+    /// How far the qcow2 file has ever been written (`io/highwater.rs`).
+    written: Arc<crate::io::HighWater>,
     /// Guest data is in an external data file (host offset == guest offset, no refcounts).
     external: bool,
     /// The external data file is a valid raw image (`data_file_raw`).
@@ -456,6 +458,12 @@ impl Image {
         opts: &OpenOptions,
         backing: Option<Backing>,
     ) -> Result<Image> {
+        let written = Arc::new(
+            crate::io::HighWater::new(file)
+                .await
+                .map_err(Error::io("sizing the image"))?,
+        );
+        let file: Arc<dyn BlockFile> = written.clone();
         let mut hdr = read_header(&file).await?;
         let external = hdr
             .header
@@ -551,6 +559,7 @@ impl Image {
                 path,
                 file,
                 data,
+                written,
                 external,
                 data_raw,
                 meta: Mutex::new(meta),
@@ -919,9 +928,13 @@ impl Image {
         self.check_writable().await?;
         self.check_range(offset, buf.len() as u64)?;
         self.mark_bitmaps(offset, buf.len() as u64).await?;
-        for (gc, inc, r) in self.pieces(offset, buf.len() as u64) {
-            self.write_cluster(gc, inc, &buf[r]).await?;
-        }
+        // The clusters of one request are written concurrently (each under its own lease),
+        // so a large request keeps several I/Os in flight. On an error the others still
+        // finish, so nothing is left half-mapped.
+        let writes = self.pieces(offset, buf.len() as u64).map(|(gc, inc, r)| {
+            Box::pin(self.write_cluster(gc, inc, &buf[r])) as BoxFuture<'_, Result<()>>
+        });
+        join_all_bounded(writes, WRITE_PARALLELISM).await?;
         if self.inner.barrier == BarrierMode::Full {
             self.flush().await?;
         }
@@ -973,6 +986,9 @@ impl Image {
             _ if self.inner.external => (gc << self.inner.geo.cluster_bits(), false),
             _ => (meta.alloc(1, Pool::Data).await?, true),
         };
+        // Decided under the metadata lock, before any later allocation can be written: a
+        // fresh cluster past everything ever written reads as zeros already.
+        let untouched = fresh && !self.inner.external && host >= self.inner.written.mark();
         if self.inner.external {
             // Writes to the data file need no metadata overlap check (QEMU skips it too).
         } else if let Err(e) = meta.check_data_target(host).await {
@@ -985,6 +1001,12 @@ impl Image {
         let result = async {
             let buf = if inc == 0 && data.len() as u64 == cs {
                 data.to_vec()
+            } else if untouched
+                && !self.inner.crypto.is_encrypted()
+                && self.rest_reads_zero(gc, entry)
+            {
+                // Only the guest's bytes: the rest of the cluster is already zeros.
+                return self.write_in_place(host + inc, data).await;
             } else {
                 let mut c = self.cluster_content(gc, entry).await?;
                 c[inc as usize..inc as usize + data.len()].copy_from_slice(data);
@@ -1379,6 +1401,19 @@ impl Image {
 }
 
 impl Image {
+    /// Whether a cluster with this old mapping reads as zeros (nothing to copy on write).
+    fn rest_reads_zero(&self, gc: u64, entry: L2Entry) -> bool {
+        match entry {
+            L2Entry::Zero { .. } => true,
+            L2Entry::Unallocated => self
+                .inner
+                .backing
+                .as_ref()
+                .map_or(true, |b| gc << self.inner.geo.cluster_bits() >= b.size()),
+            _ => false,
+        }
+    }
+
     /// Drops the reference an old mapping held, once the new mapping is durable. Clusters
     /// of an external data file are not reference counted.
     fn release(&self, meta: &mut Meta, old: L2Entry) {
@@ -1405,6 +1440,51 @@ fn release(meta: &mut Meta, old: L2Entry, cs: u64) {
 
 /// Clusters of one read in flight at once.
 const READ_PARALLELISM: usize = 8;
+/// Clusters of one write in flight at once.
+const WRITE_PARALLELISM: usize = 8;
+
+/// Runs every future of `futs`, at most `limit` at a time, to completion, and returns the
+/// first error. Unlike [`join_bounded`] nothing is dropped half-way: a write that already
+/// allocated finishes its mapping (or gives its cluster back) before the error is reported.
+async fn join_all_bounded<'a>(
+    mut futs: impl Iterator<Item = BoxFuture<'a, Result<()>>>,
+    limit: usize,
+) -> Result<()> {
+    let mut active: Vec<BoxFuture<'a, Result<()>>> = Vec::with_capacity(limit);
+    let mut first_err = None;
+    let mut exhausted = false;
+    std::future::poll_fn(|cx| loop {
+        while !exhausted && first_err.is_none() && active.len() < limit {
+            match futs.next() {
+                Some(f) => active.push(f),
+                None => exhausted = true,
+            }
+        }
+        let before = active.len();
+        let mut i = 0;
+        while i < active.len() {
+            match active[i].as_mut().poll(cx) {
+                std::task::Poll::Ready(r) => {
+                    drop(active.swap_remove(i));
+                    if let Err(e) = r {
+                        first_err.get_or_insert(e);
+                    }
+                }
+                std::task::Poll::Pending => i += 1,
+            }
+        }
+        if active.is_empty() && (exhausted || first_err.is_some()) {
+            return std::task::Poll::Ready(match first_err.take() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            });
+        }
+        if active.len() == before {
+            return std::task::Poll::Pending;
+        }
+    })
+    .await
+}
 
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 

@@ -12,6 +12,7 @@ use std::pin::Pin;
 
 mod buf;
 mod fault;
+mod highwater;
 mod mem;
 mod open;
 #[cfg(test)]
@@ -24,6 +25,7 @@ pub use buf::IoBuf;
 pub use fault::{
     CrashState, FaultErrno, FaultEvent, FaultFile, FaultOp, Survival, WriteFailure, SECTOR,
 };
+pub(crate) use highwater::HighWater;
 pub use mem::MemFile;
 pub use open::{open_file, Aio, FileOptions};
 pub use threads::ThreadFile;
