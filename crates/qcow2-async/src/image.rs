@@ -516,6 +516,7 @@ impl Image {
         )
         .await?;
         meta.discard_passthrough = opts.discard_passthrough;
+        meta.preallocate = opts.direct && !opts.read_only;
         meta.writable = !opts.read_only;
         let hh = &meta.hdr.header;
         meta.lazy = !opts.read_only

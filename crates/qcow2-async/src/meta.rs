@@ -73,6 +73,12 @@ pub(crate) struct Meta {
     pub(crate) refblock_set: std::collections::HashSet<u64>,
     /// Persistent dirty bitmaps (`bitmaps.rs`).
     pub(crate) bitmaps: crate::bitmaps::Bitmaps,
+    /// Reserve file space ahead of data allocations (O_DIRECT on a growing file): writes
+    /// then land inside the file, where ext4 and XFS run direct writes concurrently instead
+    /// of serialising every file-extending one.
+    pub(crate) preallocate: bool,
+    /// The file is reserved up to here.
+    prealloc_end: u64,
 }
 
 /// Memory for recently decompressed clusters (at least two clusters, at most 64).
@@ -138,6 +144,8 @@ impl Meta {
             marked_dirty: false,
             refblock_set,
             bitmaps: Default::default(),
+            preallocate: false,
+            prealloc_end: 0,
             hdr,
         })
     }
@@ -434,6 +442,10 @@ impl Meta {
             for c in start..start + n {
                 self.set_refcount(c, 1).await?;
             }
+            if pool == Pool::Data && self.preallocate {
+                self.reserve_ahead((start + n) << self.geo.cluster_bits())
+                    .await;
+            }
             return Ok(start << self.geo.cluster_bits());
         }
     }
@@ -496,6 +508,35 @@ impl Meta {
         self.compressed_cursor = if end & (cs - 1) == 0 { 0 } else { end };
         self.decompressed.invalidate(offset, size);
         Ok(offset)
+    }
+
+    /// Makes sure the file is reserved up to `end`, in chunks of 1/8 of the file (at least
+    /// 64 MiB, at most 1 GiB). A file system that cannot reserve simply stops preallocation:
+    /// it only ever costs speed.
+    async fn reserve_ahead(&mut self, end: u64) {
+        if end <= self.prealloc_end {
+            return;
+        }
+        if self.prealloc_end == 0 {
+            self.prealloc_end = self.file.len().await.unwrap_or(0);
+            if end <= self.prealloc_end {
+                return;
+            }
+        }
+        let chunk = (self.prealloc_end / 8).clamp(64 << 20, 1 << 30);
+        let cs = self.cs();
+        let new_end = (end.max(self.prealloc_end) + chunk).div_ceil(cs) * cs;
+        match self
+            .file
+            .allocate(self.prealloc_end, new_end - self.prealloc_end)
+            .await
+        {
+            Ok(()) => self.prealloc_end = new_end,
+            Err(e) => {
+                tracing::debug!("preallocation stopped: {e}");
+                self.preallocate = false;
+            }
+        }
     }
 
     fn cursor(&self, pool: Pool) -> u64 {

@@ -54,19 +54,18 @@ impl BlockFile for HighWater {
     fn len(&self) -> IoFuture<'_, u64> {
         self.inner.len()
     }
+    // Growing the file, reserving space and zeroing leave regions that read as zeros, so
+    // they do not raise the mark (an allocation there may still skip the zero fill).
     fn set_len(&self, len: u64) -> IoFuture<'_, ()> {
-        self.raise(len);
         self.inner.set_len(len)
     }
     fn allocate(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        self.raise(offset.saturating_add(len));
         self.inner.allocate(offset, len)
     }
     fn punch_hole(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         self.inner.punch_hole(offset, len)
     }
     fn zero_range(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
-        self.raise(offset.saturating_add(len));
         self.inner.zero_range(offset, len)
     }
     fn alignment(&self) -> usize {
