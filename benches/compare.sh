@@ -132,6 +132,29 @@ for rep in $(seq 1 "$REPS"); do
   fi
 done
 
+# NBD: qemu-nbd and qcow2 serve on a Unix socket, both O_DIRECT + io_uring, the same
+# client (qemu-img bench over nbd+unix) for 4 KiB random-stride reads and overwrites, QD32.
+nbd_run() { # server(qemu|ours) rw-flag
+  local sock=$DIR/nbd.sock pid
+  rm -f "$sock"
+  if [ "$1" = qemu ]; then
+    qemu-nbd -f qcow2 --cache=none --aio=io_uring -k "$sock" --persistent "$FULL" & pid=$!
+  else
+    "$Q" serve "$FULL" --socket "$sock" --cache none --aio io_uring & pid=$!
+  fi
+  for _ in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
+  # shellcheck disable=SC2086
+  timed qemu-img bench -f raw -c 60000 -d 32 -s 4k -S "$S4K" $2 "nbd+unix:///?socket=$sock"
+  local t; t=$(awk '/Run completed/{print $4}' "$DIR/.out")
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  awk -v c=60000 -v t="$t" 'BEGIN{printf "%.0f\n", c/t}'
+}
+for rep in $(seq 1 "$REPS"); do
+  log "nbd rep $rep/$REPS"
+  record nbdread qemu "$(nbd_run qemu "")"; record nbdread ours "$(nbd_run ours "")"
+  record nbdwrite qemu "$(nbd_run qemu "-w")"; record nbdwrite ours "$(nbd_run ours "-w")"
+done
+
 # Compressed convert of 1 GiB (deterministic compressible source, as in the baselines).
 SRC=$DIR/comp-src.raw
 if [ ! -s "$SRC" ]; then
@@ -181,7 +204,7 @@ for cc in 16 64 512; do
 done
 rm -f "$DIR/big.qcow2"
 
-get() { printf '%s' "${R["$1|$2"]:-}" | grep -v '^$' | median; }
+get() { printf '%s' "${R["$1|$2"]:-}" | grep -v '^$' | median | awk '{ if ($1 >= 100) printf "%.0f", $1; else printf "%.1f", $1 }'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a == "" || b == "" || b == 0) print "—"; else printf "%.2f", a/b }'; }
 TABLE=$DIR/table.md
 {
@@ -197,6 +220,10 @@ TABLE=$DIR/table.md
   row alloc32 "4 KiB allocating write QD32, empty image (IOPS)" "≥ 3 × qemu-img"
   row seq1m "1 MiB sequential allocating write QD8 (IOPS)" "≥ 0.9 × raw"
   row cow64 "64 KiB allocating write over a backing file QD16 (IOPS)" "— (raw: 64k randwrite)"
+  for k in nbdread:"4 KiB random-stride read QD32 over NBD, qemu-nbd vs qcow2 serve (IOPS)" nbdwrite:"4 KiB random-stride overwrite QD32 over NBD (IOPS)"; do
+    q=$(get "${k%%:*}" qemu); o=$(get "${k%%:*}" ours)
+    echo "| ${k#*:} | — | $q | $o | — | $(ratio "$o" "$q") | ≥ 3 × qemu-nbd |"
+  done
   for t in zlib zstd; do
     q=$(get "conv_$t" qemu); o=$(get "conv_$t" ours)
     echo "| compressed convert of 1 GiB, $t (seconds, lower is better) | — | $q | $o | — | $(ratio "$q" "$o") (speed-up) | ≥ 2 × qemu-img |"

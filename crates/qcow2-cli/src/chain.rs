@@ -118,7 +118,7 @@ pub struct RebaseArgs {
     /// Image format (only qcow2).
     #[arg(short = 'f', default_value = "qcow2")]
     format: String,
-    /// Show progress (accepted for compatibility).
+    /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
     /// Quiet.
@@ -151,11 +151,16 @@ pub async fn rebase(a: RebaseArgs) -> Result<u8> {
         };
         Some((a.backing.as_str(), fmt))
     };
+    let (bar, cb) = crate::progress::bar(a.progress && !a.quiet);
     let o = RebaseOptions {
         unsafe_names_only: a.unsafe_,
         open: crate::opts::rw(),
+        progress: cb,
     };
     ops::rebase(&a.filename, backing, &o).await?;
+    if let Some(b) = bar {
+        b.finish();
+    }
     Ok(0)
 }
 

@@ -38,6 +38,12 @@ pub struct ServeArgs {
     /// Export internal snapshot NAME (or id), read-only, instead of the live disk.
     #[arg(long, value_name = "NAME")]
     snapshot: Option<String>,
+    /// `none` (O_DIRECT) or `writeback` (qemu-nbd's --cache).
+    #[arg(long, default_value = "writeback")]
+    cache: String,
+    /// `io_uring` or `threads` (qemu-nbd's --aio).
+    #[arg(long, default_value = "io_uring")]
+    aio: String,
 }
 
 pub async fn serve(a: ServeArgs) -> Result<u8> {
@@ -45,11 +51,21 @@ pub async fn serve(a: ServeArgs) -> Result<u8> {
         return Err(format!("unsupported format '{}'", a.format).into());
     }
     let read_only = a.read_only || a.snapshot.is_some();
-    let opts = if read_only {
+    let mut opts = if read_only {
         crate::opts::ro()
     } else {
         crate::opts::rw()
     };
+    opts.direct = match a.cache.as_str() {
+        "none" | "directsync" => true,
+        "writeback" | "writethrough" | "unsafe" => false,
+        o => return Err(format!("invalid cache mode '{o}'").into()),
+    };
+    opts.aio = Some(match a.aio.as_str() {
+        "io_uring" => qcow2_async::io::Aio::IoUring,
+        "threads" => qcow2_async::io::Aio::Threads,
+        o => return Err(format!("invalid aio '{o}' (io_uring or threads)").into()),
+    });
     let img = Image::open(&a.filename, &opts).await?;
     let export = ExportConfig {
         name: a.export_name.clone(),

@@ -10,13 +10,23 @@ use crate::image::Image;
 use crate::options::{BackingFormat, BackingPolicy, OpenOptions};
 
 /// Options for [`rebase`].
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct RebaseOptions {
     /// Only rewrite the name (`-u`): the caller promises the new backing file has the same
     /// content where it matters.
     pub unsafe_names_only: bool,
     /// How the image and its current backing chain are opened.
     pub open: OpenOptions,
+    /// Called as the ranges the image does not hold itself are compared.
+    pub progress: Option<super::Progress>,
+}
+
+impl std::fmt::Debug for RebaseOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RebaseOptions")
+            .field("unsafe_names_only", &self.unsafe_names_only)
+            .finish()
+    }
 }
 
 /// Points `image` at `backing` (a name as stored in the header, resolved relative to the
@@ -54,10 +64,15 @@ pub async fn rebase(
     let size = img.virtual_size();
     let step = img.cluster_size().max(65536);
     let (mut old_buf, mut new_buf) = (vec![0u8; step as usize], vec![0u8; step as usize]);
-    for e in img.map(0, size).await? {
-        if e.depth == 0 && e.present {
-            continue;
-        }
+    let todo: Vec<_> = img
+        .map(0, size)
+        .await?
+        .into_iter()
+        .filter(|e| !(e.depth == 0 && e.present))
+        .collect();
+    let total: u64 = todo.iter().map(|e| e.length).sum();
+    let mut done = 0u64;
+    for e in todo {
         for (off, len) in super::chunks(e.start, e.length, step) {
             let (a, b) = (&mut old_buf[..len as usize], &mut new_buf[..len as usize]);
             img.read_at(a, off).await?;
@@ -80,6 +95,10 @@ pub async fn rebase(
                 let j = j.min(a.len());
                 img.write_at(&a[i..j], off + i as u64).await?;
                 i = j;
+            }
+            done += len;
+            if let Some(p) = &o.progress {
+                p(done, total);
             }
         }
     }
