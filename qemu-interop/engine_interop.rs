@@ -1740,3 +1740,117 @@ async fn map_matches_qemu_img_map() {
     let img = Image::open(&rt, &OpenOptions::read_only()).await.unwrap();
     assert_eq!(img.map(0, 1 << 20).await.unwrap(), qemu_map(&rt));
 }
+
+/// `Image::map` as a list of `qemu-img map --output=json` objects.
+async fn our_map_json(p: &Path) -> Vec<serde_json::Value> {
+    let img = Image::open(p, &OpenOptions::read_only()).await.unwrap();
+    let out = img
+        .map(0, img.virtual_size())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| {
+            let mut v = serde_json::json!({
+                "start": e.start, "length": e.length, "depth": e.depth,
+                "present": e.present, "zero": e.zero, "data": e.data,
+                "compressed": e.compressed,
+            });
+            if let Some(o) = e.offset {
+                v["offset"] = o.into();
+            }
+            v
+        })
+        .collect();
+    img.close().await.unwrap();
+    out
+}
+
+/// Block status looks through to the host file as QEMU's does: the parts of a data cluster
+/// the file does not store (a fresh cluster that got only the guest's bytes, metadata
+/// preallocation, fallocated space, a raw backing file's holes) read as zeros, and `map`
+/// says so exactly where `qemu-img map` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_sees_host_file_holes_like_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ours = d.join("ours.qcow2");
+    let img = Image::create(&ours, &CreateOptions::new(8 << 20), &OpenOptions::default())
+        .await
+        .unwrap();
+    img.write_at(&[1; 8192], 1 << 20).await.unwrap();
+    img.write_at(&[2; 4096], (2 << 20) + 61440).await.unwrap();
+    img.write_at(&[3; 65536], 3 << 20).await.unwrap();
+    img.write_at(&[4; 512], (8 << 20) - 512).await.unwrap();
+    img.close().await.unwrap();
+
+    let meta = d.join("meta.qcow2");
+    qemu_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            s(&meta),
+            "4M",
+        ],
+    );
+    qemu_ok("qemu-io", &["-c", "write -P 9 64k 4k", s(&meta)]);
+    let falloc = d.join("falloc.qcow2");
+    qemu_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=falloc",
+            s(&falloc),
+            "2M",
+        ],
+    );
+
+    let raw = d.join("base.raw");
+    let f = std::fs::File::create(&raw).unwrap();
+    f.set_len(4 << 20).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&[7; 65536], 1 << 20).unwrap();
+    drop(f);
+    let top = d.join("top.qcow2");
+    qemu_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            s(&top),
+            "4M",
+        ],
+    );
+    qemu_ok("qemu-io", &["-c", "write -P 5 3M 4k", s(&top)]);
+
+    // Whether fallocated space reads as a hole depends on the file system; the others have
+    // real holes under data everywhere.
+    for (p, holes) in [(&ours, true), (&meta, true), (&falloc, false), (&top, true)] {
+        let theirs: Vec<serde_json::Value> =
+            serde_json::from_str(&qemu_ok("qemu-img", &["map", "--output=json", s(p)])).unwrap();
+        assert!(
+            !holes
+                || theirs
+                    .iter()
+                    .any(|e| e["data"] == true && e["zero"] == true)
+                || theirs.iter().any(|e| e["depth"] == 1 && e["zero"] == true),
+            "{}: the case must have holes under data to be meaningful: {theirs:?}",
+            p.display()
+        );
+        assert_eq!(our_map_json(p).await, theirs, "{}", p.display());
+    }
+}

@@ -18,6 +18,7 @@ mod resize;
 mod subcluster;
 
 pub use amend::AmendOptions;
+pub(crate) use map::refine_by_holes;
 pub use map::MapExtent;
 pub use resize::ResizeOptions;
 
@@ -100,6 +101,9 @@ struct Inner {
     payload_lock: Mutex<()>,
     /// Encryption of guest data (see `image/encrypted.rs`).
     crypto: crate::crypto::Encryption,
+    /// Whether the image looks metadata-preallocated, decided once on the first block
+    /// status query as QEMU does (`image/map.rs`).
+    metadata_prealloc: tokio::sync::OnceCell<bool>,
 }
 
 impl std::fmt::Debug for Image {
@@ -577,6 +581,7 @@ impl Image {
                 tracking: tracking.into(),
                 decompressed,
                 payload_lock: Mutex::new(()),
+                metadata_prealloc: tokio::sync::OnceCell::new(),
                 crypto,
             }),
         })

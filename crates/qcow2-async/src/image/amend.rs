@@ -80,7 +80,7 @@ impl Image {
                 .map(0, size)
                 .await?
                 .iter()
-                .find(|e| e.depth == 0 && e.zero && e.present)
+                .find(|e| e.depth == 0 && e.zero && !e.data && e.present)
             {
                 return Err(Error::unsupported(
                     "downgrading an image with zero clusters to compat 0.10",

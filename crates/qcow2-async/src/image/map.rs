@@ -3,12 +3,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use qcow2_format::{L2Entry, SubclusterState};
 
 use super::Image;
 use crate::backing::Backing;
 use crate::error::Result;
+use crate::io::BlockFile;
 
 /// One run of guest bytes with the same status (the fields of `qemu-img map`'s JSON).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +122,14 @@ impl Image {
                     let sub = (pos / step) as u32;
                     let ext = self.inner.geo.extended_l2();
                     match entry {
+                        L2Entry::Normal { .. } | L2Entry::Compressed(_)
+                            if self.inner.crypto.is_encrypted()
+                                && (!ext || bm.state(sub) == SubclusterState::Allocated) =>
+                        {
+                            // QEMU shows no host offset for encrypted data (the bytes there
+                            // are ciphertext), and so never asks the file about holes.
+                            push(&mut out, here(true, false, None))
+                        }
                         L2Entry::Compressed(_) => push(
                             &mut out,
                             MapExtent {
@@ -150,8 +160,55 @@ impl Image {
                     pos += n;
                 }
             }
-            Ok(out)
+            if !self.metadata_preallocated().await {
+                return Ok(out);
+            }
+            Ok(refine_by_holes(&self.inner.data, out, |e| e.depth == 0, false).await)
         })
+    }
+
+    /// QEMU asks the host file about holes under data clusters only when the image looks
+    /// metadata-preallocated: more clusters have a refcount than the file really occupies
+    /// (at least `max(real * 10 / 9, real + 2)`, `real` being its allocated bytes in
+    /// clusters; `qcow2_detect_metadata_preallocation`). Decided once per open, on first
+    /// use, like QEMU; a failed query means no.
+    async fn metadata_preallocated(&self) -> bool {
+        *self
+            .inner
+            .metadata_prealloc
+            .get_or_init(|| async {
+                match self.detect_metadata_preallocation().await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::debug!("metadata preallocation detection failed: {e}");
+                        false
+                    }
+                }
+            })
+            .await
+    }
+
+    async fn detect_metadata_preallocation(&self) -> Result<bool> {
+        let io = || crate::error::Error::io("sizing the image file");
+        let file_len = self.inner.file.len().await.map_err(io())?;
+        let real = self.inner.file.allocated_bytes().await.map_err(io())?;
+        let cs = self.inner.geo.cluster_size();
+        let real_clusters = real / cs;
+        let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+        let end = file_len.div_ceil(cs);
+        let mut count = 0;
+        let mut i = 0;
+        // The lock is taken in bounded rounds so that guest requests are not held off by a
+        // long scan of a big image.
+        while i < end && count < threshold {
+            let mut meta = self.inner.meta.lock().await;
+            let stop = end.min(i + 4096);
+            while i < stop && count < threshold {
+                count += u64::from(meta.refcount(i).await? != 0);
+                i += 1;
+            }
+        }
+        Ok(count >= threshold)
     }
 
     /// Status of a range this image leaves unallocated: the backing chain's, one level
@@ -176,7 +233,7 @@ impl Image {
                         push(&mut out, e);
                     }
                 }
-                Backing::Raw(_, eof) => {
+                Backing::Raw(file, eof) => {
                     let data = eof.saturating_sub(start).min(inside);
                     let raw = |start, length, data: bool| MapExtent {
                         start,
@@ -188,11 +245,15 @@ impl Image {
                         compressed: false,
                         offset: Some(start),
                     };
+                    let mut raw_out = Vec::new();
                     if data > 0 {
-                        push(&mut out, raw(start, data, true));
+                        push(&mut raw_out, raw(start, data, true));
                     }
                     if data < inside {
-                        push(&mut out, raw(start + data, inside - data, false));
+                        push(&mut raw_out, raw(start + data, inside - data, false));
+                    }
+                    for e in refine_by_holes(file, raw_out, |_| true, true).await {
+                        push(&mut out, e);
                     }
                 }
             }
@@ -205,4 +266,55 @@ impl Image {
         }
         Ok(out)
     }
+}
+
+/// Marks the parts of data extents that the host file does not store (holes, the range past
+/// its end) as reading zeros, as QEMU's block status does by asking the file driver under
+/// every data extent with a host offset. For a qcow2 layer the range keeps `data` (it is
+/// allocated in the image); for a raw file (`hole_is_unallocated`) the file is the layer,
+/// and a hole has no data. Errors only cost the extra precision, as in QEMU.
+pub(crate) async fn refine_by_holes(
+    file: &Arc<dyn BlockFile>,
+    extents: Vec<MapExtent>,
+    layer: impl Fn(&MapExtent) -> bool,
+    hole_is_unallocated: bool,
+) -> Vec<MapExtent> {
+    let mut out = Vec::with_capacity(extents.len());
+    for e in extents {
+        let Some(host) = e.offset.filter(|_| e.data && !e.zero && layer(&e)) else {
+            push(&mut out, e);
+            continue;
+        };
+        let holes = match file.holes(host, e.length).await {
+            Ok(h) => h,
+            Err(err) => {
+                tracing::debug!("hole query at {host:#x} failed ({err}); reporting data");
+                Vec::new()
+            }
+        };
+        let mut at = host;
+        let piece = |from: u64, to: u64, hole: bool| MapExtent {
+            start: e.start + (from - host),
+            length: to - from,
+            zero: hole,
+            data: !(hole && hole_is_unallocated),
+            offset: Some(from),
+            ..e
+        };
+        for (hs, he) in holes {
+            let (hs, he) = (hs.max(at), he.min(host + e.length));
+            if hs >= he {
+                continue;
+            }
+            if hs > at {
+                push(&mut out, piece(at, hs, false));
+            }
+            push(&mut out, piece(hs, he, true));
+            at = he;
+        }
+        if at < host + e.length {
+            push(&mut out, piece(at, host + e.length, false));
+        }
+    }
+    out
 }

@@ -68,6 +68,12 @@ impl BlockFile for HighWater {
     fn zero_range(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         self.inner.zero_range(offset, len)
     }
+    fn holes(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<(u64, u64)>> {
+        self.inner.holes(offset, len)
+    }
+    fn allocated_bytes(&self) -> IoFuture<'_, u64> {
+        self.inner.allocated_bytes()
+    }
     fn alignment(&self) -> usize {
         self.inner.alignment()
     }

@@ -60,6 +60,27 @@ pub trait BlockFile: Send + Sync + Debug + 'static {
     /// Makes a range read as zeros, keeping it allocated where the file system can
     /// (FALLOC_FL_ZERO_RANGE, falling back to writing zeros). The file grows if needed.
     fn zero_range(&self, offset: u64, len: u64) -> IoFuture<'_, ()>;
+    /// The parts of `[offset, offset + len)` the file does not store (holes, and everything
+    /// past its end), as sorted `(start, end)` pairs. They read as zeros; block status reports
+    /// them as such, as QEMU's file driver does. Backends that do not track holes report
+    /// only the part past the end.
+    fn holes(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<(u64, u64)>> {
+        Box::pin(async move {
+            let size = self.len().await?;
+            let end = offset.saturating_add(len);
+            let from = offset.max(size);
+            Ok(if from < end {
+                vec![(from, end)]
+            } else {
+                vec![]
+            })
+        })
+    }
+    /// Bytes the file occupies on its storage (`st_blocks * 512`; the length where the
+    /// backend cannot tell).
+    fn allocated_bytes(&self) -> IoFuture<'_, u64> {
+        self.len()
+    }
     /// Required alignment of offsets, lengths and buffers (1 unless opened with O_DIRECT).
     ///
     /// The backends reject misaligned reads and writes with `InvalidInput` rather than passing

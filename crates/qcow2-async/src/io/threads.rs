@@ -174,6 +174,43 @@ pub(crate) fn zero_range(file: &File, offset: u64, len: u64, align: usize) -> io
     write_zeros(file, offset, len, align)
 }
 
+/// Holes of `[offset, offset + len)` by `SEEK_DATA`/`SEEK_HOLE`, with everything past the
+/// end of the file as one more. Where the file system cannot tell, the file has no holes.
+pub(crate) fn holes(file: &File, offset: u64, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    let end = checked_end(offset, len)?;
+    let size = file.metadata()?.len();
+    let stored = end.min(size);
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut pos = offset;
+    while pos < stored {
+        let data = match sys::seek(file, pos, libc::SEEK_DATA) {
+            Ok(d) => d,
+            // No data at or after `pos`: the rest of the file is one hole.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => size,
+            Err(e) if is_unsupported(&e) => {
+                out.clear();
+                break;
+            }
+            Err(e) => return Err(e),
+        };
+        if data > pos {
+            out.push((pos, data.min(stored)));
+        }
+        if data >= stored {
+            break;
+        }
+        pos = sys::seek(file, data, libc::SEEK_HOLE)?;
+    }
+    let tail = offset.max(size);
+    if tail < end {
+        match out.last_mut() {
+            Some(last) if last.1 == tail => last.1 = end,
+            _ => out.push((tail, end)),
+        }
+    }
+    Ok(out)
+}
+
 /// Reserves space, growing the file if needed. Where fallocate is unsupported, growing the file
 /// with `set_len` at least gives the same size (space is then not guaranteed).
 pub(crate) fn allocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
@@ -244,6 +281,15 @@ impl BlockFile for ThreadFile {
         Box::pin(self.blocking(move |file, align| zero_range(file, offset, len, align)))
     }
 
+    fn holes(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<(u64, u64)>> {
+        Box::pin(self.blocking(move |file, _| holes(file, offset, len)))
+    }
+
+    fn allocated_bytes(&self) -> IoFuture<'_, u64> {
+        use std::os::unix::fs::MetadataExt;
+        Box::pin(self.blocking(|file, _| Ok(file.metadata()?.blocks() * 512)))
+    }
+
     fn alignment(&self) -> usize {
         self.align
     }
@@ -288,6 +334,19 @@ pub(crate) mod sys {
                 return Err(err);
             }
         }
+    }
+
+    /// `lseek(2)` for `SEEK_DATA` / `SEEK_HOLE` (the file position is not used by anything
+    /// else: all other I/O is positional).
+    pub fn seek(file: &File, offset: u64, whence: i32) -> io::Result<u64> {
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "seek offset out of range"))?;
+        // SAFETY: lseek takes no pointers; `file` keeps the descriptor open for the call.
+        let ret = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ret as u64)
     }
 
     /// Whether the descriptor has O_DIRECT set, which decides the alignment a backend enforces.

@@ -304,6 +304,14 @@ impl BlockFile for UringFile {
         self.meta.zero_range(offset, len)
     }
 
+    fn holes(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<(u64, u64)>> {
+        self.meta.holes(offset, len)
+    }
+
+    fn allocated_bytes(&self) -> IoFuture<'_, u64> {
+        self.meta.allocated_bytes()
+    }
+
     fn alignment(&self) -> usize {
         self.align
     }

@@ -33,22 +33,24 @@ pub async fn open_disk(path: &Path, format: BackingFormat, opts: &OpenOptions) -
     Backing::open(path, format, opts).await
 }
 
-/// The status of a whole disk; a raw file is one data extent (its zeros are found by
-/// reading).
+/// The status of a whole disk; a raw file is data except where it has holes.
 pub(crate) async fn disk_map(d: &Backing) -> Result<Vec<MapExtent>> {
     match d {
         Backing::Qcow2(img) => img.map(0, img.virtual_size()).await,
         Backing::Raw(_, n) if *n == 0 => Ok(vec![]),
-        Backing::Raw(_, n) => Ok(vec![MapExtent {
-            start: 0,
-            length: *n,
-            depth: 0,
-            present: true,
-            zero: false,
-            data: true,
-            compressed: false,
-            offset: Some(0),
-        }]),
+        Backing::Raw(file, n) => {
+            let whole = MapExtent {
+                start: 0,
+                length: *n,
+                depth: 0,
+                present: true,
+                zero: false,
+                data: true,
+                compressed: false,
+                offset: Some(0),
+            };
+            Ok(crate::image::refine_by_holes(file, vec![whole], |_| true, true).await)
+        }
     }
 }
 
