@@ -938,3 +938,64 @@ async fn sequential_reads_of_a_compressed_cluster_decompress_it_once() {
     assert!(b[50..150].iter().all(|&x| x == 0xff));
     assert_eq!(&b[150..], &data[150..200]);
 }
+
+/// A write covering several whole clusters allocates them together: the fresh ones of one
+/// request are contiguous on the host and written once, while clusters in other states
+/// (compressed, shared with a snapshot, zero with a cluster of their own, allocated) keep
+/// their own semantics, and the image stays check-clean and reads back what was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_cluster_writes_allocate_contiguously_over_any_cluster_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.qcow2");
+    let cs = 65536u64;
+    let mut o = CreateOptions::new(16 << 20);
+    o.cluster_size = cs;
+    let img = Image::create(&path, &o, &OpenOptions::default())
+        .await
+        .unwrap();
+    // Clusters 0..16 fresh, in one request.
+    img.write_at(&vec![1u8; 16 * cs as usize], 0).await.unwrap();
+    let map = img.map(0, 16 * cs).await.unwrap();
+    assert_eq!(map.len(), 1, "one contiguous host extent: {map:?}");
+    // Cluster 20 compressed, 21 allocated, 22 zero-alloc, 23 shared with a snapshot, 24
+    // unallocated; then one request over 19..26 (partial at both ends).
+    img.write_compressed(20 * cs, &vec![2u8; cs as usize])
+        .await
+        .unwrap();
+    img.write_at(&vec![3u8; cs as usize], 21 * cs)
+        .await
+        .unwrap();
+    img.write_at(&vec![4u8; cs as usize], 22 * cs)
+        .await
+        .unwrap();
+    img.write_zeroes(22 * cs, cs, false).await.unwrap();
+    img.write_at(&vec![5u8; cs as usize], 23 * cs)
+        .await
+        .unwrap();
+    img.create_snapshot("s").await.unwrap();
+    let (off, len) = (19 * cs + 100, 6 * cs);
+    img.write_at(&vec![6u8; len as usize], off).await.unwrap();
+    let mut all = vec![0u8; (28 * cs) as usize];
+    img.read_at(&mut all, 0).await.unwrap();
+    for (i, &b) in all.iter().enumerate() {
+        let i = i as u64;
+        let want = if i < 16 * cs {
+            1
+        } else if (off..off + len).contains(&i) {
+            6
+        } else {
+            0
+        };
+        assert_eq!(b, want, "byte {i:#x}");
+    }
+    img.close().await.unwrap();
+    assert_check_clean(&path);
+    // The snapshot still sees cluster 23's old contents.
+    let img = Image::open(&path, &OpenOptions::default()).await.unwrap();
+    img.apply_snapshot("s").await.unwrap();
+    let mut c = vec![0u8; cs as usize];
+    img.read_at(&mut c, 23 * cs).await.unwrap();
+    assert!(c.iter().all(|&b| b == 5));
+    img.close().await.unwrap();
+    assert_check_clean(&path);
+}

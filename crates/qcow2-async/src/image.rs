@@ -937,12 +937,112 @@ impl Image {
         // The clusters of one request are written concurrently (each under its own lease),
         // so a large request keeps several I/Os in flight. On an error the others still
         // finish, so nothing is left half-mapped.
-        let writes = self.pieces(offset, buf.len() as u64).map(|(gc, inc, r)| {
-            Box::pin(self.write_cluster(gc, inc, &buf[r])) as BoxFuture<'_, Result<()>>
-        });
-        join_all_bounded(writes, WRITE_PARALLELISM).await?;
+        let writes = self.write_jobs(offset, buf);
+        join_all_bounded(writes.into_iter(), WRITE_PARALLELISM).await?;
         if self.inner.barrier == BarrierMode::Full {
             self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// The jobs of one write: a cluster each, except that whole clusters in the middle go
+    /// in runs of up to [`MAX_RUN`], which get one contiguous allocation and one data write
+    /// when none of them is already allocated in place (as QEMU allocates a request's
+    /// clusters together); a sequential writer then costs one I/O per request, not one per
+    /// cluster.
+    fn write_jobs<'a>(&'a self, offset: u64, buf: &'a [u8]) -> Vec<BoxFuture<'a, Result<()>>> {
+        let cs = self.cluster_size();
+        let mut jobs: Vec<BoxFuture<'a, Result<()>>> = Vec::new();
+        let mut run: Option<(u64, std::ops::Range<usize>)> = None;
+        let runs_ok = !self.inner.geo.extended_l2() && !self.inner.external;
+        for (gc, inc, r) in self.pieces(offset, buf.len() as u64) {
+            let whole = runs_ok && inc == 0 && r.len() as u64 == cs;
+            match &mut run {
+                Some((_, rr)) if whole && (rr.len() as u64) < MAX_RUN * cs => rr.end = r.end,
+                _ => {
+                    if let Some((g, rr)) = run.take() {
+                        jobs.push(Box::pin(self.write_run(g, &buf[rr])));
+                    }
+                    if whole {
+                        run = Some((gc, r));
+                    } else {
+                        jobs.push(Box::pin(self.write_cluster(gc, inc, &buf[r])));
+                    }
+                }
+            }
+        }
+        if let Some((g, rr)) = run {
+            jobs.push(Box::pin(self.write_run(g, &buf[rr])));
+        }
+        jobs
+    }
+
+    /// Writes whole clusters `gc0..` (all of `data`). When none of them is mapped in place
+    /// (unallocated, zero without a cluster of its own, compressed, or shared with a
+    /// snapshot) they get one contiguous allocation and a single data write; otherwise each
+    /// goes its own way through [`Self::write_cluster`]. The leases are taken in ascending
+    /// order, and every other path holds one lease at a time, so runs cannot deadlock.
+    async fn write_run(&self, gc0: u64, data: &[u8]) -> Result<()> {
+        let cs = self.cluster_size();
+        let n = data.len() as u64 / cs;
+        let per_cluster = || async {
+            let jobs = (0..n).map(|i| {
+                let d = &data[(i * cs) as usize..((i + 1) * cs) as usize];
+                Box::pin(self.write_cluster(gc0 + i, 0, d)) as BoxFuture<'_, Result<()>>
+            });
+            join_all_bounded(jobs, WRITE_PARALLELISM).await
+        };
+        if n < 2 {
+            return per_cluster().await;
+        }
+        let mut leases = Vec::with_capacity(n as usize);
+        for gc in gc0..gc0 + n {
+            leases.push(self.inner.leases.exclusive(gc).await);
+        }
+        let mut meta = self.inner.meta.lock().await;
+        let mut old = Vec::with_capacity(n as usize);
+        for gc in gc0..gc0 + n {
+            let (entry, _) = meta.lookup(gc).await?;
+            match entry {
+                L2Entry::Normal { copied: true, .. }
+                | L2Entry::Zero {
+                    host: Some(_),
+                    copied: true,
+                } => {
+                    drop(meta);
+                    drop(leases);
+                    return per_cluster().await;
+                }
+                _ => old.push(entry),
+            }
+        }
+        let host = meta.alloc(n, Pool::Data).await?;
+        for i in 0..n {
+            if let Err(e) = meta.check_data_target(host + i * cs).await {
+                meta.free_now(host, n * cs).await?;
+                return Err(e);
+            }
+        }
+        drop(meta);
+        let result = self.write_in_place(host, data).await;
+        let mut meta = self.inner.meta.lock().await;
+        if let Err(e) = result {
+            // Nothing references the new clusters yet: give them back at once.
+            meta.free_now(host, n * cs).await?;
+            return Err(e);
+        }
+        for (i, entry) in old.into_iter().enumerate() {
+            let i = i as u64;
+            meta.set_entry(
+                gc0 + i,
+                L2Entry::Normal {
+                    host: qcow2_format::HostOffset(host + i * cs),
+                    copied: true,
+                },
+                SubclusterBitmap::default(),
+            )
+            .await?;
+            self.release(&mut meta, entry);
         }
         Ok(())
     }
@@ -1448,6 +1548,8 @@ fn release(meta: &mut Meta, old: L2Entry, cs: u64) {
 const READ_PARALLELISM: usize = 8;
 /// Clusters of one write in flight at once.
 const WRITE_PARALLELISM: usize = 8;
+/// Most whole clusters allocated and written together by one job of a write.
+const MAX_RUN: u64 = 32;
 
 /// Runs every future of `futs`, at most `limit` at a time, to completion, and returns the
 /// first error. Unlike [`join_bounded`] nothing is dropped half-way: a write that already
