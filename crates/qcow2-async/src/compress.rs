@@ -23,35 +23,64 @@ const ZSTD_LEVEL: i32 = 3;
 /// uncompressed when that is not enough).
 pub(crate) fn compress(kind: CompressionType, input: &[u8]) -> Result<Option<Vec<u8>>> {
     let room = input.len().saturating_sub(1);
-    let mut out = vec![0u8; room];
+    // Encoders write into spare capacity: no zero fill of a cluster-sized buffer per call.
+    let mut out = Vec::with_capacity(room);
     match kind {
-        CompressionType::Deflate => {
-            let mut c = flate2::Compress::new_with_window_bits(
-                flate2::Compression::new(DEFLATE_LEVEL),
-                false,
-                DEFLATE_WINDOW_BITS,
-            );
+        CompressionType::Deflate => DEFLATE.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let c = match slot.as_mut() {
+                Some(c) => {
+                    c.reset();
+                    c
+                }
+                None => slot.insert(flate2::Compress::new_with_window_bits(
+                    flate2::Compression::new(DEFLATE_LEVEL),
+                    false,
+                    DEFLATE_WINDOW_BITS,
+                )),
+            };
             let status = c
-                .compress(input, &mut out, flate2::FlushCompress::Finish)
+                .compress_vec(input, &mut out, flate2::FlushCompress::Finish)
                 .map_err(|e| Error::Io {
                     context: "compressing a cluster",
                     source: std::io::Error::other(e),
                 })?;
-            if status != flate2::Status::StreamEnd || c.total_in() as usize != input.len() {
+            if status != flate2::Status::StreamEnd
+                || c.total_in() as usize != input.len()
+                || out.len() > room
+            {
                 return Ok(None);
             }
-            out.truncate(c.total_out() as usize);
-        }
-        CompressionType::Zstd => {
-            let mut c = zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(Error::io("zstd init"))?;
-            match c.compress_to_buffer(input, &mut out[..]) {
-                Ok(n) => out.truncate(n),
+            Ok(Some(out))
+        }),
+        CompressionType::Zstd => ZSTD.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let c = match slot.as_mut() {
+                Some(c) => c,
+                None => slot.insert(
+                    zstd::bulk::Compressor::new(ZSTD_LEVEL).map_err(Error::io("zstd init"))?,
+                ),
+            };
+            // (`with_capacity` may round up: anything past `room` does not count as smaller.)
+            match c.compress_to_buffer(input, &mut out) {
+                Ok(n) if n <= room => Ok(Some(out)),
+                Ok(_) => Ok(None),
                 // The only failure with valid parameters: the output did not fit.
-                Err(_) => return Ok(None),
+                Err(_) => Ok(None),
             }
-        }
+        }),
     }
-    Ok(Some(out))
+}
+
+// Encoder state is reused per thread: a fresh zstd context costs an allocation and table
+// setup per cluster, which showed up in convert profiles. Each call starts a new frame
+// (zstd's one-shot API resets the session; deflate is `reset` explicitly), so reuse never
+// changes the output.
+thread_local! {
+    static DEFLATE: std::cell::RefCell<Option<flate2::Compress>> =
+        const { std::cell::RefCell::new(None) };
+    static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Decompresses `input` into exactly `cluster_size` bytes.
