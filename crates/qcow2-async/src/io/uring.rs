@@ -1,20 +1,26 @@
-//! The io_uring backend: one ring, and one thread driving it, per opened file.
+//! The io_uring backend: one ring, and one completion thread, per opened file.
 //!
 //! # Design
 //!
-//! Tokio tasks never touch the ring. A request (read, write or fdatasync) travels over a std
-//! `mpsc` channel to the file's ring thread, and the submitter then bumps an eventfd; neither
-//! step can block. The ring thread keeps an `IORING_OP_POLL_ADD` armed on that eventfd, so a
-//! single `io_uring_enter` call sleeps until *either* an I/O completes *or* new requests
-//! arrive. Each time it wakes it reaps all completions, drains every queued request into the
-//! submission queue and submits them together, so a burst of requests costs one syscall.
-//! Results return through `tokio::sync::oneshot` channels.
+//! A request (read, write or fdatasync) is submitted by the task that makes it: under the
+//! ring's lock it takes a slot, pushes its SQE and calls `io_uring_enter` to hand it to the
+//! kernel — one syscall, and no hop to another thread before the I/O starts. (The first
+//! design sent every request over a channel to the ring thread and woke it with an eventfd;
+//! at queue depth 1 that extra wake-up of a sleeping thread was a third of the latency on
+//! a virtual machine, see `BENCHMARKS.md`.) When the ring is at its in-flight cap, the
+//! request waits in a queue that the completion thread drains as room frees up.
 //!
-//! The ring thread owns every in-flight request, including its [`IoBuf`], in a slot table
-//! indexed by `user_data`. Only a completion removes an entry, so a caller dropping its future
-//! merely drops the receiving end of the oneshot: the kernel keeps writing into memory that
-//! is still owned, and the buffer is freed when its completion arrives. For the same reason the
-//! thread outlives the last [`UringFile`] handle until everything in flight has completed.
+//! The completion thread sleeps in `io_uring_enter(GETEVENTS)` without the lock, reaps
+//! every completion when it wakes, continues short transfers, starts queued requests and
+//! answers callers through `tokio::sync::oneshot` channels. Only it reads the completion
+//! queue; the submission queue is only touched under the lock.
+//!
+//! The ring owns every in-flight request, including its [`IoBuf`], in a slot table indexed by
+//! `user_data`. Only a completion removes an entry, so a caller dropping its future merely
+//! drops the receiving end of the oneshot: the kernel keeps writing into memory that is still
+//! owned, and the buffer is freed when its completion arrives. For the same reason the thread
+//! outlives the last [`UringFile`] handle until everything in flight has completed; the last
+//! handle wakes it through an eventfd it keeps polled, so that it notices.
 //!
 //! Short transfers (signals, EOF, transfers over the per-SQE size limit) are continued by
 //! resubmitting the remainder; a read reaching EOF zero-fills the rest of the buffer.
@@ -33,8 +39,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, TryRecvError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use tokio::sync::oneshot;
@@ -58,11 +63,12 @@ const MAX_CHUNK: usize = 1 << 30;
 #[cfg(test)]
 const MAX_CHUNK: usize = 64 << 10;
 
-/// A file driven by its own io_uring thread.
+/// A file driven by its own io_uring ring.
 ///
 /// Reads, writes and flushes go through the ring; `len`, `set_len`, `allocate`, `punch_hole`
 /// and `zero_range` use the blocking pool (see [`ThreadFile`]). Clones share the ring; the
-/// ring thread exits once the last clone is dropped and everything in flight has completed.
+/// completion thread exits once the last clone is dropped and everything in flight has
+/// completed.
 ///
 /// Futures are runtime-agnostic (they only await a oneshot), except for the blocking-pool
 /// operations, which need a Tokio runtime.
@@ -74,20 +80,53 @@ pub struct UringFile {
     align: usize,
 }
 
-/// The submitting side of a ring thread. Dropping it (with the last `UringFile` clone) closes
-/// the channel and wakes the thread so that it notices.
+/// What the handles share. Dropping it (with the last `UringFile` clone) tells the
+/// completion thread to finish up.
 struct Handle {
-    tx: Option<mpsc::Sender<Op>>,
-    wake_fd: Arc<OwnedFd>,
-    stats: Arc<Stats>,
+    ring: Arc<Ring>,
 }
 
-/// Counters shared with the ring thread. The thread holds a reference until it exits, which
-/// tests use to observe the exit.
+/// Counters shared with the completion thread. The thread holds a reference until it exits,
+/// which tests use to observe the exit.
 #[derive(Debug, Default)]
 struct Stats {
-    /// Requests sent and not yet answered, including abandoned ones.
+    /// Requests accepted and not yet answered, including abandoned ones.
     outstanding: AtomicUsize,
+}
+
+/// The ring and everything about its requests.
+struct Ring {
+    uring: IoUring,
+    /// Slot table, queue and flags. Whoever holds this lock may use the submission queue;
+    /// the completion queue belongs to the completion thread alone.
+    core: Mutex<Core>,
+    /// Keeps the descriptor open for as long as requests may reference it.
+    file: Arc<File>,
+    /// Polled by the ring so that the last handle's drop wakes the completion thread.
+    wake_fd: OwnedFd,
+    stats: Arc<Stats>,
+    align: usize,
+    /// Cap on requests in the kernel so that completions can never overflow the CQ.
+    max_in_flight: usize,
+}
+
+struct Core {
+    /// In-flight requests by `user_data`; `None` entries are listed in `free`.
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    in_flight: usize,
+    /// Requests waiting for room under `max_in_flight`.
+    queued: VecDeque<Op>,
+    /// The eventfd poll is in the kernel.
+    wake_armed: bool,
+    /// The completion thread is awake and will submit whatever is queued before it sleeps
+    /// again, so a task need not make its own `io_uring_enter` call: requests arriving while
+    /// completions are being handled go to the kernel together.
+    thread_awake: bool,
+    /// All handles are gone: finish what is in flight, then exit.
+    disconnected: bool,
+    /// The completion thread has stopped (why, when it failed): nothing is accepted.
+    stopped: Option<Option<String>>,
 }
 
 /// A request and where its answer goes. Buffers move with the request, so whoever holds an
@@ -150,8 +189,9 @@ impl UringFile {
         UringFile::from_file(open_std(path, opts)?)
     }
 
-    /// Starts a ring thread for an open file. If the file was opened with O_DIRECT (detected
-    /// from its status flags), reads and writes must be aligned to [`BlockFile::alignment`].
+    /// Starts a ring and its completion thread for an open file. If the file was opened with
+    /// O_DIRECT (detected from its status flags), reads and writes must be aligned to
+    /// [`BlockFile::alignment`].
     ///
     /// Returns an error, never panics, when io_uring is unavailable: ENOSYS (old kernel or
     /// seccomp), EPERM (seccomp, `kernel.io_uring_disabled`), ENOMEM (memlock limit on kernels
@@ -161,72 +201,61 @@ impl UringFile {
         if tests::SIMULATE_SECCOMP.get() {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
-        let ring = IoUring::new(RING_ENTRIES)?;
-        check_opcodes(&ring)?;
-        let wake_fd = Arc::new(new_eventfd()?);
+        let uring = IoUring::new(RING_ENTRIES)?;
+        check_opcodes(&uring)?;
         let align = if is_direct(&file) {
             DIRECT_ALIGNMENT
         } else {
             1
         };
         let file = Arc::new(file);
-        let (tx, rx) = mpsc::channel();
-        let stats = Arc::new(Stats::default());
-        let max_in_flight = (ring.params().sq_entries() as usize)
-            .min(ring.params().cq_entries() as usize)
-            .saturating_sub(1)
+        let max_in_flight = (uring.params().sq_entries() as usize)
+            .min(uring.params().cq_entries() as usize)
+            // Room for the eventfd poll.
+            .saturating_sub(2)
             .max(1);
-        let worker = Worker {
-            ring,
+        let ring = Arc::new(Ring {
+            uring,
+            core: Mutex::new(Core {
+                slots: Vec::new(),
+                free: Vec::new(),
+                in_flight: 0,
+                queued: VecDeque::new(),
+                wake_armed: false,
+                thread_awake: false,
+                disconnected: false,
+                stopped: None,
+            }),
             file: Arc::clone(&file),
-            wake_fd: Arc::clone(&wake_fd),
-            rx,
-            stats: Arc::clone(&stats),
+            wake_fd: new_eventfd()?,
+            stats: Arc::new(Stats::default()),
             align,
-            slots: Vec::new(),
-            free: Vec::new(),
-            in_flight: 0,
             max_in_flight,
-            queued: VecDeque::new(),
-            wake_armed: false,
-            disconnected: false,
-            cqes: Vec::new(),
-            failure: None,
-        };
+        });
+        {
+            let mut core = ring.lock();
+            ring.arm_wake(&mut core)?;
+            ring.submit(&mut core)?;
+        }
+        let worker = Arc::clone(&ring);
         std::thread::Builder::new()
             .name("qcow2-io-uring".into())
             .spawn(move || worker.run())?;
         Ok(UringFile {
-            handle: Arc::new(Handle {
-                tx: Some(tx),
-                wake_fd,
-                stats,
-            }),
+            handle: Arc::new(Handle { ring }),
             meta: ThreadFile::from_shared(file, align),
             align,
         })
     }
 
-    /// Requests handed to the ring thread and not completed yet, including those whose futures
-    /// were dropped (their buffers are still owned by the ring thread).
+    /// Requests handed to the ring and not completed yet, including those whose futures
+    /// were dropped (their buffers are still owned by the ring).
     pub fn in_flight(&self) -> usize {
-        self.handle.stats.outstanding.load(Ordering::Acquire)
+        self.handle.ring.stats.outstanding.load(Ordering::Acquire)
     }
 
     fn send(&self, op: Op) -> io::Result<()> {
-        let stats = &self.handle.stats;
-        stats.outstanding.fetch_add(1, Ordering::AcqRel);
-        let sent = match &self.handle.tx {
-            Some(tx) => tx.send(op).is_ok(),
-            None => false,
-        };
-        if !sent {
-            // The request (and its buffer) was dropped with the send error.
-            stats.outstanding.fetch_sub(1, Ordering::AcqRel);
-            return Err(thread_gone());
-        }
-        wake(&self.handle.wake_fd);
-        Ok(())
+        self.handle.ring.accept(op)
     }
 
     async fn transfer(&self, buf: IoBuf, offset: u64, write: bool) -> io::Result<IoBuf> {
@@ -246,7 +275,7 @@ impl UringFile {
 
     #[cfg(test)]
     fn stats_weak(&self) -> std::sync::Weak<Stats> {
-        Arc::downgrade(&self.handle.stats)
+        Arc::downgrade(&self.handle.ring.stats)
     }
 }
 
@@ -261,9 +290,9 @@ impl fmt::Debug for UringFile {
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        // Close the channel first, then wake the thread so that it observes the disconnection.
-        drop(self.tx.take());
-        wake(&self.wake_fd);
+        // Mark first, then wake the thread so that it observes the disconnection.
+        self.ring.lock().disconnected = true;
+        wake(&self.ring.wake_fd);
     }
 }
 
@@ -434,108 +463,73 @@ impl InFlight {
     }
 }
 
-/// The ring thread's state.
-struct Worker {
-    ring: IoUring,
-    /// Keeps the descriptor open for as long as requests may reference it.
-    file: Arc<File>,
-    wake_fd: Arc<OwnedFd>,
-    rx: mpsc::Receiver<Op>,
-    stats: Arc<Stats>,
-    align: usize,
-    /// In-flight requests by `user_data`; `None` entries are listed in `free`.
-    slots: Vec<Option<InFlight>>,
-    free: Vec<usize>,
-    in_flight: usize,
-    /// Cap on `in_flight` so that completions can never overflow the CQ.
-    max_in_flight: usize,
-    /// Received requests waiting for room under `max_in_flight`.
-    queued: VecDeque<Op>,
-    wake_armed: bool,
-    /// All handles are gone: finish what is in flight, then exit.
-    disconnected: bool,
-    /// Reused buffer for reaped completions.
-    cqes: Vec<(u64, i32)>,
-    /// Why the thread stopped early, to tell callers.
-    failure: Option<String>,
-}
+/// In-flight requests from which a new one is left for the completion thread to submit with
+/// the others at its next wake-up instead of costing its own `io_uring_enter` (and a turn
+/// on the kernel's ring lock). Its wait is short: that many requests are ahead of it.
+const SUBMIT_BATCH_DEPTH: usize = 8;
 
-impl Worker {
-    fn run(mut self) {
-        tracing::debug!(fd = self.file.as_raw_fd(), "io_uring thread started");
-        match self.event_loop() {
-            Ok(()) => tracing::debug!(fd = self.file.as_raw_fd(), "io_uring thread exiting"),
-            Err(e) => {
-                tracing::error!("io_uring thread failed, failing all its requests: {e}");
-                self.failure = Some(e.to_string());
-            }
-        }
-        // `Drop` fails whatever is left.
+/// `IORING_ENTER_GETEVENTS` (linux/io_uring.h): wait for completions.
+const ENTER_GETEVENTS: u32 = 1;
+
+impl Ring {
+    fn lock(&self) -> MutexGuard<'_, Core> {
+        // Nothing below panics while holding the lock; should it, the tables are still
+        // consistent enough to answer every request with an error.
+        self.core.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn event_loop(&mut self) -> io::Result<()> {
-        loop {
-            if !self.wake_armed && !self.disconnected {
-                let sqe =
-                    opcode::PollAdd::new(types::Fd(self.wake_fd.as_raw_fd()), libc::POLLIN as u32)
-                        .build()
-                        .user_data(WAKE);
-                // SAFETY: POLL_ADD references no memory; the eventfd stays open because
-                // `self.wake_fd` lives as long as the ring (and the kernel takes its own
-                // reference on submission).
-                unsafe { self.push(&sqe)? };
-                self.wake_armed = true;
-            }
-            // Drain only after clearing the eventfd (in `reap`) and re-arming the poll: a
-            // request sent after this drain bumps the eventfd and completes the poll, so no
-            // wake-up is lost.
-            self.drain_channel();
-            while self.in_flight < self.max_in_flight {
-                let Some(op) = self.queued.pop_front() else {
-                    break;
-                };
-                self.start(op)?;
-            }
-            if self.disconnected && self.in_flight == 0 && self.queued.is_empty() {
-                return Ok(());
-            }
-            // Something is always pending here (the poll, or in-flight requests after
-            // disconnection), so waiting for one completion cannot hang.
-            self.submit_and_wait()?;
-            self.reap()?;
+    /// Takes a request from a task: submits it at once when there is room in the ring,
+    /// otherwise queues it for the completion thread.
+    fn accept(&self, op: Op) -> io::Result<()> {
+        let mut core = self.lock();
+        if let Some(reason) = &core.stopped {
+            // Dropping `op` here is fine: it never reached the kernel.
+            return Err(stopped_error(reason.as_deref()));
         }
+        self.stats.outstanding.fetch_add(1, Ordering::AcqRel);
+        if core.in_flight >= self.max_in_flight || !core.queued.is_empty() {
+            core.queued.push_back(op);
+            return Ok(());
+        }
+        // With several requests already in the kernel a completion is never far off, and
+        // the completion thread then submits everything queued in one call; below that the
+        // task submits at once so that a lone request never waits.
+        let deferred = core.thread_awake || core.in_flight >= SUBMIT_BATCH_DEPTH;
+        let started = self.start(&mut core, op).and_then(|()| {
+            if deferred {
+                Ok(())
+            } else {
+                self.submit(&mut core)
+            }
+        });
+        if let Err(e) = started {
+            // The request is in its slot either way; the completion thread retries the
+            // submission (and fails every request if the ring is broken).
+            drop(core);
+            tracing::debug!("io_uring submission from a task failed ({e}); handing over");
+            wake(&self.wake_fd);
+        }
+        Ok(())
     }
 
-    fn drain_channel(&mut self) {
-        loop {
-            match self.rx.try_recv() {
-                Ok(op) => self.queued.push_back(op),
-                Err(TryRecvError::Empty) => return,
-                Err(TryRecvError::Disconnected) => {
-                    self.disconnected = true;
-                    return;
-                }
-            }
-        }
-    }
-
-    fn start(&mut self, op: Op) -> io::Result<()> {
-        let slot = match self.free.pop() {
+    /// Gives `op` a slot and queues its SQE (not yet submitted).
+    fn start(&self, core: &mut Core, op: Op) -> io::Result<()> {
+        let slot = match core.free.pop() {
             Some(slot) => slot,
             None => {
-                self.slots.push(None);
-                self.slots.len() - 1
+                core.slots.push(None);
+                core.slots.len() - 1
             }
         };
-        self.slots[slot] = Some(InFlight { op, done: 0 });
-        self.in_flight += 1;
-        self.submit_slot(slot)
+        core.slots[slot] = Some(InFlight { op, done: 0 });
+        core.in_flight += 1;
+        self.push_slot(core, slot)
     }
 
     /// Queues the SQE for the remaining part of the request in `slot`.
-    fn submit_slot(&mut self, slot: usize) -> io::Result<()> {
+    fn push_slot(&self, core: &mut Core, slot: usize) -> io::Result<()> {
         let fd = types::Fd(self.file.as_raw_fd());
-        let Some(entry) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+        let Some(entry) = core.slots.get_mut(slot).and_then(Option::as_mut) else {
             return Ok(());
         };
         let done = entry.done;
@@ -558,29 +552,44 @@ impl Worker {
         };
         // SAFETY: the SQE points at `buf[done..done + n]`, which is in bounds (`done` is less
         // than the length, otherwise the request would have completed). That memory is owned by
-        // `self.slots[slot]`, whose entry is neither read, written nor removed until this SQE's
-        // completion has been reaped (`complete` is the only place that takes it, and `Drop`
-        // leaks it instead if the ring dies first); growing `slots` moves the `IoBuf` but not
-        // its heap allocation. The descriptor stays open because `self.file` lives as long as
-        // the ring.
-        unsafe { self.push(&sqe.user_data(slot as u64)) }
+        // `core.slots[slot]`, whose entry is neither read, written nor removed until this SQE's
+        // completion has been reaped (`complete` is the only place that takes it, and
+        // `shut_down` leaks it instead if the ring dies first); growing `slots` moves the
+        // `IoBuf` but not its heap allocation. The descriptor stays open because `self.file`
+        // lives as long as the ring.
+        unsafe { self.push(core, &sqe.user_data(slot as u64)) }
     }
 
-    /// Pushes an SQE, submitting first if the queue is full.
+    /// Arms the eventfd poll through which the last handle wakes the completion thread.
+    fn arm_wake(&self, core: &mut Core) -> io::Result<()> {
+        let sqe = opcode::PollAdd::new(types::Fd(self.wake_fd.as_raw_fd()), libc::POLLIN as u32)
+            .build()
+            .user_data(WAKE);
+        // SAFETY: POLL_ADD references no memory; the eventfd stays open because
+        // `self.wake_fd` lives as long as the ring (and the kernel takes its own reference on
+        // submission).
+        unsafe { self.push(core, &sqe)? };
+        core.wake_armed = true;
+        Ok(())
+    }
+
+    /// Pushes an SQE, submitting first if the queue is full. `_core` proves the lock is held.
     ///
     /// # Safety
     ///
     /// Every buffer and descriptor the entry references must stay valid until its completion
     /// has been reaped.
-    unsafe fn push(&mut self, sqe: &squeue::Entry) -> io::Result<()> {
+    unsafe fn push(&self, _core: &mut Core, sqe: &squeue::Entry) -> io::Result<()> {
         loop {
-            // SAFETY: the caller guarantees the entry's references stay valid.
-            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
+            // SAFETY: the lock is held, so no other `SubmissionQueue` exists (this is the only
+            // place that makes one); the caller guarantees the entry's references stay valid.
+            // The queue syncs its tail when the temporary is dropped.
+            if unsafe { self.uring.submission_shared().push(sqe) }.is_ok() {
                 return Ok(());
             }
             // Unreachable with `max_in_flight` below the SQ size, but cheap to handle: hand
             // the full queue to the kernel and retry.
-            match self.ring.submit() {
+            match self.uring.submit() {
                 Ok(_) => {}
                 Err(e) if is_transient(&e) => std::thread::yield_now(),
                 Err(e) => return Err(e),
@@ -588,64 +597,133 @@ impl Worker {
         }
     }
 
-    fn submit_and_wait(&mut self) -> io::Result<()> {
+    /// Hands every queued SQE to the kernel. `_core` proves the lock is held.
+    fn submit(&self, _core: &mut Core) -> io::Result<()> {
         loop {
-            match self.ring.submit_and_wait(1) {
+            match self.uring.submit() {
                 Ok(_) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                // EBUSY/EAGAIN: the kernel wants completions reaped (or is short of memory)
-                // before taking more; the caller reaps and comes back here.
-                Err(e) if is_transient(&e) => {
-                    std::thread::yield_now();
-                    return Ok(());
-                }
                 Err(e) => return Err(e),
             }
         }
     }
 
-    fn reap(&mut self) -> io::Result<()> {
-        let mut cqes = std::mem::take(&mut self.cqes);
-        cqes.extend(
-            self.ring
-                .completion()
-                .map(|cqe| (cqe.user_data(), cqe.result())),
-        );
-        let mut result = Ok(());
-        for &(user_data, res) in &cqes {
-            if user_data == WAKE {
-                self.wake_armed = false;
-                if res < 0 {
-                    tracing::warn!(
-                        "io_uring eventfd poll failed: {}",
-                        io::Error::from_raw_os_error(-res)
-                    );
-                }
-                self.clear_wakeups();
-            } else if result.is_ok() {
-                result = self.complete(user_data as usize, res);
+    /// The completion thread.
+    fn run(self: Arc<Self>) {
+        tracing::debug!(fd = self.file.as_raw_fd(), "io_uring thread started");
+        // A panic must still answer every caller (and leak in-flight buffers), not leave
+        // them waiting forever.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.event_loop()))
+            .unwrap_or_else(|_| Err(io::Error::other("the io_uring thread panicked")));
+        let reason = match result {
+            Ok(()) => {
+                tracing::debug!(fd = self.file.as_raw_fd(), "io_uring thread exiting");
+                None
             }
-        }
-        cqes.clear();
-        self.cqes = cqes;
-        result
+            Err(e) => {
+                tracing::error!("io_uring thread failed, failing all its requests: {e}");
+                Some(e.to_string())
+            }
+        };
+        self.shut_down(reason);
     }
 
-    fn complete(&mut self, slot: usize, res: i32) -> io::Result<()> {
-        let Some(entry) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+    fn event_loop(&self) -> io::Result<()> {
+        let mut cqes: Vec<(u64, i32)> = Vec::new();
+        let mut answers = Vec::new();
+        loop {
+            {
+                let mut core = self.lock();
+                if core.disconnected && core.in_flight == 0 && core.queued.is_empty() {
+                    return Ok(());
+                }
+                if !core.wake_armed && !core.disconnected {
+                    self.arm_wake(&mut core)?;
+                }
+                // Continuations, started queued requests, a re-armed poll, or what a task
+                // could not submit.
+                match self.submit(&mut core) {
+                    Ok(()) => {}
+                    // EAGAIN/EBUSY: the kernel is short of memory; try again shortly rather
+                    // than sleep with entries it has not taken.
+                    Err(e) if is_transient(&e) => {
+                        drop(core);
+                        std::thread::yield_now();
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+                core.thread_awake = false;
+            }
+            // Something is always pending here (the poll, or in-flight requests after
+            // disconnection), so waiting for one completion cannot hang.
+            // SAFETY: no submission and no argument: the call references no memory.
+            match unsafe {
+                self.uring
+                    .submitter()
+                    .enter::<libc::sigset_t>(0, 1, ENTER_GETEVENTS, None)
+            } {
+                Ok(_) => {}
+                Err(e) if is_transient(&e) => {}
+                Err(e) => return Err(e),
+            }
+            // SAFETY: only this thread ever makes a `CompletionQueue`.
+            cqes.extend(
+                unsafe { self.uring.completion_shared() }.map(|c| (c.user_data(), c.result())),
+            );
+            let mut core = self.lock();
+            core.thread_awake = true;
+            for &(user_data, res) in &cqes {
+                if user_data == WAKE {
+                    core.wake_armed = false;
+                    if res < 0 {
+                        tracing::warn!(
+                            "io_uring eventfd poll failed: {}",
+                            io::Error::from_raw_os_error(-res)
+                        );
+                    }
+                    self.clear_wakeups();
+                } else {
+                    self.complete(&mut core, user_data as usize, res, &mut answers)?;
+                }
+            }
+            cqes.clear();
+            while core.in_flight < self.max_in_flight {
+                let Some(op) = core.queued.pop_front() else {
+                    break;
+                };
+                self.start(&mut core, op)?;
+            }
+            drop(core);
+            // Answered outside the lock: waking a task can take a syscall, and the task may
+            // submit its next request right away.
+            for (op, result) in answers.drain(..) {
+                op.finish(result);
+            }
+        }
+    }
+
+    fn complete(
+        &self,
+        core: &mut Core,
+        slot: usize,
+        res: i32,
+        answers: &mut Vec<(Op, io::Result<()>)>,
+    ) -> io::Result<()> {
+        let Some(entry) = core.slots.get_mut(slot).and_then(Option::as_mut) else {
             tracing::error!(slot, res, "completion for an unknown io_uring request");
             return Ok(());
         };
         match entry.advance(res, self.align) {
-            Progress::Continue => self.submit_slot(slot),
+            Progress::Continue => self.push_slot(core, slot),
             Progress::Done(result) => {
-                if let Some(entry) = self.slots[slot].take() {
-                    self.free.push(slot);
-                    self.in_flight -= 1;
+                if let Some(entry) = core.slots[slot].take() {
+                    core.free.push(slot);
+                    core.in_flight -= 1;
                     // Before answering, so a caller that sees its answer never sees itself
                     // counted as outstanding.
                     self.stats.outstanding.fetch_sub(1, Ordering::AcqRel);
-                    entry.op.finish(result);
+                    answers.push((entry.op, result));
                 }
                 Ok(())
             }
@@ -659,6 +737,39 @@ impl Worker {
         // open. A non-blocking eventfd reports EAGAIN when already clear, which is fine.
         let _ = unsafe { libc::read(self.wake_fd.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
     }
+
+    /// Runs when the completion thread ends: normally (nothing left), on a ring error, or
+    /// on a panic. Anything still in a slot may be in the kernel's hands, so its buffer is
+    /// leaked rather than freed; everything else is answered with an error, and later
+    /// requests are refused.
+    fn shut_down(&self, reason: Option<String>) {
+        let mut core = self.lock();
+        let error = || stopped_error(reason.as_deref());
+        let mut answered = 0;
+        for entry in core.slots.drain(..).flatten() {
+            self.stats.outstanding.fetch_sub(1, Ordering::AcqRel);
+            entry.op.fail_leaking_buffer(error());
+            answered += 1;
+        }
+        for op in core.queued.drain(..) {
+            self.stats.outstanding.fetch_sub(1, Ordering::AcqRel);
+            op.finish(Err(error()));
+            answered += 1;
+        }
+        core.in_flight = 0;
+        core.free.clear();
+        core.stopped = Some(reason.clone());
+        if answered > 0 {
+            tracing::warn!(answered, "io_uring thread stopped with requests pending");
+        }
+    }
+}
+
+fn stopped_error(reason: Option<&str>) -> io::Error {
+    match reason {
+        Some(msg) => io::Error::other(format!("the io_uring thread failed: {msg}")),
+        None => thread_gone(),
+    }
 }
 
 fn is_transient(e: &io::Error) -> bool {
@@ -666,34 +777,6 @@ fn is_transient(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
     )
-}
-
-impl Drop for Worker {
-    /// Runs on normal exit (nothing left), on a ring error, and on a panic in the thread.
-    /// Anything still in a slot may be in the kernel's hands, so its buffer is leaked rather
-    /// than freed; everything else is answered with an error.
-    fn drop(&mut self) {
-        let reason = self.failure.take();
-        let error = || match &reason {
-            Some(msg) => io::Error::other(format!("the io_uring thread failed: {msg}")),
-            None => thread_gone(),
-        };
-        let mut answered = 0;
-        for entry in self.slots.drain(..).flatten() {
-            self.stats.outstanding.fetch_sub(1, Ordering::AcqRel);
-            entry.op.fail_leaking_buffer(error());
-            answered += 1;
-        }
-        self.drain_channel();
-        for op in self.queued.drain(..) {
-            self.stats.outstanding.fetch_sub(1, Ordering::AcqRel);
-            op.finish(Err(error()));
-            answered += 1;
-        }
-        if answered > 0 {
-            tracing::warn!(answered, "io_uring thread stopped with requests pending");
-        }
-    }
 }
 
 #[cfg(test)]
