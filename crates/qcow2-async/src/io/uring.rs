@@ -1,19 +1,22 @@
-//! The io_uring backend: one ring, and one completion thread, per opened file.
+//! The io_uring backend: one ring, and one thread that reaps it, per opened file.
 //!
 //! # Design
 //!
-//! A request (read, write or fdatasync) is submitted by the task that makes it: under the
-//! ring's lock it takes a slot, pushes its SQE and calls `io_uring_enter` to hand it to the
-//! kernel — one syscall, and no hop to another thread before the I/O starts. (The first
-//! design sent every request over a channel to the ring thread and woke it with an eventfd;
-//! at queue depth 1 that extra wake-up of a sleeping thread was a third of the latency on
-//! a virtual machine, see `BENCHMARKS.md`.) When the ring is at its in-flight cap, the
-//! request waits in a queue that the completion thread drains as room frees up.
+//! A request (read, write or fdatasync) takes a slot and pushes its SQE under the ring's
+//! lock. When nothing else is in flight, its task then calls `io_uring_enter` itself: one
+//! syscall and no hop to another thread before the I/O starts. (The first design sent every
+//! request over a channel to the ring thread and woke it with an eventfd; at queue depth 1
+//! that wake-up of a sleeping thread was a third of the latency on a virtual machine, see
+//! `BENCHMARKS.md`.) When requests are already in flight, the task wakes the ring thread
+//! instead (through the eventfd it keeps polled, and only if it is not awake anyway), which
+//! submits everything that arrived meanwhile in one call: at depth 32 that batching measured
+//! better than every task entering the kernel alone. At the in-flight cap a request waits in
+//! a queue that the thread drains as room frees up.
 //!
-//! The completion thread sleeps in `io_uring_enter(GETEVENTS)` without the lock, reaps
-//! every completion when it wakes, continues short transfers, starts queued requests and
-//! answers callers through `tokio::sync::oneshot` channels. Only it reads the completion
-//! queue; the submission queue is only touched under the lock.
+//! The ring thread sleeps in `io_uring_enter(GETEVENTS)` without the lock, reaps every
+//! completion when it wakes, continues short transfers, starts queued requests, submits, and
+//! answers callers through `tokio::sync::oneshot` channels outside the lock. Only it reads
+//! the completion queue; the submission queue is only written under the lock.
 //!
 //! The ring owns every in-flight request, including its [`IoBuf`], in a slot table indexed by
 //! `user_data`. Only a completion removes an entry, so a caller dropping its future merely
@@ -235,8 +238,8 @@ impl UringFile {
         {
             let mut core = ring.lock();
             ring.arm_wake(&mut core)?;
-            ring.submit(&mut core)?;
         }
+        ring.submit()?;
         let worker = Arc::clone(&ring);
         std::thread::Builder::new()
             .name("qcow2-io-uring".into())
@@ -463,10 +466,19 @@ impl InFlight {
     }
 }
 
-/// In-flight requests from which a new one is left for the completion thread to submit with
-/// the others at its next wake-up instead of costing its own `io_uring_enter` (and a turn
-/// on the kernel's ring lock). Its wait is short: that many requests are ahead of it.
-const SUBMIT_BATCH_DEPTH: usize = 8;
+/// Below this many requests in flight a task submits its own request; from it on, the
+/// completion thread batches submissions (see `Ring::accept`).
+const INLINE_DEPTH: usize = 2;
+
+/// Who hands a newly queued SQE to the kernel.
+enum Then {
+    /// The completion thread is awake and will.
+    Nothing,
+    /// The task, right away.
+    Submit,
+    /// The completion thread, woken for it.
+    Wake,
+}
 
 /// `IORING_ENTER_GETEVENTS` (linux/io_uring.h): wait for completions.
 const ENTER_GETEVENTS: u32 = 1;
@@ -491,21 +503,33 @@ impl Ring {
             core.queued.push_back(op);
             return Ok(());
         }
-        // With several requests already in the kernel a completion is never far off, and
-        // the completion thread then submits everything queued in one call; below that the
-        // task submits at once so that a lone request never waits.
-        let deferred = core.thread_awake || core.in_flight >= SUBMIT_BATCH_DEPTH;
-        let started = self.start(&mut core, op).and_then(|()| {
-            if deferred {
+        // A request arriving while the completion thread is awake is submitted by it,
+        // together with the others, before it sleeps again. Otherwise a lone request is
+        // submitted by its own task (no thread hop before the I/O starts), and one that
+        // joins others in flight wakes the thread, which submits everything that arrives
+        // meanwhile in one call (one doorbell for many requests, as a dedicated submitter).
+        let then = if core.thread_awake {
+            Then::Nothing
+        } else if core.in_flight < INLINE_DEPTH {
+            Then::Submit
+        } else {
+            core.thread_awake = true;
+            Then::Wake
+        };
+        let started = self.start(&mut core, op);
+        drop(core);
+        let submitted = match (started, then) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Then::Submit) => self.submit(),
+            (Ok(()), Then::Wake) => {
+                wake(&self.wake_fd);
                 Ok(())
-            } else {
-                self.submit(&mut core)
             }
-        });
-        if let Err(e) = started {
+            (Ok(()), Then::Nothing) => Ok(()),
+        };
+        if let Err(e) = submitted {
             // The request is in its slot either way; the completion thread retries the
             // submission (and fails every request if the ring is broken).
-            drop(core);
             tracing::debug!("io_uring submission from a task failed ({e}); handing over");
             wake(&self.wake_fd);
         }
@@ -597,8 +621,10 @@ impl Ring {
         }
     }
 
-    /// Hands every queued SQE to the kernel. `_core` proves the lock is held.
-    fn submit(&self, _core: &mut Core) -> io::Result<()> {
+    /// Hands every queued SQE to the kernel. Needs no lock: `io_uring_enter` may be called
+    /// from several threads at once, and the kernel takes only entries whose tail has been
+    /// published (after they were written, under the lock).
+    fn submit(&self) -> io::Result<()> {
         loop {
             match self.uring.submit() {
                 Ok(_) => return Ok(()),
@@ -640,20 +666,21 @@ impl Ring {
                 if !core.wake_armed && !core.disconnected {
                     self.arm_wake(&mut core)?;
                 }
-                // Continuations, started queued requests, a re-armed poll, or what a task
-                // could not submit.
-                match self.submit(&mut core) {
-                    Ok(()) => {}
-                    // EAGAIN/EBUSY: the kernel is short of memory; try again shortly rather
-                    // than sleep with entries it has not taken.
-                    Err(e) if is_transient(&e) => {
-                        drop(core);
-                        std::thread::yield_now();
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                }
+                // From here on tasks submit (or wake this thread) themselves; everything
+                // pushed before is covered by the submission below.
                 core.thread_awake = false;
+            }
+            // Continuations, started queued requests, a re-armed poll, requests that
+            // arrived while this thread was awake, or what a task could not submit.
+            match self.submit() {
+                Ok(()) => {}
+                // EAGAIN/EBUSY: the kernel is short of memory; try again shortly rather
+                // than sleep with entries it has not taken.
+                Err(e) if is_transient(&e) => {
+                    std::thread::yield_now();
+                    continue;
+                }
+                Err(e) => return Err(e),
             }
             // Something is always pending here (the poll, or in-flight requests after
             // disconnection), so waiting for one completion cannot hang.
