@@ -23,37 +23,33 @@ const ZSTD_LEVEL: i32 = 3;
 /// uncompressed when that is not enough).
 pub(crate) fn compress(kind: CompressionType, input: &[u8]) -> Result<Option<Vec<u8>>> {
     let room = input.len().saturating_sub(1);
-    // Encoders write into spare capacity: no zero fill of a cluster-sized buffer per call.
-    let mut out = Vec::with_capacity(room);
     match kind {
-        CompressionType::Deflate => DEFLATE.with(|cell| {
-            let mut slot = cell.borrow_mut();
-            let c = match slot.as_mut() {
-                Some(c) => {
-                    c.reset();
-                    c
-                }
-                None => slot.insert(flate2::Compress::new_with_window_bits(
-                    flate2::Compression::new(DEFLATE_LEVEL),
-                    false,
-                    DEFLATE_WINDOW_BITS,
-                )),
-            };
+        CompressionType::Deflate => {
+            // A fresh context per cluster, writing into an initialised buffer: reusing a
+            // `reset` context and encoding into spare capacity (`compress_vec`) tripped an
+            // internal assertion in zlib-rs under concurrent load, so deflate stays on the
+            // plain one-shot path whose setup cost is small next to the compression itself.
+            let mut out = vec![0u8; room];
+            let mut c = flate2::Compress::new_with_window_bits(
+                flate2::Compression::new(DEFLATE_LEVEL),
+                false,
+                DEFLATE_WINDOW_BITS,
+            );
             let status = c
-                .compress_vec(input, &mut out, flate2::FlushCompress::Finish)
+                .compress(input, &mut out, flate2::FlushCompress::Finish)
                 .map_err(|e| Error::Io {
                     context: "compressing a cluster",
                     source: std::io::Error::other(e),
                 })?;
-            if status != flate2::Status::StreamEnd
-                || c.total_in() as usize != input.len()
-                || out.len() > room
-            {
+            if status != flate2::Status::StreamEnd || c.total_in() as usize != input.len() {
                 return Ok(None);
             }
+            out.truncate(c.total_out() as usize);
             Ok(Some(out))
-        }),
+        }
         CompressionType::Zstd => ZSTD.with(|cell| {
+            // zstd writes into spare capacity: no zero fill of a cluster-sized buffer.
+            let mut out = Vec::with_capacity(room);
             let mut slot = cell.borrow_mut();
             let c = match slot.as_mut() {
                 Some(c) => c,
@@ -72,13 +68,10 @@ pub(crate) fn compress(kind: CompressionType, input: &[u8]) -> Result<Option<Vec
     }
 }
 
-// Encoder state is reused per thread: a fresh zstd context costs an allocation and table
-// setup per cluster, which showed up in convert profiles. Each call starts a new frame
-// (zstd's one-shot API resets the session; deflate is `reset` explicitly), so reuse never
-// changes the output.
+// The zstd context is reused per thread: a fresh one costs an allocation and table setup
+// per cluster, which showed up in convert profiles. Each one-shot call starts a new frame,
+// so reuse never changes the output.
 thread_local! {
-    static DEFLATE: std::cell::RefCell<Option<flate2::Compress>> =
-        const { std::cell::RefCell::new(None) };
     static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
         const { std::cell::RefCell::new(None) };
 }
@@ -237,6 +230,42 @@ mod tests {
             .collect();
         for kind in [CompressionType::Deflate, CompressionType::Zstd] {
             assert!(compress(kind, &noise).unwrap().is_none(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn a_refused_cluster_does_not_disturb_the_next_one() {
+        // Clusters are compressed back to back on the same worker threads, mixing data that
+        // fits with data that does not; each result must equal a one-off compression and
+        // decode back exactly, whatever was refused before it on that thread.
+        let mut x = 0x9e37_79b9u32;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        for kind in [CompressionType::Deflate, CompressionType::Zstd] {
+            for cs in [512usize, 4096, 16384, 65536] {
+                for round in 0..64 {
+                    // Refused clusters in a row, then from pure noise to mostly runs (some
+                    // clusters only just fit or miss).
+                    let runs = if round < 16 { 0 } else { round % 8 };
+                    let data: Vec<u8> = (0..cs)
+                        .map(|i| {
+                            if (i / 64) % 8 < runs {
+                                (i / 512) as u8
+                            } else {
+                                next() as u8
+                            }
+                        })
+                        .collect();
+                    if let Some(packed) = compress(kind, &data).unwrap() {
+                        assert!(packed.len() < cs, "{kind:?} {cs} round {round}");
+                        assert_eq!(decompress(kind, &packed, cs).unwrap(), data);
+                    }
+                }
+            }
         }
     }
 
