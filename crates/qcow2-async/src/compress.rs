@@ -217,17 +217,21 @@ mod tests {
         }
     }
 
+    /// Deterministic incompressible bytes (xorshift32).
+    fn noise(seed: u32) -> impl FnMut() -> u8 {
+        let mut x = seed;
+        move || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        }
+    }
+
     #[test]
     fn incompressible_data_is_refused() {
-        let mut x = 0x1234_5678u32;
-        let noise: Vec<u8> = (0..65536)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect();
+        let mut next = noise(0x1234_5678);
+        let noise: Vec<u8> = (0..65536).map(|_| next()).collect();
         for kind in [CompressionType::Deflate, CompressionType::Zstd] {
             assert!(compress(kind, &noise).unwrap().is_none(), "{kind:?}");
         }
@@ -235,16 +239,11 @@ mod tests {
 
     #[test]
     fn a_refused_cluster_does_not_disturb_the_next_one() {
-        // Clusters are compressed back to back on the same worker threads, mixing data that
-        // fits with data that does not; each result must equal a one-off compression and
-        // decode back exactly, whatever was refused before it on that thread.
-        let mut x = 0x9e37_79b9u32;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x
-        };
+        // Clusters are compressed back to back on the same threads, mixing data that fits
+        // with data that does not; whatever was refused before it on that thread, each
+        // compression must succeed without panicking, be smaller than the cluster and
+        // decode back exactly.
+        let mut next = noise(0x9e37_79b9);
         for kind in [CompressionType::Deflate, CompressionType::Zstd] {
             for cs in [512usize, 4096, 16384, 65536] {
                 for round in 0..64 {
@@ -256,7 +255,7 @@ mod tests {
                             if (i / 64) % 8 < runs {
                                 (i / 512) as u8
                             } else {
-                                next() as u8
+                                next()
                             }
                         })
                         .collect();
