@@ -999,3 +999,170 @@ async fn multi_cluster_writes_allocate_contiguously_over_any_cluster_state() {
     img.close().await.unwrap();
     assert_check_clean(&path);
 }
+
+/// A file that can hold its next read or its next flush pending until released, to show
+/// which requests wait for an operation in progress.
+#[derive(Debug)]
+struct GateFile {
+    inner: Arc<dyn BlockFile>,
+    hold_read: std::sync::atomic::AtomicBool,
+    hold_flush: std::sync::atomic::AtomicBool,
+    /// Signalled when an operation is being held.
+    holding: tokio::sync::Notify,
+    release: tokio::sync::Semaphore,
+}
+
+impl GateFile {
+    fn new(inner: Arc<dyn BlockFile>) -> Arc<GateFile> {
+        Arc::new(GateFile {
+            inner,
+            hold_read: false.into(),
+            hold_flush: false.into(),
+            holding: tokio::sync::Notify::new(),
+            release: tokio::sync::Semaphore::new(0),
+        })
+    }
+
+    /// Waits while `armed` was set, after telling the test it is holding.
+    async fn gate(&self, armed: &std::sync::atomic::AtomicBool) {
+        if armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.holding.notify_one();
+            self.release.acquire().await.unwrap().forget();
+        }
+    }
+}
+
+impl BlockFile for GateFile {
+    fn read_at(
+        &self,
+        buf: qcow2_async::io::IoBuf,
+        off: u64,
+    ) -> qcow2_async::io::IoFuture<'_, qcow2_async::io::IoBuf> {
+        Box::pin(async move {
+            self.gate(&self.hold_read).await;
+            self.inner.read_at(buf, off).await
+        })
+    }
+    fn write_at(
+        &self,
+        buf: qcow2_async::io::IoBuf,
+        off: u64,
+    ) -> qcow2_async::io::IoFuture<'_, qcow2_async::io::IoBuf> {
+        self.inner.write_at(buf, off)
+    }
+    fn flush(&self) -> qcow2_async::io::IoFuture<'_, ()> {
+        Box::pin(async move {
+            self.gate(&self.hold_flush).await;
+            self.inner.flush().await
+        })
+    }
+    fn len(&self) -> qcow2_async::io::IoFuture<'_, u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> qcow2_async::io::IoFuture<'_, ()> {
+        self.inner.set_len(len)
+    }
+    fn allocate(&self, o: u64, l: u64) -> qcow2_async::io::IoFuture<'_, ()> {
+        self.inner.allocate(o, l)
+    }
+    fn punch_hole(&self, o: u64, l: u64) -> qcow2_async::io::IoFuture<'_, ()> {
+        self.inner.punch_hole(o, l)
+    }
+    fn zero_range(&self, o: u64, l: u64) -> qcow2_async::io::IoFuture<'_, ()> {
+        self.inner.zero_range(o, l)
+    }
+}
+
+/// Invariant 11: a lookup of a cached mapping takes no lock that an L2 load or a write-back
+/// holds. While the load of another L2 table is held pending, and again while a flush's
+/// write-back is held in its sync, reads of a cached cluster and overwrites of an allocated
+/// one complete; the held operations then finish and the data is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_reads_and_overwrites_do_not_wait_for_metadata_io() {
+    use std::time::Duration;
+    const GIB: u64 = 1 << 30;
+    let mem: Arc<dyn BlockFile> = Arc::new(MemFile::from_bytes(Vec::new()));
+    Image::format_file(mem.clone(), &CreateOptions::new(4 * GIB))
+        .await
+        .unwrap();
+    {
+        // Two clusters whose L2 tables differ (one table maps 512 MiB at 64 KiB clusters).
+        let img = Image::open_handle(mem.clone(), None, &OpenOptions::default(), None)
+            .await
+            .unwrap();
+        img.write_at(&[1; 4096], 0).await.unwrap();
+        img.write_at(&[2; 4096], 3 * GIB).await.unwrap();
+        img.close().await.unwrap();
+    }
+    let gate = GateFile::new(mem.clone());
+    let img = Image::open_handle(gate.clone(), None, &OpenOptions::default(), None)
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    img.read_at(&mut buf, 0).await.unwrap(); // caches the first table
+    let quick = Duration::from_secs(10);
+
+    // 1. The second table's load is held.
+    gate.hold_read
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let held = gate.holding.notified();
+    let miss = {
+        let img = img.clone();
+        tokio::spawn(async move {
+            let mut b = vec![0u8; 4096];
+            img.read_at(&mut b, 3 * GIB).await.unwrap();
+            b
+        })
+    };
+    tokio::time::timeout(quick, held)
+        .await
+        .expect("the L2 load is held");
+    tokio::time::timeout(quick, img.read_at(&mut buf, 0))
+        .await
+        .expect("a cached read waited for another table's load")
+        .unwrap();
+    assert_eq!(buf, [1; 4096]);
+    tokio::time::timeout(quick, img.write_at(&[3; 4096], 4096))
+        .await
+        .expect("an overwrite waited for another table's load")
+        .unwrap();
+    gate.release.add_permits(1);
+    assert_eq!(miss.await.unwrap(), vec![2; 4096]);
+
+    // 2. A flush is held in its write-back (a new cluster makes an L2 table dirty).
+    img.write_at(&[4; 4096], GIB).await.unwrap();
+    gate.hold_flush
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let held = gate.holding.notified();
+    let flush = {
+        let img = img.clone();
+        tokio::spawn(async move { img.flush().await })
+    };
+    tokio::time::timeout(quick, held)
+        .await
+        .expect("the flush is held");
+    tokio::time::timeout(quick, img.read_at(&mut buf, 0))
+        .await
+        .expect("a cached read waited for a write-back")
+        .unwrap();
+    tokio::time::timeout(quick, img.write_at(&[5; 4096], 0))
+        .await
+        .expect("an overwrite waited for a write-back")
+        .unwrap();
+    gate.release.add_permits(1);
+    flush.await.unwrap().unwrap();
+
+    let mut all = vec![0u8; 8192];
+    img.read_at(&mut all, 0).await.unwrap();
+    assert_eq!(&all[..4096], &[5; 4096]);
+    assert_eq!(&all[4096..], &[3; 4096]);
+    img.read_at(&mut buf, GIB).await.unwrap();
+    assert_eq!(buf, [4; 4096]);
+    img.close().await.unwrap();
+    let img = Image::open_handle(mem, None, &OpenOptions::default(), None)
+        .await
+        .unwrap();
+    let report = img.check(None).await.unwrap();
+    assert_eq!(report.verdict(), qcow2_async::Verdict::Clean, "{report:?}");
+    img.close().await.unwrap();
+}

@@ -195,6 +195,7 @@ impl Meta {
                 self.marked_dirty = false;
             }
             self.corrupt = None;
+            self.regions.set_corrupt(false);
         }
         after.leaks_fixed = fixed_leaks;
         after.corruptions_fixed = fixed_corruptions;
@@ -620,6 +621,9 @@ impl Meta {
         self.write_header().await?;
         self.barrier.sync().await?;
         self.reftable = table.chunks_exact(8).map(|c| be64(c, 0)).collect();
+        // The old blocks are free space now: overlap checks must know the new ones only.
+        self.regions
+            .set_refblocks(self.reftable.iter().copied().filter(|&o| o != 0).collect());
         self.reset_refcount_cache();
         Ok(())
     }

@@ -78,6 +78,11 @@ struct Inner {
     /// The external data file is a valid raw image (`data_file_raw`).
     data_raw: bool,
     meta: Mutex<Meta>,
+    /// Cached mappings of the active L1, looked up without the metadata lock.
+    mapping: Arc<crate::mapping::MappingIndex>,
+    /// Where metadata lies and whether the image is corrupt, for overwrites checked without
+    /// the metadata lock.
+    regions: Arc<crate::overlap::Regions>,
     leases: ClusterLeases,
     backing: Option<Backing>,
     geo: Geometry,
@@ -559,6 +564,8 @@ impl Image {
         }
         let tracking = meta.bitmaps.tracking();
         let decompressed = meta.decompressed.clone();
+        let mapping = meta.mapping_index();
+        let regions = meta.regions.clone();
         Ok(Image {
             inner: Arc::new(Inner {
                 path,
@@ -568,6 +575,8 @@ impl Image {
                 external,
                 data_raw,
                 meta: Mutex::new(meta),
+                mapping,
+                regions,
                 leases: ClusterLeases::default(),
                 backing,
                 geo,
@@ -638,8 +647,12 @@ impl Image {
         if self.inner.read_only {
             return Err(Error::ReadOnly);
         }
-        if let Some(c) = &self.inner.meta.lock().await.corrupt {
-            return Err(Error::Corrupt(c.clone()));
+        // The flag is published so that a write need not take the metadata lock; the
+        // message is there too once it is set.
+        if self.inner.regions.is_corrupt() {
+            if let Some(c) = &self.inner.meta.lock().await.corrupt {
+                return Err(Error::Corrupt(c.clone()));
+            }
         }
         Ok(())
     }
@@ -699,8 +712,32 @@ impl Image {
 
     async fn read_piece(&self, gc: u64, inc: u64, out: &mut [u8]) -> Result<()> {
         let _lease = self.inner.leases.shared(gc).await;
-        let (entry, bm) = self.inner.meta.lock().await.lookup(gc).await?;
+        let (entry, bm) = self.lookup(gc).await?;
         self.read_mapped(gc, entry, bm, inc, out).await
+    }
+
+    /// The mapping of guest cluster `gc`, whose lease the caller holds: from the published
+    /// L2 tables when cached (no metadata lock), else through `Meta`, which loads the table.
+    async fn lookup(&self, gc: u64) -> Result<(L2Entry, SubclusterBitmap)> {
+        match self.inner.mapping.lookup(gc) {
+            Some(hit) => Ok(hit),
+            None => self.inner.meta.lock().await.lookup(gc).await,
+        }
+    }
+
+    /// Whether guest data may be written into host cluster `host`: checked against the
+    /// published metadata regions without the metadata lock; only a suspected overlap goes
+    /// to `Meta`, which checks against its own state and marks the image corrupt.
+    async fn check_data_target(&self, host: u64) -> Result<()> {
+        let mapping = &self.inner.mapping;
+        if self
+            .inner
+            .regions
+            .data_target_ok(host, |c| mapping.is_cached(c))
+        {
+            return Ok(());
+        }
+        self.inner.meta.lock().await.check_data_target(host).await
     }
 
     fn source(&self, entry: L2Entry, bm: SubclusterBitmap, inc: u64) -> Source {
@@ -1061,13 +1098,11 @@ impl Image {
         let a = self.write_align();
         if a <= 1 || (inc % a == 0 && data.len() as u64 % a == 0) {
             let _shared = self.inner.leases.shared(gc).await;
-            let mut meta = self.inner.meta.lock().await;
-            let (entry, _) = meta.lookup(gc).await?;
+            let (entry, _) = self.lookup(gc).await?;
             if let L2Entry::Normal { host, copied: true } = entry {
                 if !self.inner.external {
-                    meta.check_data_target(host.0).await?;
+                    self.check_data_target(host.0).await?;
                 }
-                drop(meta);
                 return self.write_in_place(host.0 + inc, data).await;
             }
         }

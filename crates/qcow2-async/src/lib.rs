@@ -31,6 +31,7 @@ mod error;
 mod image;
 pub mod io;
 mod lease;
+mod mapping;
 mod meta;
 pub mod ops;
 mod options;

@@ -27,6 +27,7 @@ use crate::cache::MetadataCache;
 use crate::compress::DecompressedCache;
 use crate::error::{Error, Result};
 use crate::io::{BlockFile, IoBuf};
+use crate::mapping::{L2Cache, L2Table, MappingIndex};
 
 /// Which allocator a cluster comes from (invariant 3: their free-space views are separate).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,9 +49,11 @@ pub(crate) struct Meta {
     pub(crate) limits: Limits,
     pub(crate) l1: Vec<u64>,
     l1_dirty_sectors: std::collections::BTreeSet<u64>,
-    l2: MetadataCache,
+    /// L2 tables; the ones the active L1 points at are published to lookups that do not
+    /// take the metadata lock (`mapping.rs`).
+    l2: L2Cache,
     pub(crate) reftable: Vec<u64>,
-    blocks: MetadataCache,
+    blocks: MetadataCache<Box<[u8]>>,
     pending_free: Vec<(u64, u64)>,
     meta_cursor: u64,
     data_cursor: u64,
@@ -69,8 +72,9 @@ pub(crate) struct Meta {
     pub(crate) lazy: bool,
     /// The dirty bit is set on disk.
     pub(crate) marked_dirty: bool,
-    /// Host offsets of all refcount blocks (for overlap checks).
-    pub(crate) refblock_set: std::collections::HashSet<u64>,
+    /// Where metadata lies, for overlap checks, shared with the request path (the set of
+    /// refcount blocks lives there).
+    pub(crate) regions: Arc<crate::overlap::Regions>,
     /// Persistent dirty bitmaps (`bitmaps.rs`).
     pub(crate) bitmaps: crate::bitmaps::Bitmaps,
     /// Reserve file space ahead of data allocations (O_DIRECT on a growing file): writes
@@ -115,7 +119,9 @@ impl Meta {
         )
         .await?;
         let reftable = be64s(&rt_bytes);
-        let refblock_set = reftable.iter().copied().filter(|&o| o != 0).collect();
+        let regions = Arc::new(crate::overlap::Regions::default());
+        regions.set_refblocks(reftable.iter().copied().filter(|&o| o != 0).collect());
+        regions.set_header(crate::overlap::HeaderRanges::of(&hdr, geo.cluster_size()));
         Ok(Meta {
             order: h.refcount_order,
             file,
@@ -125,7 +131,7 @@ impl Meta {
             limits,
             l1,
             l1_dirty_sectors: Default::default(),
-            l2: MetadataCache::new(cache_clusters),
+            l2: L2Cache::new(cache_clusters, Arc::new(MappingIndex::new(geo, fmt))),
             reftable,
             blocks: MetadataCache::new(cache_clusters),
             pending_free: Vec::new(),
@@ -142,12 +148,17 @@ impl Meta {
             writable: false,
             lazy: false,
             marked_dirty: false,
-            refblock_set,
+            regions,
             bitmaps: Default::default(),
             preallocate: false,
             prealloc_end: 0,
             hdr,
         })
+    }
+
+    /// The lookup view of the L2 cache, for the request path.
+    pub(crate) fn mapping_index(&self) -> Arc<MappingIndex> {
+        self.l2.index().clone()
     }
 
     pub(crate) fn cs(&self) -> u64 {
@@ -173,6 +184,9 @@ impl Meta {
     }
 
     pub(crate) async fn write_header(&mut self) -> Result<()> {
+        // The one place header changes reach the disk, so the one place they are published.
+        self.regions
+            .set_header(crate::overlap::HeaderRanges::of(&self.hdr, self.cs()));
         let bytes = self.hdr.encode().map_err(Error::format("header"))?;
         self.write(0, &bytes, "header").await
     }
@@ -339,7 +353,7 @@ impl Meta {
             self.barrier.order().await?;
             if (rt as usize) < self.reftable.len() {
                 self.reftable[rt as usize] = new_off;
-                self.refblock_set.insert(new_off);
+                self.regions.add_refblock(new_off);
                 let entry_off = self.hdr.header.refcount_table_offset + rt * 8;
                 self.write(entry_off, &new_off.to_be_bytes(), "refcount table entry")
                     .await?;
@@ -374,7 +388,8 @@ impl Meta {
                 .insert(off, vec![0u8; cs as usize].into_boxed_slice(), true);
         }
         let old_table = std::mem::replace(&mut self.reftable, plan.table.clone());
-        self.refblock_set = self.reftable.iter().copied().filter(|&o| o != 0).collect();
+        self.regions
+            .set_refblocks(self.reftable.iter().copied().filter(|&o| o != 0).collect());
         for c in plan.start_offset / cs..plan.end_offset / cs {
             self.set_refcount(c, 1).await?;
         }
@@ -576,7 +591,7 @@ impl Meta {
         if !self.l2.contains(off) {
             self.evict_l2().await?;
             let data = self.read_cluster(off).await?;
-            self.l2.insert(off, data, false);
+            self.l2.insert(off, L2Table::from_bytes(&data), false);
         }
         Ok(())
     }
@@ -600,12 +615,14 @@ impl Meta {
             return Ok((L2Entry::Unallocated, SubclusterBitmap::default()));
         };
         self.load_l2(l2.0).await?;
-        let es = self.geo.l2_entry_size() as usize;
-        let slot = self.l2.get_mut(l2.0).expect("loaded");
-        let at = pos.l2_index * es;
-        let raw = be64(&slot.data, at);
+        // From now on lookups of this table's clusters need not come here.
+        self.l2.link(pos.l1_index, l2.0);
+        let words = self.geo.l2_entry_size() as usize / 8;
+        let table = self.l2.get(l2.0).expect("loaded");
+        let at = pos.l2_index * words;
+        let raw = table.word(at);
         let decoded = if self.fmt.extended_l2 {
-            decode_extended(raw, be64(&slot.data, at + 8), self.fmt)
+            decode_extended(raw, table.word(at + 1), self.fmt)
         } else {
             L2Entry::decode(raw, self.fmt).map(|e| (e, SubclusterBitmap::default()))
         };
@@ -638,14 +655,14 @@ impl Meta {
         let pos = self
             .geo
             .locate(qcow2_format::GuestOffset(gc << self.geo.cluster_bits()));
-        let es = self.geo.l2_entry_size() as usize;
-        let slot = self.l2.get_mut(l2_off).expect("loaded");
-        let at = pos.l2_index * es;
-        slot.data[at..at + 8].copy_from_slice(&w0.to_be_bytes());
-        if es == 16 {
-            slot.data[at + 8..at + 16].copy_from_slice(&w1.to_be_bytes());
+        let words = self.geo.l2_entry_size() as usize / 8;
+        let table = self.l2.get(l2_off).expect("loaded");
+        let at = pos.l2_index * words;
+        table.set_word(at, w0);
+        if words == 2 {
+            table.set_word(at + 1, w1);
         }
-        slot.dirty = true;
+        self.l2.mark_dirty(l2_off);
         Ok(())
     }
 
@@ -667,11 +684,11 @@ impl Meta {
                 let data = match old {
                     Some(o) => {
                         self.load_l2(o.0).await?;
-                        let copy = self.l2.get_mut(o.0).expect("loaded").data.clone();
+                        let copy = self.l2.get(o.0).expect("loaded").duplicate();
                         self.free_later(o.0, self.cs());
                         copy
                     }
-                    None => vec![0u8; self.cs() as usize].into_boxed_slice(),
+                    None => L2Table::zeroed(self.cs() as usize),
                 };
                 self.evict_l2().await?;
                 self.l2.insert(new, data, true);
@@ -679,6 +696,7 @@ impl Meta {
                     pos.l1_index,
                     L1Entry::new(qcow2_format::HostOffset(new), true),
                 );
+                self.l2.link(pos.l1_index, new);
                 new
             }
         })
@@ -695,7 +713,7 @@ impl Meta {
     /// Forgets every cached L2 table (after tables were patched on disk). Call only when
     /// nothing is dirty.
     pub(crate) fn drop_l2_cache(&mut self) {
-        self.l2 = MetadataCache::new(self.cache_clusters);
+        self.l2.clear();
     }
 
     pub(crate) fn l2_cached(&self, off: u64) -> bool {
@@ -705,15 +723,14 @@ impl Meta {
     /// An L2 table's current contents (cached, possibly dirty, or from disk).
     pub(crate) async fn l2_contents(&mut self, off: u64) -> Result<Vec<u8>> {
         self.load_l2(off).await?;
-        Ok(self.l2.get_mut(off).expect("loaded").data.to_vec())
+        Ok(self.l2.get(off).expect("loaded").to_bytes())
     }
 
     /// Replaces a cached L2 table's contents (dirty until the next write-back).
     pub(crate) async fn put_l2(&mut self, off: u64, data: Box<[u8]>) -> Result<()> {
         self.load_l2(off).await?;
-        let slot = self.l2.get_mut(off).expect("loaded");
-        slot.data = data;
-        slot.dirty = true;
+        self.l2.get(off).expect("loaded").store_bytes(&data);
+        self.l2.mark_dirty(off);
         Ok(())
     }
 
@@ -766,6 +783,8 @@ impl Meta {
     }
 
     fn set_l1(&mut self, idx: u64, e: L1Entry) {
+        // Lookups must not keep using the table the entry pointed at.
+        self.l2.unlink(idx);
         self.l1[idx as usize] = e.encode();
         self.l1_dirty_sectors.insert(idx * 8 / 512);
     }
@@ -784,7 +803,7 @@ impl Meta {
     }
 
     async fn evict_blocks(&mut self) -> Result<()> {
-        if self.blocks.evict_clean() {
+        if self.blocks.evict_clean().0 {
             return Ok(());
         }
         // Refcount blocks may be written at any time (see the module docs).
@@ -818,9 +837,9 @@ impl Meta {
         if mapping_changes {
             self.barrier.order().await?;
             for off in dirty_l2 {
-                let data = self.l2.get_mut(off).expect("dirty entry").data.clone();
+                let data = self.l2.get(off).expect("dirty entry").to_bytes();
                 self.write(off, &data, "L2 table").await?;
-                self.l2.get_mut(off).expect("dirty entry").dirty = false;
+                self.l2.mark_clean(off);
             }
             if !self.l1_dirty_sectors.is_empty() {
                 self.barrier.order().await?;

@@ -7,9 +7,13 @@
 //! lies (say an L2 entry points into the refcount table): the image is marked corrupt, and
 //! every later write is refused, so the damage is not made worse.
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
+
 use crate::error::{Error, Result};
 use crate::meta::Meta;
-use qcow2_format::{AutoclearFeatures, IncompatibleFeatures, Version};
+use qcow2_format::{AutoclearFeatures, ImageHeader, IncompatibleFeatures, Version};
 
 /// What kind of metadata a write puts down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,11 +47,46 @@ fn overlaps(a: u64, alen: u64, b: u64, blen: u64) -> bool {
     alen > 0 && blen > 0 && a < b.saturating_add(blen) && b < a.saturating_add(alen)
 }
 
-impl Meta {
-    /// The metadata `[off, off + len)` would overwrite that a write of `kind` must not.
-    fn overlap_of(&self, off: u64, len: u64, kind: Kind) -> Option<&'static str> {
-        let cs = self.cs();
-        let h = &self.hdr.header;
+/// Where the header says metadata lies: the part of the overlap check that comes from it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct HeaderRanges {
+    cs: u64,
+    l1: (u64, u64),
+    reftable: (u64, u64),
+    /// The snapshot table's first cluster, when there are snapshots.
+    snapshots: Option<u64>,
+    bitmap_directory: Option<(u64, u64)>,
+}
+
+impl HeaderRanges {
+    pub(crate) fn of(hdr: &ImageHeader, cs: u64) -> HeaderRanges {
+        let h = &hdr.header;
+        HeaderRanges {
+            cs,
+            l1: (h.l1_table_offset, u64::from(h.l1_size) * 8),
+            reftable: (
+                h.refcount_table_offset,
+                u64::from(h.refcount_table_clusters) * cs,
+            ),
+            snapshots: (h.nb_snapshots > 0).then_some(h.snapshots_offset),
+            bitmap_directory: hdr
+                .bitmaps
+                .filter(|_| h.autoclear.contains(AutoclearFeatures::BITMAPS))
+                .map(|b| (b.directory_offset, b.directory_size)),
+        }
+    }
+
+    /// The metadata `[off, off + len)` would overwrite that a write of `kind` must not,
+    /// given the refcount blocks and a test for cached L2 tables.
+    fn overlap_of(
+        &self,
+        refblocks: &HashSet<u64>,
+        l2_cached: impl Fn(u64) -> bool,
+        off: u64,
+        len: u64,
+        kind: Kind,
+    ) -> Option<&'static str> {
+        let cs = self.cs;
         let start = off / cs * cs;
         let end = (off + len).div_ceil(cs) * cs;
         let span = end - start;
@@ -55,42 +94,94 @@ impl Meta {
             return Some("qcow2_header");
         }
         if !matches!(kind, Kind::L1 | Kind::TableEntry)
-            && overlaps(start, span, h.l1_table_offset, u64::from(h.l1_size) * 8)
+            && overlaps(start, span, self.l1.0, self.l1.1)
         {
             return Some("active L1 table");
         }
-        if kind != Kind::RefcountTable
-            && overlaps(
-                start,
-                span,
-                h.refcount_table_offset,
-                u64::from(h.refcount_table_clusters) * cs,
-            )
-        {
+        if kind != Kind::RefcountTable && overlaps(start, span, self.reftable.0, self.reftable.1) {
             return Some("refcount table");
         }
-        if h.nb_snapshots > 0 && overlaps(start, span, h.snapshots_offset, cs) {
-            return Some("snapshot table");
+        if let Some(s) = self.snapshots {
+            if overlaps(start, span, s, cs) {
+                return Some("snapshot table");
+            }
         }
-        if let (Some(b), true) = (
-            self.hdr.bitmaps,
-            h.autoclear.contains(AutoclearFeatures::BITMAPS),
-        ) {
-            if overlaps(start, span, b.directory_offset, b.directory_size) {
+        if let Some((o, l)) = self.bitmap_directory {
+            if overlaps(start, span, o, l) {
                 return Some("bitmap directory");
             }
         }
         let mut c = start;
         while c < end {
-            if kind != Kind::RefcountBlock && self.refblock_set.contains(&c) {
+            if kind != Kind::RefcountBlock && refblocks.contains(&c) {
                 return Some("refcount block");
             }
-            if !matches!(kind, Kind::L2 | Kind::TableEntry) && self.l2_cached(c) {
+            if !matches!(kind, Kind::L2 | Kind::TableEntry) && l2_cached(c) {
                 return Some("active L2 table");
             }
             c += cs;
         }
         None
+    }
+}
+
+/// What the overlap check of a guest data write needs, published by `Meta` so that an
+/// overwrite of an allocated cluster is checked without the metadata lock: the header's
+/// ranges (republished on every header write), the refcount blocks (owned here: `Meta`
+/// changes the set only through [`Regions::add_refblock`] / [`Regions::set_refblocks`]),
+/// and whether the image was found corrupt.
+#[derive(Debug, Default)]
+pub(crate) struct Regions {
+    state: RwLock<(HeaderRanges, HashSet<u64>)>,
+    corrupt: AtomicBool,
+}
+
+impl Regions {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, (HeaderRanges, HashSet<u64>)> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, (HeaderRanges, HashSet<u64>)> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn set_header(&self, ranges: HeaderRanges) {
+        self.write().0 = ranges;
+    }
+
+    pub(crate) fn set_refblocks(&self, blocks: HashSet<u64>) {
+        self.write().1 = blocks;
+    }
+
+    pub(crate) fn add_refblock(&self, off: u64) {
+        self.write().1.insert(off);
+    }
+
+    /// Whether guest data may go into the host cluster at `host` as far as the published
+    /// state tells; `false` sends the caller to `Meta`, which checks again and reports.
+    pub(crate) fn data_target_ok(&self, host: u64, l2_cached: impl Fn(u64) -> bool) -> bool {
+        let g = self.read();
+        let cs = g.0.cs;
+        g.0.overlap_of(&g.1, l2_cached, host, cs, Kind::Other)
+            .is_none()
+    }
+
+    /// Set once corruption is found: every later write is refused.
+    pub(crate) fn is_corrupt(&self) -> bool {
+        self.corrupt.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_corrupt(&self, corrupt: bool) {
+        self.corrupt.store(corrupt, Ordering::Release);
+    }
+}
+
+impl Meta {
+    /// The metadata `[off, off + len)` would overwrite that a write of `kind` must not.
+    fn overlap_of(&self, off: u64, len: u64, kind: Kind) -> Option<&'static str> {
+        let ranges = HeaderRanges::of(&self.hdr, self.cs());
+        let g = self.regions.read();
+        ranges.overlap_of(&g.1, |c| self.l2_cached(c), off, len, kind)
     }
 
     pub(crate) async fn overlap_check(&mut self, off: u64, len: u64, kind: Kind) -> Result<()> {
@@ -117,6 +208,7 @@ impl Meta {
         if self.corrupt.is_none() {
             tracing::error!("qcow2: Marking image as corrupt: {msg}");
             self.corrupt = Some(msg.clone());
+            self.regions.set_corrupt(true);
             let h = &mut self.hdr.header;
             if self.writable && h.version == Version::V3 {
                 h.incompatible.set(IncompatibleFeatures::CORRUPT, true);
