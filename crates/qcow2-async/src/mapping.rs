@@ -83,6 +83,19 @@ impl L2Table {
         self.words[i].store(v, Ordering::Release);
     }
 
+    /// The decoded entry at `l2_index` (its subcluster bitmap on extended-L2 images).
+    pub(crate) fn entry(
+        &self,
+        l2_index: usize,
+        fmt: L2Format,
+    ) -> qcow2_format::Result<(L2Entry, SubclusterBitmap)> {
+        if fmt.extended_l2 {
+            decode_extended(self.word(2 * l2_index), self.word(2 * l2_index + 1), fmt)
+        } else {
+            L2Entry::decode(self.word(l2_index), fmt).map(|e| (e, SubclusterBitmap::default()))
+        }
+    }
+
     /// A copy with its own words (copy-on-write of a table shared with a snapshot).
     pub(crate) fn duplicate(&self) -> L2Table {
         L2Table {
@@ -127,23 +140,9 @@ impl MappingIndex {
     /// The caller must hold a lease on `gc`, which is what keeps the answer current.
     pub(crate) fn lookup(&self, gc: u64) -> Option<(L2Entry, SubclusterBitmap)> {
         let pos = self.geo.locate(GuestOffset(gc << self.geo.cluster_bits()));
-        let at = pos.l2_index * (self.geo.l2_entry_size() as usize / 8);
-        let (w0, w1) = {
-            let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
-            let t = tables.by_l1.get(&pos.l1_index)?;
-            if self.fmt.extended_l2 {
-                (t.word(at), t.word(at + 1))
-            } else {
-                (t.word(at), 0)
-            }
-        };
-        if self.fmt.extended_l2 {
-            decode_extended(w0, w1, self.fmt).ok()
-        } else {
-            L2Entry::decode(w0, self.fmt)
-                .ok()
-                .map(|e| (e, SubclusterBitmap::default()))
-        }
+        let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
+        let t = tables.by_l1.get(&pos.l1_index)?;
+        t.entry(pos.l2_index, self.fmt).ok()
     }
 
     /// Whether an L2 table at host offset `host` is cached.
@@ -220,6 +219,11 @@ impl L2Cache {
     /// Publishes the cached table at `host` as the one active L1 entry `l1_index` points
     /// at. The caller has just read that L1 entry under the metadata lock.
     pub(crate) fn link(&mut self, l1_index: u64, host: u64) {
+        // Already published there (the common case on the slow path): the index's write
+        // lock, which readers would wait for, is not taken.
+        if self.linked.get(&host) == Some(&l1_index) {
+            return;
+        }
         let Some(slot) = self.cache.get_mut(host) else {
             return;
         };
@@ -245,11 +249,7 @@ impl L2Cache {
 
     /// Drops the table at `host` from the cache and the index.
     pub(crate) fn remove(&mut self, host: u64) {
-        let mut index = self.index.write();
-        if let Some(i) = self.linked.remove(&host) {
-            index.by_l1.remove(&i);
-        }
-        index.cached.remove(&host);
+        withdraw(&mut self.index.write(), &mut self.linked, host);
         self.cache.remove(host);
     }
 
@@ -260,10 +260,7 @@ impl L2Cache {
         if !evicted.is_empty() {
             let mut index = self.index.write();
             for host in evicted {
-                if let Some(i) = self.linked.remove(&host) {
-                    index.by_l1.remove(&i);
-                }
-                index.cached.remove(&host);
+                withdraw(&mut index, &mut self.linked, host);
             }
         }
         ok
@@ -278,6 +275,15 @@ impl L2Cache {
         self.linked.clear();
         self.cache = MetadataCache::new(self.cache.capacity());
     }
+}
+
+/// Takes the table at `host` out of the index: its publication, if linked, and its place
+/// among the cached tables.
+fn withdraw(index: &mut Tables, linked: &mut HashMap<u64, u64>, host: u64) {
+    if let Some(i) = linked.remove(&host) {
+        index.by_l1.remove(&i);
+    }
+    index.cached.remove(&host);
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use qcow2_format::growth::{growth_area_start, plan_refcount_area, refblock_covers_itself};
-use qcow2_format::l2::{decode_extended, encode_extended};
+use qcow2_format::l2::encode_extended;
 use qcow2_format::{
     Geometry, ImageHeader, L1Entry, L2Entry, L2Format, Limits, RefcountOrder, ReftableEntry,
     SubclusterBitmap,
@@ -617,15 +617,8 @@ impl Meta {
         self.load_l2(l2.0).await?;
         // From now on lookups of this table's clusters need not come here.
         self.l2.link(pos.l1_index, l2.0);
-        let words = self.geo.l2_entry_size() as usize / 8;
-        let table = self.l2.get(l2.0).expect("loaded");
-        let at = pos.l2_index * words;
-        let raw = table.word(at);
-        let decoded = if self.fmt.extended_l2 {
-            decode_extended(raw, table.word(at + 1), self.fmt)
-        } else {
-            L2Entry::decode(raw, self.fmt).map(|e| (e, SubclusterBitmap::default()))
-        };
+        let fmt = self.fmt;
+        let decoded = self.l2.get(l2.0).expect("loaded").entry(pos.l2_index, fmt);
         match decoded {
             Ok(d) => Ok(d),
             Err(e) => {
