@@ -147,6 +147,7 @@ impl Image {
                 read_only: false,
                 create: true,
                 truncate: true,
+                ring: open.ring,
             },
         )
         .map_err(Error::io("creating the image file"))?;
@@ -408,6 +409,7 @@ impl Image {
                 read_only: opts.read_only,
                 create: false,
                 truncate: false,
+                ring: opts.ring,
             },
         )
         .map_err(Error::io("opening the image"))?;
@@ -431,6 +433,7 @@ impl Image {
                     read_only: opts.read_only,
                     create: false,
                     truncate: false,
+                    ring: opts.ring,
                 },
             )
             .map_err(Error::io("opening the external data file"))?;
@@ -1861,6 +1864,7 @@ async fn open_backing(
                     read_only: true,
                     create: false,
                     truncate: false,
+                    ring: opts.ring,
                 },
             )
             .map_err(Error::io("opening the backing file"))?;
@@ -1908,6 +1912,7 @@ impl Backing {
                         read_only: true,
                         create: false,
                         truncate: false,
+                        ring: opts.ring,
                     },
                 )
                 .map_err(Error::io("opening a raw image"))?;

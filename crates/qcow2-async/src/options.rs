@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use crate::barrier::BarrierMode;
 use crate::crypto::{EncryptionOptions, Secret};
-use crate::io::Aio;
+use crate::io::{Aio, RingOptions};
 
 /// How much of the image `create` allocates up front (qemu-img's `preallocation`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -151,6 +151,8 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// I/O backend; `None` picks io_uring and falls back to threads.
     pub aio: Option<Aio>,
+    /// How io_uring rings are set up (completion mode, SQPOLL, registered files).
+    pub ring: RingOptions,
     /// Open with O_DIRECT (`cache=none`).
     pub direct: bool,
     /// Ordering between data and metadata writes.
@@ -181,6 +183,7 @@ impl Default for OpenOptions {
         OpenOptions {
             read_only: false,
             aio: None,
+            ring: RingOptions::default(),
             direct: false,
             barrier: BarrierMode::Ordered,
             backing: BackingPolicy::FromImage,

@@ -1,5 +1,11 @@
 //! Owned I/O buffers.
 //!
+//! An [`IoBuf`] is what a backend hands to the kernel. It wraps, without copying, a
+//! `Vec<u8>`, a `bytes::BytesMut`, a `bytes::Bytes` (shared, read-only: copied on the first
+//! mutable access, which writes never make), memory of its own aligned for O_DIRECT, or a range
+//! of a [`SharedRegion`] such as mapped guest memory. A list of them is a vectored request
+//! ([`super::BlockFile::read_vectored_at`]).
+//!
 //! The engine hands buffers to a backend *by value* because an io_uring submission may outlive
 //! the future that issued it: if the caller gives up (drops its future), the kernel may still be
 //! writing into the memory. Ownership lets the backend keep the allocation alive until the
@@ -11,6 +17,30 @@ use std::fmt;
 use std::io;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+/// Memory that lives outside the engine and outlives every I/O on it while an `Arc` to it is
+/// held: guest RAM mapped by a vhost-user backend, a shared-memory ring, a memory-mapped file.
+///
+/// # Safety
+///
+/// Implementors promise that `as_ptr()..as_ptr() + len()` stays mapped, readable and writable,
+/// and at the same address, for as long as the value exists; and users of
+/// [`IoBuf::from_region`] promise that, while an `IoBuf` over a range exists, nothing else
+/// reads or writes that range (the virtio contract for a request's buffers: the driver does
+/// not touch them until the device has put the request on the used ring).
+pub unsafe trait SharedRegion: Send + Sync + 'static {
+    /// Start of the region.
+    fn as_ptr(&self) -> *mut u8;
+    /// Length of the region in bytes.
+    fn len(&self) -> usize;
+    /// Whether the region is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// An owned, heap-allocated byte buffer whose start is aligned to a chosen power of two.
 ///
@@ -27,6 +57,17 @@ enum Repr {
     Vec(Vec<u8>),
     /// Alignment > 1.
     Aligned(Aligned),
+    /// A caller's `BytesMut`, kept as it is.
+    BytesMut(BytesMut),
+    /// A caller's `Bytes`: shared and read-only, so a mutable access first copies it into a
+    /// `Vec` (reads into such a buffer work, but cost that copy).
+    Shared(Bytes),
+    /// `len` bytes at `start` of a shared region; exclusive by the region's contract.
+    Region {
+        region: Arc<dyn SharedRegion>,
+        start: usize,
+        len: usize,
+    },
 }
 
 /// Memory from `std::alloc` with layout `(len, align)` when `len > 0`, or a dangling,
@@ -89,6 +130,44 @@ impl IoBuf {
         }
     }
 
+    /// Wraps a `BytesMut` without copying.
+    pub fn from_bytes_mut(bytes: BytesMut) -> IoBuf {
+        IoBuf {
+            repr: Repr::BytesMut(bytes),
+        }
+    }
+
+    /// Wraps a `Bytes` without copying: a write hands its memory to the kernel as it is. A
+    /// mutable access (a read into it) first copies it.
+    pub fn from_bytes(bytes: Bytes) -> IoBuf {
+        IoBuf {
+            repr: Repr::Shared(bytes),
+        }
+    }
+
+    /// The bytes `range` of `region`, without copying: the kernel reads or writes the region's
+    /// memory directly. `None` if the range is out of bounds.
+    ///
+    /// # Safety
+    ///
+    /// Nothing else may access the range while the returned buffer exists (see
+    /// [`SharedRegion`]).
+    pub unsafe fn from_region(
+        region: Arc<dyn SharedRegion>,
+        range: std::ops::Range<usize>,
+    ) -> Option<IoBuf> {
+        if range.start > range.end || range.end > region.len() {
+            return None;
+        }
+        Some(IoBuf {
+            repr: Repr::Region {
+                region,
+                start: range.start,
+                len: range.end - range.start,
+            },
+        })
+    }
+
     /// Copies `data` into a new buffer aligned to `align` (see [`IoBuf::zeroed`] for panics).
     pub fn from_slice(data: &[u8], align: usize) -> IoBuf {
         if align == 1 {
@@ -104,6 +183,9 @@ impl IoBuf {
         match &self.repr {
             Repr::Vec(v) => v.len(),
             Repr::Aligned(a) => a.len,
+            Repr::BytesMut(b) => b.len(),
+            Repr::Shared(b) => b.len(),
+            Repr::Region { len, .. } => *len,
         }
     }
 
@@ -116,8 +198,8 @@ impl IoBuf {
     /// aligned; use [`IoBuf::is_aligned_to`] to check a requirement.
     pub fn alignment(&self) -> usize {
         match &self.repr {
-            Repr::Vec(_) => 1,
             Repr::Aligned(a) => a.align,
+            _ => 1,
         }
     }
 
@@ -132,24 +214,66 @@ impl IoBuf {
         match &self.repr {
             Repr::Vec(v) => v.as_ptr(),
             Repr::Aligned(a) => a.ptr.as_ptr(),
+            Repr::BytesMut(b) => b.as_ptr(),
+            Repr::Shared(b) => b.as_ptr(),
+            Repr::Region { region, start, .. } => region.as_ptr().wrapping_add(*start),
         }
     }
 
     /// Mutable start of the buffer, e.g. for the kernel to fill. Stays valid (and unchanged)
-    /// until the buffer is dropped; moving the `IoBuf` does not move the bytes.
+    /// until the buffer is dropped; moving the `IoBuf` does not move the bytes. A buffer made
+    /// from `Bytes` is copied into memory of its own first.
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
-        match &mut self.repr {
-            Repr::Vec(v) => v.as_mut_ptr(),
-            Repr::Aligned(a) => a.ptr.as_ptr(),
-        }
+        self.deref_mut().as_mut_ptr()
     }
 
-    /// Converts into a vector; free for alignment 1, a copy otherwise.
+    /// Converts into a vector; free for a vector, a copy otherwise.
     pub fn into_vec(self) -> Vec<u8> {
         match self.repr {
             Repr::Vec(v) => v,
-            Repr::Aligned(a) => a.as_slice().to_vec(),
+            Repr::BytesMut(b) => b.into(),
+            _ => self.to_vec(),
         }
+    }
+
+    /// Converts into a `BytesMut`; free for a vector or a `BytesMut` (and for a `Bytes` nobody
+    /// else holds), a copy otherwise.
+    pub fn into_bytes_mut(self) -> BytesMut {
+        match self.repr {
+            Repr::Vec(v) => BytesMut::from(Bytes::from(v)),
+            Repr::BytesMut(b) => b,
+            Repr::Shared(b) => b.try_into_mut().unwrap_or_else(|b| BytesMut::from(&b[..])),
+            _ => BytesMut::from(&self[..]),
+        }
+    }
+
+    /// Converts into a `Bytes` without copying (aligned memory and regions become the
+    /// `Bytes`' owner).
+    pub fn freeze(self) -> Bytes {
+        match self.repr {
+            Repr::Vec(v) => Bytes::from(v),
+            Repr::BytesMut(b) => b.freeze(),
+            Repr::Shared(b) => b,
+            repr => Bytes::from_owner(IoBuf { repr }),
+        }
+    }
+}
+
+impl AsRef<[u8]> for IoBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl From<BytesMut> for IoBuf {
+    fn from(bytes: BytesMut) -> IoBuf {
+        IoBuf::from_bytes_mut(bytes)
+    }
+}
+
+impl From<Bytes> for IoBuf {
+    fn from(bytes: Bytes) -> IoBuf {
+        IoBuf::from_bytes(bytes)
     }
 }
 
@@ -222,15 +346,34 @@ impl Deref for IoBuf {
         match &self.repr {
             Repr::Vec(v) => v,
             Repr::Aligned(a) => a.as_slice(),
+            Repr::BytesMut(b) => b,
+            Repr::Shared(b) => b,
+            Repr::Region { region, start, len } => {
+                // SAFETY: `from_region` checked `start + len <= region.len()`; the region keeps
+                // the memory mapped while `region` (held here) lives, and by its contract
+                // nothing else accesses the range while this buffer exists.
+                unsafe { std::slice::from_raw_parts(region.as_ptr().add(*start), *len) }
+            }
         }
     }
 }
 
 impl DerefMut for IoBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
+        if let Repr::Shared(b) = &self.repr {
+            // Copy on write: `Bytes` may be shared with other readers.
+            self.repr = Repr::Vec(b.to_vec());
+        }
         match &mut self.repr {
             Repr::Vec(v) => v,
             Repr::Aligned(a) => a.as_mut_slice(),
+            Repr::BytesMut(b) => b,
+            Repr::Shared(_) => unreachable!("replaced by a vector above"),
+            Repr::Region { region, start, len } => {
+                // SAFETY: as in `deref`; `&mut self` makes this the only access through the
+                // buffer, and the region's contract excludes every other one.
+                unsafe { std::slice::from_raw_parts_mut(region.as_ptr().add(*start), *len) }
+            }
         }
     }
 }
@@ -334,6 +477,77 @@ mod tests {
     #[should_panic(expected = "power of two")]
     fn bad_alignment_panics() {
         let _ = IoBuf::zeroed(1, 3);
+    }
+
+    #[test]
+    fn bytes_round_trips_do_not_copy() {
+        let b = BytesMut::from(&b"guest data"[..]);
+        let p = b.as_ptr();
+        let mut buf = IoBuf::from(b);
+        assert_eq!(buf.as_mut_ptr() as *const u8, p);
+        buf[0] = b'G';
+        let back = buf.into_bytes_mut();
+        assert_eq!(back.as_ptr(), p);
+        assert_eq!(&back[..], b"Guest data");
+        let frozen = IoBuf::from(back).freeze();
+        assert_eq!(frozen.as_ptr(), p);
+
+        let shared = Bytes::from(vec![9u8; 100]);
+        let p = shared.as_ptr();
+        let buf = IoBuf::from(shared.clone());
+        assert_eq!(buf.as_ptr(), p, "a write hands the caller's memory over as it is");
+        let mut buf = buf;
+        buf[0] = 1;
+        assert_ne!(buf.as_ptr(), p, "mutating a shared Bytes copies it");
+        assert_eq!(shared[0], 9, "and leaves the caller's copy alone");
+
+        let aligned = IoBuf::zeroed(8192, 4096);
+        let p = aligned.as_ptr();
+        let frozen = aligned.freeze();
+        assert_eq!(frozen.as_ptr(), p);
+        assert_eq!(frozen.len(), 8192);
+        let v = IoBuf::from_vec(vec![1, 2, 3]);
+        let p = v.as_ptr();
+        assert_eq!(v.into_bytes_mut().as_ptr(), p);
+    }
+
+    struct Heap(Box<[u8]>, *mut u8);
+    // SAFETY: the test owns the box and only touches it through IoBufs over disjoint ranges.
+    unsafe impl Send for Heap {}
+    // SAFETY: as above.
+    unsafe impl Sync for Heap {}
+    // SAFETY: the pointer is the box's, which stays put while `Heap` lives.
+    unsafe impl SharedRegion for Heap {
+        fn as_ptr(&self) -> *mut u8 {
+            self.1
+        }
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+    }
+
+    #[test]
+    fn regions_are_used_in_place() {
+        let mut mem = vec![0u8; 4096].into_boxed_slice();
+        let ptr = mem.as_mut_ptr();
+        let region: Arc<dyn SharedRegion> = Arc::new(Heap(mem, ptr));
+        // SAFETY: the two ranges are disjoint and nothing else touches the region.
+        let (mut a, b) = unsafe {
+            (
+                IoBuf::from_region(region.clone(), 0..100).unwrap(),
+                IoBuf::from_region(region.clone(), 100..4096).unwrap(),
+            )
+        };
+        assert_eq!(a.as_mut_ptr(), ptr);
+        assert_eq!(b.as_ptr(), ptr.wrapping_add(100) as *const u8);
+        a.fill(7);
+        assert_eq!(b.len(), 3996);
+        drop(a);
+        // SAFETY: as above.
+        let whole = unsafe { IoBuf::from_region(region.clone(), 0..4096) }.unwrap();
+        assert!(whole[..100].iter().all(|&x| x == 7));
+        // SAFETY: out of bounds is refused before anything is touched.
+        assert!(unsafe { IoBuf::from_region(region, 4000..4097) }.is_none());
     }
 
     #[test]

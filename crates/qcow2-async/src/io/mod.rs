@@ -21,13 +21,13 @@ mod threads;
 #[cfg(target_os = "linux")]
 mod uring;
 
-pub use buf::IoBuf;
+pub use buf::{IoBuf, SharedRegion};
 pub use fault::{
     CrashState, FaultErrno, FaultEvent, FaultFile, FaultOp, Survival, WriteFailure, SECTOR,
 };
 pub(crate) use highwater::HighWater;
 pub use mem::MemFile;
-pub use open::{open_file, Aio, FileOptions};
+pub use open::{open_file, Aio, Completion, FileOptions, ParseRingError, RingOptions};
 pub use threads::ThreadFile;
 #[cfg(target_os = "linux")]
 pub use uring::UringFile;

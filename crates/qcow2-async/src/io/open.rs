@@ -78,7 +78,103 @@ pub struct FileOptions {
     pub create: bool,
     /// Truncate the file to zero length (needs `!read_only`).
     pub truncate: bool,
+    /// How the io_uring backend sets up its ring (ignored by the other backends).
+    pub ring: RingOptions,
 }
+
+/// Who reaps the io_uring completion queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Completion {
+    /// [`Completion::Reactor`] when the file is opened inside a Tokio runtime with its I/O
+    /// driver enabled, [`Completion::Thread`] otherwise.
+    #[default]
+    Auto,
+    /// The ring's descriptor is registered with the Tokio reactor of the runtime that opens
+    /// the file, and a task of that runtime reaps: the worker that epoll wakes completes the
+    /// waiting tasks directly, without a hop through another thread. Requests whose data is
+    /// already in the page cache are reaped by the submitting task itself. If that runtime
+    /// shuts down while the file is still in use, a ring thread takes over. Opening fails
+    /// outside a runtime with an I/O driver.
+    Reactor,
+    /// A thread of the ring's own sleeps in `io_uring_enter` and answers the tasks: works on
+    /// any runtime (or none), at the price of one cross-thread wake-up per completion.
+    Thread,
+}
+
+/// io_uring setup options (`qcow2 bench --ring ...`); see `BENCHMARKS.md` for what each
+/// measured. `COOP_TASKRUN`, `DEFER_TASKRUN` and `SINGLE_ISSUER` are not offered: any worker
+/// thread may submit and another one reaps, and with those flags a completion would wait for
+/// the submitting thread's next system call (or be refused outright).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct RingOptions {
+    /// Who reaps completions.
+    pub completion: Completion,
+    /// `IORING_SETUP_SQPOLL` with this idle time in milliseconds: a kernel thread polls the
+    /// submission queue, so submitting costs no system call while it is awake (it keeps a
+    /// core busy meanwhile).
+    pub sqpoll_idle_ms: Option<u32>,
+    /// Registers the file with the ring (`IORING_REGISTER_FILES`) and submits with a fixed
+    /// file index, which saves the kernel a descriptor lookup and reference per request.
+    pub register_file: bool,
+}
+
+impl RingOptions {
+    /// The defaults: automatic completion mode, no SQPOLL, no registered file.
+    pub fn new() -> RingOptions {
+        RingOptions::default()
+    }
+
+    /// Sets who reaps completions.
+    pub fn completion(mut self, completion: Completion) -> RingOptions {
+        self.completion = completion;
+        self
+    }
+
+    /// Enables SQPOLL with the given idle time (`None` disables it).
+    pub fn sqpoll(mut self, idle_ms: Option<u32>) -> RingOptions {
+        self.sqpoll_idle_ms = idle_ms;
+        self
+    }
+
+    /// Registers the file with the ring.
+    pub fn register_file(mut self, yes: bool) -> RingOptions {
+        self.register_file = yes;
+        self
+    }
+}
+
+impl FromStr for RingOptions {
+    type Err = ParseRingError;
+
+    /// Parses a comma-separated list as `qcow2 bench --ring` takes it: `reactor`, `thread`,
+    /// `sqpoll` (1000 ms idle) or `sqpoll=MS`, `fixed-file`; `default` for none.
+    fn from_str(s: &str) -> Result<RingOptions, ParseRingError> {
+        let mut opts = RingOptions::default();
+        for word in s.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            match word {
+                "default" => {}
+                "reactor" => opts.completion = Completion::Reactor,
+                "thread" => opts.completion = Completion::Thread,
+                "sqpoll" => opts.sqpoll_idle_ms = Some(1000),
+                "fixed-file" => opts.register_file = true,
+                other => match other.strip_prefix("sqpoll=").map(str::parse::<u32>) {
+                    Some(Ok(ms)) => opts.sqpoll_idle_ms = Some(ms),
+                    _ => return Err(ParseRingError(other.to_owned())),
+                },
+            }
+        }
+        Ok(opts)
+    }
+}
+
+/// A `--ring` word this crate does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown ring option {0:?} (expected reactor, thread, sqpoll, sqpoll=MS, fixed-file or default)"
+)]
+pub struct ParseRingError(String);
 
 /// Opens `path` as a std file according to `opts` (the backend choice is the caller's).
 ///
@@ -118,8 +214,8 @@ pub fn open_file(path: &Path, opts: &FileOptions) -> io::Result<Arc<dyn BlockFil
     let file = open_std(path, opts)?;
     let chosen: Arc<dyn BlockFile> = match opts.aio {
         Some(Aio::Threads) => Arc::new(ThreadFile::from_file(file)),
-        Some(Aio::IoUring) => uring(file)?,
-        None => match try_uring(file) {
+        Some(Aio::IoUring) => uring(file, &opts.ring)?,
+        None => match try_uring(file, &opts.ring) {
             Ok(f) => f,
             Err((e, file)) => {
                 tracing::debug!(
@@ -135,28 +231,31 @@ pub fn open_file(path: &Path, opts: &FileOptions) -> io::Result<Arc<dyn BlockFil
 }
 
 #[cfg(target_os = "linux")]
-fn uring(file: File) -> io::Result<Arc<dyn BlockFile>> {
-    Ok(Arc::new(super::UringFile::from_file(file)?))
+fn uring(file: File, ring: &RingOptions) -> io::Result<Arc<dyn BlockFile>> {
+    Ok(Arc::new(super::UringFile::with_options(file, ring)?))
 }
 
 /// Tries io_uring on a duplicate of the descriptor so that the original is still at hand for
 /// the fallback (one extra `dup` per open is cheaper than threading the file back out of every
 /// failure path of the ring setup).
 #[cfg(target_os = "linux")]
-fn try_uring(file: File) -> Result<Arc<dyn BlockFile>, (io::Error, File)> {
-    match file.try_clone().and_then(super::UringFile::from_file) {
+fn try_uring(file: File, ring: &RingOptions) -> Result<Arc<dyn BlockFile>, (io::Error, File)> {
+    match file
+        .try_clone()
+        .and_then(|dup| super::UringFile::with_options(dup, ring))
+    {
         Ok(f) => Ok(Arc::new(f)),
         Err(e) => Err((e, file)),
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn uring(file: File) -> io::Result<Arc<dyn BlockFile>> {
-    try_uring(file).map_err(|(e, _)| e)
+fn uring(file: File, ring: &RingOptions) -> io::Result<Arc<dyn BlockFile>> {
+    try_uring(file, ring).map_err(|(e, _)| e)
 }
 
 #[cfg(not(target_os = "linux"))]
-fn try_uring(file: File) -> Result<Arc<dyn BlockFile>, (io::Error, File)> {
+fn try_uring(file: File, _ring: &RingOptions) -> Result<Arc<dyn BlockFile>, (io::Error, File)> {
     let e = io::Error::new(
         io::ErrorKind::Unsupported,
         "io_uring is only available on Linux",

@@ -1,36 +1,45 @@
-//! The io_uring backend: one ring, and one thread that reaps it, per opened file.
+//! The io_uring backend: one ring per opened file, reaped by a task on the Tokio reactor (or,
+//! as a fallback, by a thread of its own).
 //!
 //! # Design
 //!
 //! A request (read, write or fdatasync) takes a slot and pushes its SQE under the ring's
-//! lock. When nothing else is in flight, its task then calls `io_uring_enter` itself: one
-//! syscall and no hop to another thread before the I/O starts. (The first design sent every
-//! request over a channel to the ring thread and woke it with an eventfd; at queue depth 1
-//! that wake-up of a sleeping thread was a third of the latency on a virtual machine, see
-//! `BENCHMARKS.md`.) When requests are already in flight, the task wakes the ring thread
-//! instead (through the eventfd it keeps polled, and only if it is not awake anyway), which
-//! submits everything that arrived meanwhile in one call: at depth 32 that batching measured
-//! better than every task entering the kernel alone. At the in-flight cap a request waits in
-//! a queue that the thread drains as room frees up.
+//! lock. Who then calls `io_uring_enter`, and who reaps, depends on the completion mode
+//! ([`Completion`]):
 //!
-//! The ring thread sleeps in `io_uring_enter(GETEVENTS)` without the lock, reaps every
-//! completion when it wakes, continues short transfers, starts queued requests, submits, and
-//! answers callers through `tokio::sync::oneshot` channels outside the lock. Only it reads
-//! the completion queue; the submission queue is only written under the lock.
+//! * **Reactor** (the default inside a Tokio runtime). The ring's descriptor is registered
+//!   with the runtime's reactor (`AsyncFd`; the kernel reports it readable when the completion
+//!   queue is not empty) and a task of that runtime reaps: the worker thread that epoll wakes
+//!   completes the waiting tasks itself, so a completion costs no wake-up of another thread
+//!   (the thread design before it paid one per request, see `BENCHMARKS.md`). Each task
+//!   submits its own request and then reaps whatever has completed already, so a read served
+//!   from the page cache is answered before its future first returns. While the reaper task
+//!   is answering, arriving requests are left for it: after answering it yields once, so the
+//!   tasks it woke on its worker queue their next requests, and then submits them all in one
+//!   call. Completions are only ever drained under the ring's lock, so the reaper task and
+//!   inline reaping cannot both hold the completion queue. Should the runtime shut down while
+//!   the file is still in use, the task's drop hands the ring to a thread (below).
+//! * **Thread**. A thread of the ring's own sleeps in `io_uring_enter(GETEVENTS)` without the
+//!   lock, reaps every completion when it wakes, continues short transfers, starts queued
+//!   requests, submits, and answers callers outside the lock. A lone request is submitted by
+//!   its own task; one that joins others in flight wakes the thread (through an eventfd the
+//!   ring polls), which submits everything that arrived meanwhile in one call.
+//!
+//! Callers are answered through `tokio::sync::oneshot` channels. At the in-flight cap a
+//! request waits in a queue that the reaper drains as room frees up.
 //!
 //! The ring owns every in-flight request, including its [`IoBuf`], in a slot table indexed by
 //! `user_data`. Only a completion removes an entry, so a caller dropping its future merely
 //! drops the receiving end of the oneshot: the kernel keeps writing into memory that is still
-//! owned, and the buffer is freed when its completion arrives. For the same reason the thread
+//! owned, and the buffer is freed when its completion arrives. For the same reason the reaper
 //! outlives the last [`UringFile`] handle until everything in flight has completed; the last
-//! handle wakes it through an eventfd it keeps polled, so that it notices.
+//! handle tells it so.
 //!
 //! Short transfers (signals, EOF, transfers over the per-SQE size limit) are continued by
 //! resubmitting the remainder; a read reaching EOF zero-fills the rest of the buffer.
 //!
 //! A ring per file keeps the design simple and isolates files from each other; the cost is one
-//! thread and one small ring (256 entries, a few pages) per open image, which is fine for the
-//! handful of files (an image and its backing chain) a process normally has open.
+//! small ring (256 entries, a few pages) per open image, and a thread in the fallback mode.
 //!
 //! Metadata operations (length, truncation, fallocate) are rare and not latency critical; they
 //! go through [`ThreadFile`]'s blocking pool rather than the ring.
@@ -45,10 +54,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
-use tokio::sync::oneshot;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::{oneshot, Notify};
 
 use super::buf::{check_aligned, checked_end};
-use super::open::{open_std, FileOptions, DIRECT_ALIGNMENT};
+use super::open::{open_std, Completion, FileOptions, RingOptions, DIRECT_ALIGNMENT};
 use super::threads::sys::is_direct;
 use super::{BlockFile, IoBuf, IoFuture, ThreadFile};
 
@@ -111,6 +122,19 @@ struct Ring {
     align: usize,
     /// Cap on requests in the kernel so that completions can never overflow the CQ.
     max_in_flight: usize,
+    /// The file is registered with the ring at index 0 (`IORING_REGISTER_FILES`).
+    fixed_file: bool,
+    /// Tells the reaper task that the last handle is gone (the thread uses `wake_fd`).
+    disconnect: Notify,
+}
+
+/// Who reaps the completion queue now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reaper {
+    /// A task on the Tokio reactor; submitters reap inline too, under the lock.
+    Task,
+    /// The ring's own thread.
+    Thread,
 }
 
 struct Core {
@@ -120,12 +144,14 @@ struct Core {
     in_flight: usize,
     /// Requests waiting for room under `max_in_flight`.
     queued: VecDeque<Op>,
-    /// The eventfd poll is in the kernel.
+    /// The eventfd poll is in the kernel (thread mode).
     wake_armed: bool,
-    /// The completion thread is awake and will submit whatever is queued before it sleeps
-    /// again, so a task need not make its own `io_uring_enter` call: requests arriving while
-    /// completions are being handled go to the kernel together.
-    thread_awake: bool,
+    /// The reaper is awake and will submit whatever is queued before it sleeps again, so a
+    /// task need not make its own `io_uring_enter` call: requests arriving while completions
+    /// are being handled go to the kernel together.
+    reaper_awake: bool,
+    /// Who reaps.
+    reaper: Reaper,
     /// All handles are gone: finish what is in flight, then exit.
     disconnected: bool,
     /// The completion thread has stopped (why, when it failed): nothing is accepted.
@@ -151,6 +177,22 @@ enum Op {
 }
 
 impl Op {
+    /// The SQE for the part of the request from `done` on, against `fd` (a descriptor or the
+    /// registered file). Pointers into the buffer: see the caller's safety argument.
+    fn sqe(&mut self, fd: impl FileTarget, done: usize) -> squeue::Entry {
+        match self {
+            Op::Read { buf, offset, .. } => {
+                let n = (buf.len() - done).min(MAX_CHUNK) as u32;
+                fd.read(buf.as_mut_ptr().wrapping_add(done), n, *offset + done as u64)
+            }
+            Op::Write { buf, offset, .. } => {
+                let n = (buf.len() - done).min(MAX_CHUNK) as u32;
+                fd.write(buf.as_ptr().wrapping_add(done), n, *offset + done as u64)
+            }
+            Op::Fsync { .. } => fd.fsync(),
+        }
+    }
+
     /// Answers the caller. If the caller has gone away, the buffer is dropped (freed) here.
     fn finish(self, result: io::Result<()>) {
         match self {
@@ -179,33 +221,75 @@ impl Op {
     }
 }
 
+/// A plain descriptor or the registered file: the io-uring crate's opcode builders take
+/// either, through a sealed trait of their own, hence this small shim.
+trait FileTarget: Copy {
+    fn read(self, ptr: *mut u8, len: u32, offset: u64) -> squeue::Entry;
+    fn write(self, ptr: *const u8, len: u32, offset: u64) -> squeue::Entry;
+    fn fsync(self) -> squeue::Entry;
+}
+
+macro_rules! file_target {
+    ($ty:ty) => {
+        impl FileTarget for $ty {
+            fn read(self, ptr: *mut u8, len: u32, offset: u64) -> squeue::Entry {
+                opcode::Read::new(self, ptr, len).offset(offset).build()
+            }
+            fn write(self, ptr: *const u8, len: u32, offset: u64) -> squeue::Entry {
+                opcode::Write::new(self, ptr, len).offset(offset).build()
+            }
+            fn fsync(self) -> squeue::Entry {
+                opcode::Fsync::new(self)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build()
+            }
+        }
+    };
+}
+file_target!(types::Fd);
+file_target!(types::Fixed);
+
 fn thread_gone() -> io::Error {
     io::Error::other("the io_uring thread has stopped")
 }
 
 impl UringFile {
-    /// Opens `path` with `opts` (`opts.aio` is ignored) on a new ring.
+    /// Opens `path` with `opts` (`opts.aio` is ignored) on a new ring set up as
+    /// `opts.ring` says.
     ///
     /// Fails (rather than falling back) if io_uring is unavailable; [`super::open_file`] is the
     /// entry point that falls back to threads.
     pub fn open(path: &Path, opts: &FileOptions) -> io::Result<UringFile> {
-        UringFile::from_file(open_std(path, opts)?)
+        UringFile::with_options(open_std(path, opts)?, &opts.ring)
     }
 
-    /// Starts a ring and its completion thread for an open file. If the file was opened with
-    /// O_DIRECT (detected from its status flags), reads and writes must be aligned to
-    /// [`BlockFile::alignment`].
+    /// [`UringFile::with_options`] with the default ring options.
+    pub fn from_file(file: File) -> io::Result<UringFile> {
+        UringFile::with_options(file, &RingOptions::default())
+    }
+
+    /// Starts a ring for an open file, reaped as `opts.completion` says. If the file was
+    /// opened with O_DIRECT (detected from its status flags), reads and writes must be aligned
+    /// to [`BlockFile::alignment`].
     ///
     /// Returns an error, never panics, when io_uring is unavailable: ENOSYS (old kernel or
     /// seccomp), EPERM (seccomp, `kernel.io_uring_disabled`), ENOMEM (memlock limit on kernels
-    /// before 5.12), or `Unsupported` when the kernel lacks an opcode this backend needs (< 5.6).
-    pub fn from_file(file: File) -> io::Result<UringFile> {
+    /// before 5.12), `Unsupported` when the kernel lacks an opcode this backend needs (< 5.6),
+    /// or when [`Completion::Reactor`] was asked for outside a runtime with an I/O driver.
+    pub fn with_options(file: File, opts: &RingOptions) -> io::Result<UringFile> {
         #[cfg(test)]
         if tests::SIMULATE_SECCOMP.get() {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
-        let uring = IoUring::new(RING_ENTRIES)?;
+        let mut builder = IoUring::builder();
+        if let Some(idle) = opts.sqpoll_idle_ms {
+            builder.setup_sqpoll(idle);
+        }
+        let uring = builder.build(RING_ENTRIES)?;
         check_opcodes(&uring)?;
+        if opts.register_file {
+            uring.submitter().register_files(&[file.as_raw_fd()])?;
+        }
         let align = if is_direct(&file) {
             DIRECT_ALIGNMENT
         } else {
@@ -217,6 +301,16 @@ impl UringFile {
             // Room for the eventfd poll.
             .saturating_sub(2)
             .max(1);
+        let reactor = match opts.completion {
+            Completion::Thread => None,
+            Completion::Auto => reactor_handle(),
+            Completion::Reactor => Some(reactor_handle().ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "io_uring completions on the reactor need a Tokio runtime with its I/O driver",
+                )
+            })?),
+        };
         let ring = Arc::new(Ring {
             uring,
             core: Mutex::new(Core {
@@ -225,7 +319,12 @@ impl UringFile {
                 in_flight: 0,
                 queued: VecDeque::new(),
                 wake_armed: false,
-                thread_awake: false,
+                reaper_awake: false,
+                reaper: if reactor.is_some() {
+                    Reaper::Task
+                } else {
+                    Reaper::Thread
+                },
                 disconnected: false,
                 stopped: None,
             }),
@@ -234,16 +333,39 @@ impl UringFile {
             stats: Arc::new(Stats::default()),
             align,
             max_in_flight,
+            fixed_file: opts.register_file,
+            disconnect: Notify::new(),
         });
-        {
-            let mut core = ring.lock();
-            ring.arm_wake(&mut core)?;
+        match reactor {
+            Some(runtime) => {
+                let fd = {
+                    // Registration needs the runtime's context.
+                    let _enter = runtime.enter();
+                    // SAFETY: `RingFd` keeps the ring, which owns the descriptor, alive for as
+                    // long as the `AsyncFd` exists, and always returns that one descriptor.
+                    unsafe {
+                        AsyncFd::register_with_interest(
+                            RingFd(Arc::clone(&ring)),
+                            Interest::READABLE,
+                        )
+                    }
+                    .map_err(io::Error::from)?
+                };
+                let guard = HandOver {
+                    ring: Arc::clone(&ring),
+                    defused: false,
+                };
+                runtime.spawn(guard.reap(fd));
+            }
+            None => {
+                {
+                    let mut core = ring.lock();
+                    ring.arm_wake(&mut core)?;
+                }
+                ring.submit()?;
+                spawn_thread(Arc::clone(&ring))?;
+            }
         }
-        ring.submit()?;
-        let worker = Arc::clone(&ring);
-        std::thread::Builder::new()
-            .name("qcow2-io-uring".into())
-            .spawn(move || worker.run())?;
         Ok(UringFile {
             handle: Arc::new(Handle { ring }),
             meta: ThreadFile::from_shared(file, align),
@@ -293,9 +415,89 @@ impl fmt::Debug for UringFile {
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        // Mark first, then wake the thread so that it observes the disconnection.
+        // Mark first, then wake the reaper so that it observes the disconnection.
         self.ring.lock().disconnected = true;
+        self.ring.disconnect.notify_one();
         wake(&self.ring.wake_fd);
+    }
+}
+
+/// The runtime whose reactor should watch the ring, if the caller runs in one with an I/O
+/// driver.
+fn reactor_handle() -> Option<tokio::runtime::Handle> {
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    // Tokio offers no query for "is the I/O driver enabled" and panics instead when it is not;
+    // probing with a descriptor that is never used (an eventfd) keeps that panic out of the
+    // caller's way.
+    let probe = new_eventfd().ok()?;
+    let enabled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _enter = runtime.enter();
+        // SAFETY: the `AsyncFd` owns the eventfd, which therefore stays open (and the same) for
+        // the `AsyncFd`'s whole life.
+        unsafe { AsyncFd::register_with_interest(probe, Interest::READABLE) }.is_ok()
+    }))
+    .unwrap_or(false);
+    enabled.then_some(runtime)
+}
+
+/// The ring's descriptor as the reactor sees it: holding the ring keeps the descriptor open.
+struct RingFd(Arc<Ring>);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.uring.as_raw_fd()
+    }
+}
+
+fn spawn_thread(ring: Arc<Ring>) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("qcow2-io-uring".into())
+        .spawn(move || ring.run())
+        .map(drop)
+}
+
+/// The reaper task's hold on the ring. If the task is dropped before it finishes (its runtime
+/// shut down, or it panicked) while the file may still be in use, the ring is handed to a
+/// thread so that in-flight and later requests are still answered.
+struct HandOver {
+    ring: Arc<Ring>,
+    defused: bool,
+}
+
+impl HandOver {
+    async fn reap(mut self, fd: AsyncFd<RingFd>) {
+        let result = self.ring.task_loop(&fd).await;
+        // Deregister before the ring (and its descriptor) can go away.
+        drop(fd);
+        self.defused = true;
+        match result {
+            Ok(()) => tracing::debug!("io_uring reaper task exiting"),
+            Err(e) => {
+                tracing::error!("io_uring reaper failed, failing all its requests: {e}");
+                self.ring.shut_down(Some(e.to_string()));
+            }
+        }
+    }
+}
+
+impl Drop for HandOver {
+    fn drop(&mut self) {
+        if self.defused {
+            return;
+        }
+        {
+            let mut core = self.ring.lock();
+            core.reaper = Reaper::Thread;
+            core.reaper_awake = false;
+            if core.disconnected && core.in_flight == 0 && core.queued.is_empty() {
+                return;
+            }
+        }
+        tracing::debug!("io_uring reaper task dropped with the file in use; a thread takes over");
+        if let Err(e) = spawn_thread(Arc::clone(&self.ring)) {
+            self.ring
+                .shut_down(Some(format!("no thread to take over the ring: {e}")));
+        }
     }
 }
 
@@ -478,6 +680,8 @@ enum Then {
     Submit,
     /// The completion thread, woken for it.
     Wake,
+    /// The task, right away, and then it reaps what is ready (reaper-task mode).
+    SubmitAndReap,
 }
 
 /// `IORING_ENTER_GETEVENTS` (linux/io_uring.h): wait for completions.
@@ -503,17 +707,20 @@ impl Ring {
             core.queued.push_back(op);
             return Ok(());
         }
-        // A request arriving while the completion thread is awake is submitted by it,
-        // together with the others, before it sleeps again. Otherwise a lone request is
-        // submitted by its own task (no thread hop before the I/O starts), and one that
-        // joins others in flight wakes the thread, which submits everything that arrives
-        // meanwhile in one call (one doorbell for many requests, as a dedicated submitter).
-        let then = if core.thread_awake {
+        // A request arriving while the reaper is awake is submitted by it, together with the
+        // others, before it sleeps again. Otherwise, with a reaper task, the task submits its
+        // own request and reaps what is ready; with a reaper thread, a lone request is
+        // submitted by its own task (no thread hop before the I/O starts), and one that joins
+        // others in flight wakes the thread, which submits everything that arrives meanwhile
+        // in one call (one doorbell for many requests, as a dedicated submitter).
+        let then = if core.reaper_awake {
             Then::Nothing
+        } else if core.reaper == Reaper::Task {
+            Then::SubmitAndReap
         } else if core.in_flight < INLINE_DEPTH {
             Then::Submit
         } else {
-            core.thread_awake = true;
+            core.reaper_awake = true;
             Then::Wake
         };
         let started = self.start(&mut core, op);
@@ -521,6 +728,7 @@ impl Ring {
         let submitted = match (started, then) {
             (Err(e), _) => Err(e),
             (Ok(()), Then::Submit) => self.submit(),
+            (Ok(()), Then::SubmitAndReap) => self.submit().and_then(|()| self.reap_inline()),
             (Ok(()), Then::Wake) => {
                 wake(&self.wake_fd);
                 Ok(())
@@ -528,12 +736,124 @@ impl Ring {
             (Ok(()), Then::Nothing) => Ok(()),
         };
         if let Err(e) = submitted {
-            // The request is in its slot either way; the completion thread retries the
-            // submission (and fails every request if the ring is broken).
+            // The request is in its slot either way; the reaper retries the submission (and
+            // fails every request if the ring is broken).
             tracing::debug!("io_uring submission from a task failed ({e}); handing over");
+            self.lock().reaper_awake = true;
+            self.disconnect.notify_one();
             wake(&self.wake_fd);
         }
         Ok(())
+    }
+
+    /// Reaps what has completed already, from a submitting task (reaper-task mode): a read the
+    /// page cache served is answered before its task waits, with no reactor round trip.
+    fn reap_inline(&self) -> io::Result<()> {
+        let mut answers = Vec::new();
+        let pushed = {
+            let mut core = self.lock();
+            if core.reaper != Reaper::Task {
+                return Ok(());
+            }
+            self.reap_locked(&mut core, &mut answers)?
+        };
+        for (op, result) in answers {
+            op.finish(result);
+        }
+        if pushed {
+            self.submit()?;
+        }
+        Ok(())
+    }
+
+    /// Drains the completion queue and handles each completion, then starts queued requests
+    /// while there is room. Returns whether SQEs were queued (continuations or started
+    /// requests), which the caller then submits. Only called with the lock held and while a
+    /// task reaps (`core` proves the former), so nobody else holds the completion queue.
+    fn reap_locked(
+        &self,
+        core: &mut Core,
+        answers: &mut Vec<(Op, io::Result<()>)>,
+    ) -> io::Result<bool> {
+        debug_assert_eq!(core.reaper, Reaper::Task);
+        let mut pushed = false;
+        loop {
+            // SAFETY: in task mode completions are only drained here, under the lock, so no
+            // other `CompletionQueue` exists; the thread, which drains without the lock, only
+            // starts once the mode is `Thread`, which this function is never called in.
+            let cq = unsafe { self.uring.completion_shared() };
+            let mut any = false;
+            for cqe in cq {
+                any = true;
+                let (user_data, res) = (cqe.user_data(), cqe.result());
+                if user_data == WAKE {
+                    continue;
+                }
+                let before = answers.len();
+                self.complete(core, user_data as usize, res, answers)?;
+                pushed |= answers.len() == before;
+            }
+            if !any {
+                break;
+            }
+        }
+        while core.in_flight < self.max_in_flight {
+            let Some(op) = core.queued.pop_front() else {
+                break;
+            };
+            self.start(core, op)?;
+            pushed = true;
+        }
+        Ok(pushed)
+    }
+
+    /// The reaper task: waits for the reactor to report completions (or for the last handle
+    /// to go away), reaps them, answers, lets the woken tasks queue their next requests, and
+    /// submits. Returns when the last handle is gone and nothing is in flight.
+    async fn task_loop(&self, fd: &AsyncFd<RingFd>) -> io::Result<()> {
+        let mut answers = Vec::new();
+        loop {
+            let ready = tokio::select! {
+                ready = fd.readable() => Some(ready?),
+                () = self.disconnect.notified() => None,
+            };
+            loop {
+                let pushed = {
+                    let mut core = self.lock();
+                    let pushed = self.reap_locked(&mut core, &mut answers)?;
+                    if answers.is_empty() && !pushed && !core.reaper_awake {
+                        if core.disconnected && core.in_flight == 0 && core.queued.is_empty() {
+                            return Ok(());
+                        }
+                        break;
+                    }
+                    core.reaper_awake = true;
+                    pushed
+                };
+                for (op, result) in answers.drain(..) {
+                    op.finish(result);
+                }
+                if !pushed {
+                    // The tasks just woken on this worker run now and queue their next
+                    // requests without submitting (`reaper_awake`), so that the one call
+                    // below starts them together.
+                    tokio::task::yield_now().await;
+                }
+                self.lock().reaper_awake = false;
+                loop {
+                    match self.submit() {
+                        Ok(()) => break,
+                        Err(e) if is_transient(&e) => tokio::task::yield_now().await,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            // The queue was empty under the lock; a completion posted since then raises a new
+            // readiness event, which this does not clear (Tokio compares event ticks).
+            if let Some(mut ready) = ready {
+                ready.clear_ready();
+            }
+        }
     }
 
     /// Gives `op` a slot and queues its SQE (not yet submitted).
@@ -552,27 +872,14 @@ impl Ring {
 
     /// Queues the SQE for the remaining part of the request in `slot`.
     fn push_slot(&self, core: &mut Core, slot: usize) -> io::Result<()> {
-        let fd = types::Fd(self.file.as_raw_fd());
         let Some(entry) = core.slots.get_mut(slot).and_then(Option::as_mut) else {
             return Ok(());
         };
         let done = entry.done;
-        let sqe = match &mut entry.op {
-            Op::Read { buf, offset, .. } => {
-                let n = (buf.len() - done).min(MAX_CHUNK) as u32;
-                opcode::Read::new(fd, buf.as_mut_ptr().wrapping_add(done), n)
-                    .offset(*offset + done as u64)
-                    .build()
-            }
-            Op::Write { buf, offset, .. } => {
-                let n = (buf.len() - done).min(MAX_CHUNK) as u32;
-                opcode::Write::new(fd, buf.as_ptr().wrapping_add(done), n)
-                    .offset(*offset + done as u64)
-                    .build()
-            }
-            Op::Fsync { .. } => opcode::Fsync::new(fd)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
+        let sqe = if self.fixed_file {
+            entry.op.sqe(types::Fixed(0), done)
+        } else {
+            entry.op.sqe(types::Fd(self.file.as_raw_fd()), done)
         };
         // SAFETY: the SQE points at `buf[done..done + n]`, which is in bounds (`done` is less
         // than the length, otherwise the request would have completed). That memory is owned by
@@ -668,7 +975,7 @@ impl Ring {
                 }
                 // From here on tasks submit (or wake this thread) themselves; everything
                 // pushed before is covered by the submission below.
-                core.thread_awake = false;
+                core.reaper_awake = false;
             }
             // Continuations, started queued requests, a re-armed poll, requests that
             // arrived while this thread was awake, or what a task could not submit.
@@ -699,7 +1006,7 @@ impl Ring {
                 unsafe { self.uring.completion_shared() }.map(|c| (c.user_data(), c.result())),
             );
             let mut core = self.lock();
-            core.thread_awake = true;
+            core.reaper_awake = true;
             for &(user_data, res) in &cqes {
                 if user_data == WAKE {
                     core.wake_armed = false;
@@ -836,6 +1143,108 @@ pub(crate) mod tests {
     }
 
     block_file_suite!(fixture);
+
+    /// The same suite with each completion mode and ring option forced (the default above
+    /// reaps on the reactor, as every test runtime here has an I/O driver).
+    macro_rules! suite_with {
+        ($name:ident, $opts:expr) => {
+            mod $name {
+                use super::*;
+
+                async fn fixture() -> Option<Fixture> {
+                    let file = tempfile::tempfile().expect("temporary file");
+                    match UringFile::with_options(file, &$opts) {
+                        Ok(f) => Some(Fixture::new(Arc::new(f))),
+                        Err(e) => {
+                            println!("skipping io_uring test: {e}");
+                            None
+                        }
+                    }
+                }
+
+                block_file_suite!(fixture);
+            }
+        };
+    }
+    suite_with!(thread_mode, RingOptions::new().completion(Completion::Thread));
+    suite_with!(
+        fixed_file,
+        RingOptions::new()
+            .completion(Completion::Reactor)
+            .register_file(true)
+    );
+    suite_with!(sqpoll, RingOptions::new().sqpoll(Some(10)));
+
+    #[test]
+    fn a_runtime_without_io_driver_reaps_with_a_thread() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let reactor = RingOptions::new().completion(Completion::Reactor);
+            match UringFile::with_options(tempfile::tempfile().unwrap(), &reactor) {
+                Err(e) => assert_eq!(e.kind(), io::ErrorKind::Unsupported, "{e}"),
+                Ok(_) => panic!("reactor completions without an I/O driver"),
+            }
+            let Some(file) = uring_file(tempfile::tempfile().unwrap()) else {
+                return;
+            };
+            assert_eq!(file.handle.ring.lock().reaper, Reaper::Thread);
+            file.write_at(IoBuf::from_vec(vec![3; 8192]), 0)
+                .await
+                .unwrap();
+            let back = file.read_at(IoBuf::zeroed(8192, 1), 0).await.unwrap();
+            assert!(back.iter().all(|&b| b == 3));
+        });
+    }
+
+    /// A file opened on one runtime keeps working after that runtime is gone, requests it
+    /// left in flight included: the reaper task's drop hands the ring to a thread.
+    #[test]
+    fn the_ring_outlives_the_runtime_that_opened_it() {
+        let first = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let Some(file) = first.block_on(async { uring_file(tempfile::tempfile().unwrap()) })
+        else {
+            return;
+        };
+        assert_eq!(file.handle.ring.lock().reaper, Reaper::Task);
+        first.block_on(async {
+            file.write_at(IoBuf::from_vec(vec![5; 1 << 20]), 0)
+                .await
+                .unwrap();
+            for i in 0..8u64 {
+                let mut fut = file.write_at(IoBuf::from_vec(vec![6; 1 << 20]), (i + 1) << 20);
+                poll_once(&mut fut).await;
+                drop(fut);
+            }
+        });
+        drop(first);
+        assert_eq!(file.handle.ring.lock().reaper, Reaper::Thread);
+        let second = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        second.block_on(async {
+            wait_until("the abandoned writes", || file.in_flight() == 0).await;
+            let back = file.read_at(IoBuf::zeroed(1 << 20, 1), 0).await.unwrap();
+            assert!(back.iter().all(|&b| b == 5));
+            let back = file.read_at(IoBuf::zeroed(4096, 1), 8 << 20).await.unwrap();
+            assert!(back.iter().all(|&b| b == 6));
+            file.flush().await.unwrap();
+        });
+        let stats = file.stats_weak();
+        drop(file);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stats.upgrade().is_some() {
+            assert!(Instant::now() < deadline, "the ring thread did not exit");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn direct_io() {
