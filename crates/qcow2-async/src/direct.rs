@@ -35,6 +35,12 @@ impl AlignedFile {
     fn is_aligned(&self, off: u64, len: usize) -> bool {
         off % self.align == 0 && len as u64 % self.align == 0
     }
+
+    /// Whether a vectored request can go to the kernel as it is: an aligned offset and every
+    /// buffer aligned in address and length.
+    fn all_aligned(&self, bufs: &[IoBuf], offset: u64) -> bool {
+        offset % self.align == 0 && bufs.iter().all(|b| b.is_aligned_to(self.align as usize))
+    }
 }
 
 impl BlockFile for AlignedFile {
@@ -80,6 +86,37 @@ impl BlockFile for AlignedFile {
         })
     }
 
+    fn read_vectored_at(&self, bufs: Vec<IoBuf>, offset: u64) -> IoFuture<'_, Vec<IoBuf>> {
+        if self.all_aligned(&bufs, offset) {
+            return self.inner.read_vectored_at(bufs, offset);
+        }
+        // One buffer at a time through this wrapper's `read_at`, which bounces as needed.
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(bufs.len());
+            let mut at = offset;
+            for buf in bufs {
+                let n = buf.len() as u64;
+                out.push(self.read_at(buf, at).await?);
+                at += n;
+            }
+            Ok(out)
+        })
+    }
+    fn write_vectored_at(&self, bufs: Vec<IoBuf>, offset: u64) -> IoFuture<'_, Vec<IoBuf>> {
+        if self.all_aligned(&bufs, offset) {
+            return self.inner.write_vectored_at(bufs, offset);
+        }
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(bufs.len());
+            let mut at = offset;
+            for buf in bufs {
+                let n = buf.len() as u64;
+                out.push(self.write_at(buf, at).await?);
+                at += n;
+            }
+            Ok(out)
+        })
+    }
     fn flush(&self) -> IoFuture<'_, ()> {
         self.inner.flush()
     }
@@ -97,5 +134,13 @@ impl BlockFile for AlignedFile {
     }
     fn zero_range(&self, offset: u64, len: u64) -> IoFuture<'_, ()> {
         self.inner.zero_range(offset, len)
+    }
+    // Forwarded, not left to the trait's defaults: those would hide the file's holes from
+    // `map` and misjudge metadata preallocation on O_DIRECT opens.
+    fn holes(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<(u64, u64)>> {
+        self.inner.holes(offset, len)
+    }
+    fn allocated_bytes(&self) -> IoFuture<'_, u64> {
+        self.inner.allocated_bytes()
     }
 }

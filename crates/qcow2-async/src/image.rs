@@ -14,6 +14,7 @@
 mod amend;
 mod encrypted;
 mod map;
+mod owned;
 mod resize;
 mod subcluster;
 

@@ -495,7 +495,11 @@ mod tests {
         let shared = Bytes::from(vec![9u8; 100]);
         let p = shared.as_ptr();
         let buf = IoBuf::from(shared.clone());
-        assert_eq!(buf.as_ptr(), p, "a write hands the caller's memory over as it is");
+        assert_eq!(
+            buf.as_ptr(),
+            p,
+            "a write hands the caller's memory over as it is"
+        );
         let mut buf = buf;
         buf[0] = 1;
         assert_ne!(buf.as_ptr(), p, "mutating a shared Bytes copies it");

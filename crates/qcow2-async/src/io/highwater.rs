@@ -48,6 +48,15 @@ impl BlockFile for HighWater {
         self.raise(offset.saturating_add(buf.len() as u64));
         self.inner.write_at(buf, offset)
     }
+    fn read_vectored_at(&self, bufs: Vec<IoBuf>, offset: u64) -> IoFuture<'_, Vec<IoBuf>> {
+        self.inner.read_vectored_at(bufs, offset)
+    }
+    fn write_vectored_at(&self, bufs: Vec<IoBuf>, offset: u64) -> IoFuture<'_, Vec<IoBuf>> {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        // As in `write_at`.
+        self.raise(offset.saturating_add(len));
+        self.inner.write_vectored_at(bufs, offset)
+    }
     fn flush(&self) -> IoFuture<'_, ()> {
         self.inner.flush()
     }

@@ -47,6 +47,37 @@ pub trait BlockFile: Send + Sync + Debug + 'static {
     fn read_at(&self, buf: IoBuf, offset: u64) -> IoFuture<'_, IoBuf>;
     /// Writes all of `buf` at `offset`. Returns the buffer for reuse.
     fn write_at(&self, buf: IoBuf, offset: u64) -> IoFuture<'_, IoBuf>;
+    /// Fills the buffers in order from consecutive bytes at `offset` (like `preadv`); bytes
+    /// past EOF read as zeros. Returns the buffers.
+    ///
+    /// The default reads one buffer after the other through [`BlockFile::read_at`], which is
+    /// correct for every wrapper; backends with a vectored system call override it.
+    fn read_vectored_at(&self, bufs: Vec<IoBuf>, offset: u64) -> IoFuture<'_, Vec<IoBuf>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(bufs.len());
+            let mut at = offset;
+            for buf in bufs {
+                let n = buf.len() as u64;
+                out.push(self.read_at(buf, at).await?);
+                at = buf::checked_end(at, n)?;
+            }
+            Ok(out)
+        })
+    }
+    /// Writes the buffers in order as consecutive bytes at `offset` (like `pwritev`). Returns
+    /// the buffers. The default writes one after the other (see `read_vectored_at`).
+    fn write_vectored_at(&self, bufs: Vec<IoBuf>, offset: u64) -> IoFuture<'_, Vec<IoBuf>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(bufs.len());
+            let mut at = offset;
+            for buf in bufs {
+                let n = buf.len() as u64;
+                out.push(self.write_at(buf, at).await?);
+                at = buf::checked_end(at, n)?;
+            }
+            Ok(out)
+        })
+    }
     /// Makes every completed write durable (fdatasync).
     fn flush(&self) -> IoFuture<'_, ()>;
     /// Current length of the file in bytes.

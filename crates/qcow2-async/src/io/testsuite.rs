@@ -76,7 +76,8 @@ macro_rules! block_file_suite {
             allocate,
             flush,
             concurrent_writes,
-            dropped_futures
+            dropped_futures,
+            vectored
         );
     };
     (@cases $factory:ident; $($case:ident),*) => {
@@ -296,6 +297,45 @@ pub(crate) async fn poll_once<F: Future + ?Sized>(fut: &mut Pin<Box<F>>) -> bool
     poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx).is_ready())).await
 }
 
+/// Vectored reads and writes move consecutive bytes through several buffers, and a vectored
+/// read past EOF zero-fills the rest of its buffers.
+pub(crate) async fn vectored(fixture: Option<Fixture>) {
+    let file = fixture_or_skip!(fixture);
+    let file = &*file;
+    let data = pattern(300_000, 3);
+    let cuts = [0usize, 1, 4096, 4097, 70_000, 200_000, 300_000];
+    let bufs: Vec<IoBuf> = cuts
+        .windows(2)
+        .map(|w| IoBuf::from_vec(data[w[0]..w[1]].to_vec()))
+        .collect();
+    let back = file.write_vectored_at(bufs, 1000).await.unwrap();
+    assert_eq!(back.len(), cuts.len() - 1, "the buffers come back");
+    let whole = file
+        .read_at(IoBuf::zeroed(data.len(), 1), 1000)
+        .await
+        .unwrap();
+    assert!(whole[..] == data[..], "vectored write landed in order");
+    // Read it back in other pieces, running 5000 bytes past EOF.
+    let sizes = [10usize, 65_536, 1, 234_453, 5000];
+    let bufs: Vec<IoBuf> = sizes
+        .iter()
+        .map(|&n| IoBuf::from_vec(vec![0xee; n]))
+        .collect();
+    let got = file.read_vectored_at(bufs, 1000).await.unwrap();
+    let flat: Vec<u8> = got.iter().flat_map(|b| b.iter().copied()).collect();
+    assert_eq!(flat.len(), data.len() + 5000);
+    assert!(flat[..data.len()] == data[..], "vectored read in order");
+    assert!(
+        flat[data.len()..].iter().all(|&b| b == 0),
+        "past EOF reads zeros"
+    );
+    assert!(file
+        .read_vectored_at(Vec::new(), 0)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 /// Abandoning futures mid-flight must neither crash nor wedge the backend.
 pub(crate) async fn dropped_futures(fixture: Option<Fixture>) {
     let file = fixture_or_skip!(fixture);
@@ -384,4 +424,32 @@ pub(crate) async fn direct_io(fixture: Option<Fixture>) {
         .await
         .unwrap();
     assert_eq!(&back[..], &data[..align]);
+
+    // Vectored: aligned segments go through as they are; a misaligned one is refused.
+    let segs = vec![
+        IoBuf::from_slice(&data[..align], align),
+        IoBuf::from_slice(&data[align..], align),
+    ];
+    file.write_vectored_at(segs, 4 * align as u64)
+        .await
+        .unwrap();
+    let got = file
+        .read_vectored_at(
+            vec![IoBuf::zeroed(align, align), IoBuf::zeroed(align, align)],
+            4 * align as u64,
+        )
+        .await
+        .unwrap();
+    assert_eq!(&got[0][..], &data[..align]);
+    assert_eq!(&got[1][..], &data[align..]);
+    match file
+        .read_vectored_at(
+            vec![IoBuf::zeroed(align, align), IoBuf::zeroed(100, align)],
+            0,
+        )
+        .await
+    {
+        Err(e) => assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}"),
+        Ok(_) => panic!("a misaligned segment was accepted"),
+    }
 }

@@ -171,10 +171,31 @@ enum Op {
         offset: u64,
         reply: oneshot::Sender<io::Result<IoBuf>>,
     },
+    /// A vectored read or write (`IORING_OP_READV`/`WRITEV`).
+    Vectored {
+        bufs: Vec<IoBuf>,
+        /// The iovecs of the SQE in flight, rebuilt (for the remainder) before each push.
+        iov: Iovecs,
+        offset: u64,
+        write: bool,
+        reply: oneshot::Sender<io::Result<Vec<IoBuf>>>,
+    },
     Fsync {
         reply: oneshot::Sender<io::Result<()>>,
     },
 }
+
+/// The iovec array of a vectored request: pointers into the request's own buffers.
+#[derive(Default)]
+struct Iovecs(Vec<libc::iovec>);
+
+// SAFETY: the pointers refer to the `IoBuf`s of the same `Op`, which are `Send`; the array is
+// only read by the kernel and rebuilt by whoever holds the ring's lock.
+unsafe impl Send for Iovecs {}
+
+/// Most iovecs per SQE (the kernel's `UIO_MAXIOV`); longer lists continue like short
+/// transfers.
+const MAX_IOVECS: usize = 1024;
 
 impl Op {
     /// The SQE for the part of the request from `done` on, against `fd` (a descriptor or the
@@ -183,13 +204,82 @@ impl Op {
         match self {
             Op::Read { buf, offset, .. } => {
                 let n = (buf.len() - done).min(MAX_CHUNK) as u32;
-                fd.read(buf.as_mut_ptr().wrapping_add(done), n, *offset + done as u64)
+                fd.read(
+                    buf.as_mut_ptr().wrapping_add(done),
+                    n,
+                    *offset + done as u64,
+                )
             }
             Op::Write { buf, offset, .. } => {
                 let n = (buf.len() - done).min(MAX_CHUNK) as u32;
                 fd.write(buf.as_ptr().wrapping_add(done), n, *offset + done as u64)
             }
+            Op::Vectored {
+                bufs,
+                iov,
+                offset,
+                write,
+                ..
+            } => {
+                iov.0.clear();
+                let mut skip = done;
+                let mut total = 0usize;
+                for buf in bufs.iter_mut() {
+                    if skip >= buf.len() {
+                        skip -= buf.len();
+                        continue;
+                    }
+                    if iov.0.len() == MAX_IOVECS || total >= MAX_CHUNK {
+                        break;
+                    }
+                    let n = (buf.len() - skip).min(MAX_CHUNK - total);
+                    let base = if *write {
+                        buf.as_ptr().wrapping_add(skip) as *mut u8
+                    } else {
+                        buf.as_mut_ptr().wrapping_add(skip)
+                    };
+                    iov.0.push(libc::iovec {
+                        iov_base: base.cast(),
+                        iov_len: n,
+                    });
+                    total += n;
+                    skip = 0;
+                }
+                let at = *offset + done as u64;
+                if *write {
+                    fd.writev(iov.0.as_ptr(), iov.0.len() as u32, at)
+                } else {
+                    fd.readv(iov.0.as_ptr(), iov.0.len() as u32, at)
+                }
+            }
             Op::Fsync { .. } => fd.fsync(),
+        }
+    }
+
+    /// Zero-fills a read's buffers from byte `from` on (the part past EOF).
+    fn zero_from(&mut self, from: usize) {
+        match self {
+            Op::Read { buf, .. } => buf[from..].fill(0),
+            Op::Vectored { bufs, .. } => {
+                let mut skip = from;
+                for buf in bufs {
+                    let n = buf.len();
+                    if skip < n {
+                        buf[skip..].fill(0);
+                    }
+                    skip = skip.saturating_sub(n);
+                }
+            }
+            Op::Write { .. } | Op::Fsync { .. } => {}
+        }
+    }
+
+    /// Bytes the request transfers in all.
+    fn len(&self) -> usize {
+        match self {
+            Op::Read { buf, .. } | Op::Write { buf, .. } => buf.len(),
+            Op::Vectored { bufs, .. } => bufs.iter().map(|b| b.len()).sum(),
+            Op::Fsync { .. } => 0,
         }
     }
 
@@ -198,6 +288,9 @@ impl Op {
         match self {
             Op::Read { buf, reply, .. } | Op::Write { buf, reply, .. } => {
                 let _ = reply.send(result.map(|()| buf));
+            }
+            Op::Vectored { bufs, reply, .. } => {
+                let _ = reply.send(result.map(|()| bufs));
             }
             Op::Fsync { reply } => {
                 let _ = reply.send(result);
@@ -214,6 +307,10 @@ impl Op {
                 std::mem::forget(buf);
                 let _ = reply.send(Err(err));
             }
+            Op::Vectored { bufs, reply, .. } => {
+                std::mem::forget(bufs);
+                let _ = reply.send(Err(err));
+            }
             Op::Fsync { reply } => {
                 let _ = reply.send(Err(err));
             }
@@ -226,6 +323,8 @@ impl Op {
 trait FileTarget: Copy {
     fn read(self, ptr: *mut u8, len: u32, offset: u64) -> squeue::Entry;
     fn write(self, ptr: *const u8, len: u32, offset: u64) -> squeue::Entry;
+    fn readv(self, iov: *const libc::iovec, n: u32, offset: u64) -> squeue::Entry;
+    fn writev(self, iov: *const libc::iovec, n: u32, offset: u64) -> squeue::Entry;
     fn fsync(self) -> squeue::Entry;
 }
 
@@ -237,6 +336,12 @@ macro_rules! file_target {
             }
             fn write(self, ptr: *const u8, len: u32, offset: u64) -> squeue::Entry {
                 opcode::Write::new(self, ptr, len).offset(offset).build()
+            }
+            fn readv(self, iov: *const libc::iovec, n: u32, offset: u64) -> squeue::Entry {
+                opcode::Readv::new(self, iov, n).offset(offset).build()
+            }
+            fn writev(self, iov: *const libc::iovec, n: u32, offset: u64) -> squeue::Entry {
+                opcode::Writev::new(self, iov, n).offset(offset).build()
             }
             fn fsync(self) -> squeue::Entry {
                 opcode::Fsync::new(self)
@@ -398,6 +503,34 @@ impl UringFile {
         rx.await.map_err(|_| thread_gone())?
     }
 
+    async fn transfer_vectored(
+        &self,
+        bufs: Vec<IoBuf>,
+        offset: u64,
+        write: bool,
+    ) -> io::Result<Vec<IoBuf>> {
+        let mut len = 0u64;
+        let mut at = offset;
+        for buf in &bufs {
+            // Each segment must be aligned for O_DIRECT, in address and length.
+            check_aligned(self.align, buf, at)?;
+            len += buf.len() as u64;
+            at = checked_end(at, buf.len() as u64)?;
+        }
+        if len == 0 {
+            return Ok(bufs);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::Vectored {
+            bufs,
+            iov: Iovecs::default(),
+            offset,
+            write,
+            reply,
+        })?;
+        rx.await.map_err(|_| thread_gone())?
+    }
+
     #[cfg(test)]
     fn stats_weak(&self) -> std::sync::Weak<Stats> {
         Arc::downgrade(&self.handle.ring.stats)
@@ -510,6 +643,14 @@ impl BlockFile for UringFile {
         Box::pin(self.transfer(buf, offset, true))
     }
 
+    fn read_vectored_at(&self, bufs: Vec<IoBuf>, offset: u64) -> IoFuture<'_, Vec<IoBuf>> {
+        Box::pin(self.transfer_vectored(bufs, offset, false))
+    }
+
+    fn write_vectored_at(&self, bufs: Vec<IoBuf>, offset: u64) -> IoFuture<'_, Vec<IoBuf>> {
+        Box::pin(self.transfer_vectored(bufs, offset, true))
+    }
+
     fn flush(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
@@ -564,6 +705,8 @@ fn check_opcodes(ring: &IoUring) -> io::Result<()> {
     let needed = [
         (opcode::Read::CODE, "READ"),
         (opcode::Write::CODE, "WRITE"),
+        (opcode::Readv::CODE, "READV"),
+        (opcode::Writev::CODE, "WRITEV"),
         (opcode::Fsync::CODE, "FSYNC"),
         (opcode::PollAdd::CODE, "POLL_ADD"),
     ];
@@ -634,22 +777,23 @@ impl InFlight {
             return Progress::Done(Err(io::Error::from_raw_os_error(errno)));
         }
         let n = res as usize;
+        let total = self.op.len();
         match &mut self.op {
-            Op::Read { buf, .. } => {
+            Op::Read { .. } | Op::Vectored { write: false, .. } => {
                 self.done += n;
                 // EOF: nothing more to read, or (O_DIRECT) a short read ending off a block
                 // boundary, which only EOF causes and which could not be continued anyway.
                 let eof = n == 0 || self.done % align != 0;
-                if self.done >= buf.len() {
+                if self.done >= total {
                     Progress::Done(Ok(()))
                 } else if eof {
-                    buf[self.done..].fill(0);
+                    self.op.zero_from(self.done);
                     Progress::Done(Ok(()))
                 } else {
                     Progress::Continue
                 }
             }
-            Op::Write { buf, offset, .. } => {
+            Op::Write { offset, .. } | Op::Vectored { offset, .. } => {
                 if n == 0 {
                     return Progress::Done(Err(io::Error::new(
                         io::ErrorKind::WriteZero,
@@ -657,7 +801,7 @@ impl InFlight {
                     )));
                 }
                 self.done += n;
-                if self.done >= buf.len() {
+                if self.done >= total {
                     Progress::Done(Ok(()))
                 } else {
                     Progress::Continue
@@ -882,8 +1026,10 @@ impl Ring {
             entry.op.sqe(types::Fd(self.file.as_raw_fd()), done)
         };
         // SAFETY: the SQE points at `buf[done..done + n]`, which is in bounds (`done` is less
-        // than the length, otherwise the request would have completed). That memory is owned by
-        // `core.slots[slot]`, whose entry is neither read, written nor removed until this SQE's
+        // than the length, otherwise the request would have completed), or for a vectored
+        // request at its iovec array, whose entries point at in-bounds remainders of its
+        // buffers and which is only rebuilt here, while no SQE of the request is in flight.
+        // That memory (the buffers and the array) is owned by `core.slots[slot]`, whose entry is neither read, written nor removed until this SQE's
         // completion has been reaped (`complete` is the only place that takes it, and
         // `shut_down` leaks it instead if the ring dies first); growing `slots` moves the
         // `IoBuf` but not its heap allocation. The descriptor stays open because `self.file`
@@ -1166,7 +1312,10 @@ pub(crate) mod tests {
             }
         };
     }
-    suite_with!(thread_mode, RingOptions::new().completion(Completion::Thread));
+    suite_with!(
+        thread_mode,
+        RingOptions::new().completion(Completion::Thread)
+    );
     suite_with!(
         fixed_file,
         RingOptions::new()
@@ -1207,8 +1356,7 @@ pub(crate) mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let Some(file) = first.block_on(async { uring_file(tempfile::tempfile().unwrap()) })
-        else {
+        let Some(file) = first.block_on(async { uring_file(tempfile::tempfile().unwrap()) }) else {
             return;
         };
         assert_eq!(file.handle.ring.lock().reaper, Reaper::Task);
