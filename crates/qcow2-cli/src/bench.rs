@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
-use qcow2_async::io::Aio;
+use qcow2_async::io::{Aio, IoBuf, RingOptions};
 use qcow2_async::{BackingPolicy, Image, OpenOptions};
 use serde_json::json;
 
@@ -64,6 +64,17 @@ pub struct BenchArgs {
     /// Show progress.
     #[arg(short = 'p')]
     progress: bool,
+    /// io_uring setup, comma separated: `reactor` or `thread` (who reaps completions),
+    /// `sqpoll[=IDLE_MS]`, `fixed-file`; `default` for the defaults.
+    #[arg(long = "ring", default_value = "default")]
+    ring: String,
+    /// Tokio worker threads (default: one per core).
+    #[arg(long = "workers")]
+    pub workers: Option<usize>,
+    /// `owned`: each task hands its buffer to the engine (`read_buf`/`write_buf`, zero-copy);
+    /// `slice`: the borrowed-slice API (`read_at`/`write_at`).
+    #[arg(long = "buffers", default_value = "owned")]
+    buffers: String,
     filename: PathBuf,
 }
 
@@ -120,9 +131,16 @@ pub async fn bench(a: BenchArgs) -> Result<u8> {
         o => return Err(format!("invalid cache mode '{o}'").into()),
     };
     let writes = a.write || a.read_percent.is_some_and(|p| p < 100);
+    let ring: RingOptions = a.ring.parse()?;
+    let owned = match a.buffers.as_str() {
+        "owned" => true,
+        "slice" => false,
+        o => return Err(format!("invalid buffers '{o}' (owned or slice)").into()),
+    };
     let opts = OpenOptions {
         read_only: !writes,
         aio: Some(aio),
+        ring,
         direct,
         backing: BackingPolicy::FromImage,
         cache_clusters: a.cache_clusters.unwrap_or(crate::opts::rw().cache_clusters),
@@ -162,6 +180,12 @@ pub async fn bench(a: BenchArgs) -> Result<u8> {
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut buf = vec![pattern; bs as usize];
+            // Aligned for O_DIRECT, so that the owned path needs no bounce buffer.
+            let mut owned_buf = Some({
+                let mut b = IoBuf::zeroed(bs as usize, if direct { 4096 } else { 1 });
+                b.fill(pattern);
+                b
+            });
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= count {
@@ -179,7 +203,22 @@ pub async fn bench(a: BenchArgs) -> Result<u8> {
                     None => write,
                 };
                 let t = Instant::now();
-                if is_write {
+                if owned {
+                    let b = owned_buf
+                        .take()
+                        .expect("the buffer comes back after each request");
+                    owned_buf = Some(if is_write {
+                        img.write_buf(b, off).await?
+                    } else {
+                        img.read_buf(b, off).await?
+                    });
+                    if is_write {
+                        let n = written.fetch_add(1, Ordering::Relaxed) + 1;
+                        if flush_every > 0 && n % flush_every == 0 {
+                            img.flush().await?;
+                        }
+                    }
+                } else if is_write {
                     img.write_at(&buf, off).await?;
                     let n = written.fetch_add(1, Ordering::Relaxed) + 1;
                     if flush_every > 0 && n % flush_every == 0 {

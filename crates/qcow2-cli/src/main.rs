@@ -78,10 +78,13 @@ fn main() -> ExitCode {
         eprintln!("qcow2: {e}");
         return ExitCode::from(1);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Verb::Bench(a) = &cli.verb {
+        if let Some(n) = a.workers {
+            builder.worker_threads(n.max(1));
+        }
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("qcow2: cannot start the runtime: {e}");

@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use qcow2_async::io::IoBuf;
 use qcow2_async::qcow2_format::Version;
 use qcow2_async::Image;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -785,14 +786,25 @@ impl Conn {
         };
         match c {
             Command::Read { offset, len } => {
-                let mut buf = vec![0u8; len as usize];
+                let buf = vec![0u8; len as usize];
+                // Live reads hand the reply buffer itself to the engine (no copy out of a
+                // bounce buffer when the range is mapped); snapshot reads go through slices.
                 let r = match &self.export().source {
-                    Source::Live => img.read_at(&mut buf, offset).await,
-                    Source::Snapshot(id) => img.read_snapshot_at(id, &mut buf, offset).await,
+                    Source::Live => img
+                        .read_buf(IoBuf::from_vec(buf), offset)
+                        .await
+                        .map(IoBuf::into_vec),
+                    Source::Snapshot(id) => {
+                        let mut buf = buf;
+                        img.read_snapshot_at(id, &mut buf, offset)
+                            .await
+                            .map(|()| buf)
+                    }
                 };
-                if let Err(e) = r {
-                    return (self.engine_error(cookie, &e), Vec::new());
-                }
+                let buf = match r {
+                    Ok(buf) => buf,
+                    Err(e) => return (self.engine_error(cookie, &e), Vec::new()),
+                };
                 let mut head = Vec::with_capacity(32);
                 if !self.structured {
                     proto::simple_reply(&mut head, cookie, 0);
@@ -806,8 +818,9 @@ impl Conn {
                 (head, buf)
             }
             Command::Write { offset, fua: f, .. } => {
-                let r = match img.write_at(&payload, offset).await {
-                    Ok(()) => fua(f).await,
+                // The payload buffer goes to the engine as it is.
+                let r = match img.write_buf(IoBuf::from_vec(payload), offset).await {
+                    Ok(_) => fua(f).await,
                     Err(e) => Err(e),
                 };
                 self.done(cookie, r)

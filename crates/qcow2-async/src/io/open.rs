@@ -106,7 +106,7 @@ pub enum Completion {
 /// measured. `COOP_TASKRUN`, `DEFER_TASKRUN` and `SINGLE_ISSUER` are not offered: any worker
 /// thread may submit and another one reaps, and with those flags a completion would wait for
 /// the submitting thread's next system call (or be refused outright).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub struct RingOptions {
     /// Who reaps completions.
@@ -118,6 +118,21 @@ pub struct RingOptions {
     /// Registers the file with the ring (`IORING_REGISTER_FILES`) and submits with a fixed
     /// file index, which saves the kernel a descriptor lookup and reference per request.
     pub register_file: bool,
+    /// Buffered (not O_DIRECT) reads first try the page cache with `preadv2(RWF_NOWAIT)`,
+    /// which never blocks, and only go through the ring when that cannot serve all of the
+    /// read. On by default; after a run of misses the attempts become rare.
+    pub nowait_reads: bool,
+}
+
+impl Default for RingOptions {
+    fn default() -> RingOptions {
+        RingOptions {
+            completion: Completion::Auto,
+            sqpoll_idle_ms: None,
+            register_file: false,
+            nowait_reads: true,
+        }
+    }
 }
 
 impl RingOptions {
@@ -143,13 +158,20 @@ impl RingOptions {
         self.register_file = yes;
         self
     }
+
+    /// Whether buffered reads try the page cache first.
+    pub fn nowait_reads(mut self, yes: bool) -> RingOptions {
+        self.nowait_reads = yes;
+        self
+    }
 }
 
 impl FromStr for RingOptions {
     type Err = ParseRingError;
 
     /// Parses a comma-separated list as `qcow2 bench --ring` takes it: `reactor`, `thread`,
-    /// `sqpoll` (1000 ms idle) or `sqpoll=MS`, `fixed-file`; `default` for none.
+    /// `sqpoll` (1000 ms idle) or `sqpoll=MS`, `fixed-file`, `nowait` / `no-nowait`;
+    /// `default` for the defaults.
     fn from_str(s: &str) -> Result<RingOptions, ParseRingError> {
         let mut opts = RingOptions::default();
         for word in s.split(',').map(str::trim).filter(|w| !w.is_empty()) {
@@ -159,6 +181,8 @@ impl FromStr for RingOptions {
                 "thread" => opts.completion = Completion::Thread,
                 "sqpoll" => opts.sqpoll_idle_ms = Some(1000),
                 "fixed-file" => opts.register_file = true,
+                "nowait" => opts.nowait_reads = true,
+                "no-nowait" => opts.nowait_reads = false,
                 other => match other.strip_prefix("sqpoll=").map(str::parse::<u32>) {
                     Some(Ok(ms)) => opts.sqpoll_idle_ms = Some(ms),
                     _ => return Err(ParseRingError(other.to_owned())),
@@ -172,7 +196,7 @@ impl FromStr for RingOptions {
 /// A `--ring` word this crate does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown ring option {0:?} (expected reactor, thread, sqpoll, sqpoll=MS, fixed-file or default)"
+    "unknown ring option {0:?} (expected reactor, thread, sqpoll, sqpoll=MS, fixed-file, nowait, no-nowait or default)"
 )]
 pub struct ParseRingError(String);
 

@@ -126,7 +126,18 @@ struct Ring {
     fixed_file: bool,
     /// Tells the reaper task that the last handle is gone (the thread uses `wake_fd`).
     disconnect: Notify,
+    /// Reads try the page cache first (`preadv2(RWF_NOWAIT)`); see [`Ring::try_inline`].
+    nowait_reads: bool,
+    /// The file lives on a memory file system; see [`Ring::try_inline`].
+    memory_backed: bool,
+    /// Page-cache attempts that failed in a row; many mean the data is not cached, and the
+    /// attempts are then mostly skipped.
+    nowait_misses: AtomicUsize,
 }
+
+/// After this many misses in a row, only every [`NOWAIT_PROBE`]th read tries the page cache.
+const NOWAIT_MISSES: usize = 8;
+const NOWAIT_PROBE: usize = 64;
 
 /// Who reaps the completion queue now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -440,6 +451,9 @@ impl UringFile {
             max_in_flight,
             fixed_file: opts.register_file,
             disconnect: Notify::new(),
+            nowait_reads: opts.nowait_reads && align == 1,
+            memory_backed: opts.nowait_reads && align == 1 && is_memory_backed(&file),
+            nowait_misses: AtomicUsize::new(0),
         });
         match reactor {
             Some(runtime) => {
@@ -488,10 +502,13 @@ impl UringFile {
         self.handle.ring.accept(op)
     }
 
-    async fn transfer(&self, buf: IoBuf, offset: u64, write: bool) -> io::Result<IoBuf> {
+    async fn transfer(&self, mut buf: IoBuf, offset: u64, write: bool) -> io::Result<IoBuf> {
         check_aligned(self.align, &buf, offset)?;
         checked_end(offset, buf.len() as u64)?;
         if buf.is_empty() {
+            return Ok(buf);
+        }
+        if self.handle.ring.try_inline(&mut buf, offset, write) {
             return Ok(buf);
         }
         let (reply, rx) = oneshot::channel();
@@ -580,6 +597,21 @@ impl AsRawFd for RingFd {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.0.uring.as_raw_fd()
     }
+}
+
+/// Whether `file` lives on tmpfs or ramfs, where no request can wait for a device.
+fn is_memory_backed(file: &File) -> bool {
+    const TMPFS_MAGIC: libc::c_long = 0x0102_1994;
+    const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+    // SAFETY: `statfs` is plain data, for which all zeros is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a live, writable `statfs`; the descriptor is open for the call.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    #[allow(clippy::unnecessary_cast)] // `f_type`'s integer type differs between targets.
+    let kind = st.f_type as libc::c_long;
+    kind == TMPFS_MAGIC || kind == RAMFS_MAGIC
 }
 
 fn spawn_thread(ring: Arc<Ring>) -> io::Result<()> {
@@ -832,6 +864,92 @@ enum Then {
 const ENTER_GETEVENTS: u32 = 1;
 
 impl Ring {
+    /// Serves a buffered request in the caller's task when that cannot block on device I/O,
+    /// and returns whether it did (false: the ring does the whole request as usual).
+    ///
+    /// * On a memory file system (tmpfs, ramfs: `memory_backed`), reads and writes are plain
+    ///   `pread`/`pwrite`: there is no device to wait for, while the ring would hand every
+    ///   request to a kernel worker thread (these file systems do not support non-blocking
+    ///   attempts) whose completion then interrupts the submitter.
+    /// * Elsewhere, a read first tries the page cache with `preadv2(RWF_NOWAIT)`, which the
+    ///   kernel refuses with EAGAIN instead of blocking; a cached read through the ring costs
+    ///   a reactor wake-up on top. After a run of misses the attempts become rare.
+    fn try_inline(&self, buf: &mut IoBuf, offset: u64, write: bool) -> bool {
+        if offset > i64::MAX as u64 {
+            return false;
+        }
+        if self.memory_backed {
+            return self.inline_memory(buf, offset, write);
+        }
+        if write || !self.nowait_reads {
+            return false;
+        }
+        let misses = self.nowait_misses.load(Ordering::Relaxed);
+        if misses >= NOWAIT_MISSES && misses % NOWAIT_PROBE != 0 {
+            self.nowait_misses.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: the iovec describes the buffer, which `&mut` gives this call alone for its
+        // whole length; the call is synchronous, so nothing uses the memory after it returns.
+        // The descriptor stays open because the ring holds `self.file`.
+        let n = unsafe {
+            libc::preadv2(
+                self.file.as_raw_fd(),
+                &iov,
+                1,
+                offset as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if n >= 0 && n as usize == buf.len() {
+            self.nowait_misses.store(0, Ordering::Relaxed);
+            return true;
+        }
+        if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+            // The file system has no non-blocking reads: stop asking.
+            self.nowait_misses.store(usize::MAX / 2, Ordering::Relaxed);
+        } else {
+            self.nowait_misses.fetch_add(1, Ordering::Relaxed);
+        }
+        false
+    }
+
+    /// `pread`/`pwrite` of the whole buffer on a memory file system; a read that reaches EOF
+    /// zero-fills the rest. Any error returns false, and the ring then repeats the request
+    /// and reports its own result.
+    fn inline_memory(&self, buf: &mut IoBuf, offset: u64, write: bool) -> bool {
+        let fd = self.file.as_raw_fd();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = (offset + done as u64) as libc::off_t;
+            let rest = buf.len() - done;
+            // SAFETY: the pointer and length describe the unfinished part of the buffer, which
+            // `&mut` gives this call alone; the call is synchronous. The descriptor stays open
+            // because the ring holds `self.file`.
+            let n = unsafe {
+                if write {
+                    libc::pwrite(fd, buf.as_ptr().add(done).cast(), rest, at)
+                } else {
+                    libc::pread(fd, buf.as_mut_ptr().add(done).cast(), rest, at)
+                }
+            };
+            match n {
+                n if n > 0 => done += n as usize,
+                0 if !write => {
+                    buf[done..].fill(0);
+                    return true;
+                }
+                _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
     fn lock(&self) -> MutexGuard<'_, Core> {
         // Nothing below panics while holding the lock; should it, the tables are still
         // consistent enough to answer every request with an error.
@@ -1323,6 +1441,24 @@ pub(crate) mod tests {
             .register_file(true)
     );
     suite_with!(sqpoll, RingOptions::new().sqpoll(Some(10)));
+    // Every request through the ring, none served inline from the page cache.
+    suite_with!(ring_only, RingOptions::new().nowait_reads(false));
+
+    /// The suite on a memory file system, where requests are served inline with
+    /// `pread`/`pwrite` (skipped where `/dev/shm` is missing).
+    mod memory_backed {
+        use super::*;
+
+        async fn fixture() -> Option<Fixture> {
+            let file = tempfile::tempfile_in("/dev/shm").ok()?;
+            assert!(is_memory_backed(&file), "/dev/shm is tmpfs");
+            let f = uring_file(file)?;
+            assert!(f.handle.ring.memory_backed);
+            Some(Fixture::new(Arc::new(f)))
+        }
+
+        block_file_suite!(fixture);
+    }
 
     #[test]
     fn a_runtime_without_io_driver_reaps_with_a_thread() {
