@@ -97,7 +97,7 @@ struct Inner {
     direct_align: u64,
     /// Guest requests hold it shared, snapshot and bitmap operations exclusive: a snapshot
     /// (or a bitmap clear) is one instant between requests.
-    snap_lock: tokio::sync::RwLock<()>,
+    snap_lock: crate::sharded::ShardedRwLock,
     /// Some enabled persistent bitmap records writes (a cheap test on the write path).
     tracking: std::sync::atomic::AtomicBool,
     /// Recently decompressed clusters (shared with `Meta`, which invalidates them).
@@ -590,7 +590,7 @@ impl Image {
                 compression,
                 version3,
                 direct_align: if opts.direct { 4096 } else { 1 },
-                snap_lock: tokio::sync::RwLock::new(()),
+                snap_lock: crate::sharded::ShardedRwLock::new(),
                 tracking: tracking.into(),
                 decompressed,
                 payload_lock: Mutex::new(()),

@@ -36,6 +36,7 @@ mod meta;
 pub mod ops;
 mod options;
 mod overlap;
+mod sharded;
 mod snapshot;
 
 pub use backing::Backing;

@@ -24,12 +24,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use qcow2_format::l2::decode_extended;
 use qcow2_format::{Geometry, GuestOffset, L2Entry, L2Format, SubclusterBitmap};
 
 use crate::cache::MetadataCache;
+use crate::sharded::ReadMostly;
 
 /// One L2 table: its entries as native-endian words (two per entry on extended-L2 images).
 #[derive(Debug)]
@@ -113,10 +114,12 @@ impl L2Table {
 pub(crate) struct MappingIndex {
     geo: Geometry,
     fmt: L2Format,
-    tables: RwLock<Tables>,
+    /// One replica per thread shard (`sharded.rs`): lookups on different cores share no
+    /// lock word.
+    tables: ReadMostly<Tables>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Tables {
     /// Published tables by active L1 index.
     by_l1: HashMap<u64, Arc<L2Table>>,
@@ -130,7 +133,7 @@ impl MappingIndex {
         MappingIndex {
             geo,
             fmt,
-            tables: RwLock::new(Tables::default()),
+            tables: ReadMostly::new(Tables::default()),
         }
     }
 
@@ -140,24 +143,26 @@ impl MappingIndex {
     /// The caller must hold a lease on `gc`, which is what keeps the answer current.
     pub(crate) fn lookup(&self, gc: u64) -> Option<(L2Entry, SubclusterBitmap)> {
         let pos = self.geo.locate(GuestOffset(gc << self.geo.cluster_bits()));
-        let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
-        let t = tables.by_l1.get(&pos.l1_index)?;
-        t.entry(pos.l2_index, self.fmt).ok()
+        // The entry is read while the replica is locked: see `ReadMostly` for why a table
+        // withdrawn meanwhile from other replicas still answers correctly.
+        self.tables.read(|tables| {
+            let t = tables.by_l1.get(&pos.l1_index)?;
+            t.entry(pos.l2_index, self.fmt).ok()
+        })
     }
 
     /// Whether an L2 table at host offset `host` is cached.
     pub(crate) fn is_cached(&self, host: u64) -> bool {
-        let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
-        tables.cached.contains(&host)
+        self.tables.read(|tables| tables.cached.contains(&host))
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Tables> {
-        self.tables.write().unwrap_or_else(|p| p.into_inner())
+    fn update<R>(&self, f: impl FnMut(&mut Tables) -> R) -> R {
+        self.tables.update(f)
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.tables.read().unwrap().by_l1.len()
+        self.tables.read(|t| t.by_l1.len())
     }
 }
 
@@ -196,7 +201,7 @@ impl L2Cache {
     pub(crate) fn insert(&mut self, host: u64, table: L2Table, dirty: bool) {
         self.remove(host);
         self.cache.insert(host, Arc::new(table), dirty);
-        self.index.write().cached.insert(host);
+        self.index.update(|t| t.cached.insert(host));
     }
 
     pub(crate) fn mark_dirty(&mut self, host: u64) {
@@ -228,28 +233,32 @@ impl L2Cache {
             return;
         };
         let table = slot.data.clone();
-        if let Some(old) = self.linked.insert(host, l1_index) {
-            if old != l1_index {
-                self.index.write().by_l1.remove(&old);
+        let moved_from = self
+            .linked
+            .insert(host, l1_index)
+            .filter(|&old| old != l1_index);
+        let replaced = self.index.update(|t| {
+            if let Some(old) = moved_from {
+                t.by_l1.remove(&old);
             }
-        }
-        if let Some(prev) = self.index.write().by_l1.insert(l1_index, table) {
+            t.by_l1.insert(l1_index, table.clone()).is_some()
+        });
+        if replaced {
             // Another table was published there: forget which index it had.
             self.linked.retain(|&h, &mut i| i != l1_index || h == host);
-            drop(prev);
         }
     }
 
     /// Withdraws whatever is published for `l1_index`: call before changing that L1 entry.
     pub(crate) fn unlink(&mut self, l1_index: u64) {
-        if self.index.write().by_l1.remove(&l1_index).is_some() {
+        if self.index.update(|t| t.by_l1.remove(&l1_index).is_some()) {
             self.linked.retain(|_, &mut i| i != l1_index);
         }
     }
 
     /// Drops the table at `host` from the cache and the index.
     pub(crate) fn remove(&mut self, host: u64) {
-        withdraw(&mut self.index.write(), &mut self.linked, host);
+        withdraw(&self.index, &mut self.linked, &[host]);
         self.cache.remove(host);
     }
 
@@ -258,20 +267,17 @@ impl L2Cache {
     pub(crate) fn evict_clean(&mut self) -> bool {
         let (ok, evicted) = self.cache.evict_clean();
         if !evicted.is_empty() {
-            let mut index = self.index.write();
-            for host in evicted {
-                withdraw(&mut index, &mut self.linked, host);
-            }
+            withdraw(&self.index, &mut self.linked, &evicted);
         }
         ok
     }
 
     /// Forgets every table (after tables or the L1 were replaced on disk).
     pub(crate) fn clear(&mut self) {
-        let mut index = self.index.write();
-        index.by_l1.clear();
-        index.cached.clear();
-        drop(index);
+        self.index.update(|t| {
+            t.by_l1.clear();
+            t.cached.clear();
+        });
         self.linked.clear();
         self.cache = MetadataCache::new(self.cache.capacity());
     }
@@ -279,11 +285,16 @@ impl L2Cache {
 
 /// Takes the table at `host` out of the index: its publication, if linked, and its place
 /// among the cached tables.
-fn withdraw(index: &mut Tables, linked: &mut HashMap<u64, u64>, host: u64) {
-    if let Some(i) = linked.remove(&host) {
-        index.by_l1.remove(&i);
-    }
-    index.cached.remove(&host);
+fn withdraw(index: &MappingIndex, linked: &mut HashMap<u64, u64>, hosts: &[u64]) {
+    let unpublish: Vec<u64> = hosts.iter().filter_map(|h| linked.remove(h)).collect();
+    index.update(|t| {
+        for i in &unpublish {
+            t.by_l1.remove(i);
+        }
+        for h in hosts {
+            t.cached.remove(h);
+        }
+    });
 }
 
 #[cfg(test)]

@@ -167,14 +167,14 @@ pub async fn bench(a: BenchArgs) -> Result<u8> {
             if a.random { "random".into() } else { step.to_string() }
         );
     }
-    let next = Arc::new(AtomicU64::new(0));
+    let depth = a.depth.max(1);
     let written = Arc::new(AtomicU64::new(0));
     let (bar, cb) = crate::progress::bar(a.progress);
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
     let mut tasks = Vec::new();
-    for _ in 0..a.depth.max(1) {
-        let (img, next, written, cb) = (img.clone(), next.clone(), written.clone(), cb.clone());
+    for task in 0..depth {
+        let (img, written, cb) = (img.clone(), written.clone(), cb.clone());
         let (count, random, read_pct, write, flush_every) =
             (a.count, a.random, a.read_percent, a.write, a.flush_interval);
         tasks.push(tokio::spawn(async move {
@@ -186,11 +186,16 @@ pub async fn bench(a: BenchArgs) -> Result<u8> {
                 b.fill(pattern);
                 b
             });
+            // Task `t` issues requests t, t + depth, t + 2 * depth, ...: the same set of
+            // requests as a shared counter hands out, without a counter that every request
+            // on every core would write (that cache line alone limited multi-core runs).
+            let mut next = task;
             loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
+                let i = next;
                 if i >= count {
                     break;
                 }
+                next += depth;
                 let off = if random {
                     mix(i) % blocks * bs
                 } else {

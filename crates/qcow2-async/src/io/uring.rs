@@ -130,6 +130,12 @@ struct Ring {
     nowait_reads: bool,
     /// The file lives on a memory file system; see [`Ring::try_inline`].
     memory_backed: bool,
+    /// Per thread shard, the file opened again for the inline path: descriptors of one open
+    /// file share its reference count, which every `pread` of a multi-threaded process bumps,
+    /// so one descriptor for all cores made that cache line the limit (as fio, which opens
+    /// the file per job, shows it need not be). Empty until first used; `None` inside when
+    /// reopening failed (the ring's descriptor serves then).
+    inline_fds: Box<[std::sync::OnceLock<Option<OwnedFd>>]>,
     /// Page-cache attempts that failed in a row; many mean the data is not cached, and the
     /// attempts are then mostly skipped.
     nowait_misses: AtomicUsize,
@@ -453,6 +459,9 @@ impl UringFile {
             disconnect: Notify::new(),
             nowait_reads: opts.nowait_reads && align == 1,
             memory_backed: opts.nowait_reads && align == 1 && is_memory_backed(&file),
+            inline_fds: (0..crate::sharded::SHARDS)
+                .map(|_| std::sync::OnceLock::new())
+                .collect(),
             nowait_misses: AtomicUsize::new(0),
         });
         match reactor {
@@ -612,6 +621,25 @@ fn is_memory_backed(file: &File) -> bool {
     #[allow(clippy::unnecessary_cast)] // `f_type`'s integer type differs between targets.
     let kind = st.f_type as libc::c_long;
     kind == TMPFS_MAGIC || kind == RAMFS_MAGIC
+}
+
+/// Opens the file behind `file` again, with the same access mode: a new open file of the same
+/// inode (through `/proc/self/fd`, which works for unlinked files too). `None` if that fails.
+fn reopen(file: &File) -> Option<OwnedFd> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL takes no pointer; the descriptor is open.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return None;
+    }
+    let path = std::ffi::CString::new(format!("/proc/self/fd/{fd}")).ok()?;
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    let new = unsafe { libc::open(path.as_ptr(), (flags & libc::O_ACCMODE) | libc::O_CLOEXEC) };
+    if new < 0 {
+        return None;
+    }
+    // SAFETY: `new` was just opened and is owned by nothing else.
+    Some(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
 fn spawn_thread(ring: Arc<Ring>) -> io::Result<()> {
@@ -895,10 +923,10 @@ impl Ring {
         };
         // SAFETY: the iovec describes the buffer, which `&mut` gives this call alone for its
         // whole length; the call is synchronous, so nothing uses the memory after it returns.
-        // The descriptor stays open because the ring holds `self.file`.
+        // The descriptor stays open because the ring holds it (`file` or `inline_fds`).
         let n = unsafe {
             libc::preadv2(
-                self.file.as_raw_fd(),
+                self.inline_fd(),
                 &iov,
                 1,
                 offset as libc::off_t,
@@ -922,14 +950,14 @@ impl Ring {
     /// zero-fills the rest. Any error returns false, and the ring then repeats the request
     /// and reports its own result.
     fn inline_memory(&self, buf: &mut IoBuf, offset: u64, write: bool) -> bool {
-        let fd = self.file.as_raw_fd();
+        let fd = self.inline_fd();
         let mut done = 0usize;
         while done < buf.len() {
             let at = (offset + done as u64) as libc::off_t;
             let rest = buf.len() - done;
             // SAFETY: the pointer and length describe the unfinished part of the buffer, which
             // `&mut` gives this call alone; the call is synchronous. The descriptor stays open
-            // because the ring holds `self.file`.
+            // because the ring holds it (`file` or `inline_fds`).
             let n = unsafe {
                 if write {
                     libc::pwrite(fd, buf.as_ptr().add(done).cast(), rest, at)
@@ -948,6 +976,15 @@ impl Ring {
             }
         }
         true
+    }
+
+    /// The calling thread's descriptor for inline requests (see `inline_fds`).
+    fn inline_fd(&self) -> std::os::fd::RawFd {
+        let slot = &self.inline_fds[crate::sharded::my_shard()];
+        match slot.get_or_init(|| reopen(&self.file)) {
+            Some(fd) => fd.as_raw_fd(),
+            None => self.file.as_raw_fd(),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Core> {
