@@ -15,7 +15,7 @@ use crate::io::BlockFile;
 /// How strictly writes are ordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BarrierMode {
-    /// No syncs between phases: fastest, not crash safe (`cache=unsafe`).
+    /// No syncs at all, not even for `flush()`: fastest, not crash safe (`cache=unsafe`).
     None,
     /// An fdatasync between data/refcounts and the metadata that references them, and at
     /// every `flush()` (`cache=writeback`, the default).
@@ -58,8 +58,12 @@ impl Barrier {
         self.sync().await
     }
 
-    /// Unconditional sync, used by `flush()` (a flush is a flush, whatever the mode).
+    /// The sync of `flush()` and `close()`: in every mode but `None`, where flushes are
+    /// ignored as under QEMU's `cache=unsafe` (what `convert -t unsafe` relies on).
     pub(crate) async fn sync(&self) -> Result<()> {
+        if self.mode == BarrierMode::None {
+            return Ok(());
+        }
         for f in &self.files {
             f.flush().await.map_err(Error::io("syncing"))?;
         }

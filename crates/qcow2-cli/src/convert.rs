@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use qcow2_async::ops::{self, CompareResult, ConvertOptions};
-use qcow2_async::{Backing, BackingFormat, CreateOptions};
+use qcow2_async::ops::{self, CacheMode, CompareResult, ConvertOptions};
+use qcow2_async::{Backing, BackingFormat, CreateOptions, OpenOptions};
 use serde_json::json;
 
 use crate::opts::{apply_create_options, format_of, parse_format, parse_size, Result};
@@ -38,14 +38,27 @@ pub struct ConvertArgs {
     /// Quiet.
     #[arg(short = 'q')]
     quiet: bool,
+    /// Target cache mode: none, writeback, writethrough, directsync or unsafe (qemu-img's
+    /// default: unsafe, no final sync).
+    #[arg(short = 't', default_value = "unsafe")]
+    cache: String,
+    /// Source cache mode: none (O_DIRECT) or writeback; the others read like writeback.
+    #[arg(short = 'T', default_value = "writeback")]
+    src_cache: String,
     source: PathBuf,
     target: PathBuf,
 }
 
 pub async fn convert(a: ConvertArgs) -> Result<u8> {
     let sfmt = format_of(&a.source, a.src_format.as_deref())?;
-    let src = Backing::open(&a.source, sfmt, &crate::opts::ro()).await?;
+    let src_cache: CacheMode = a.src_cache.parse()?;
+    let src_opts = OpenOptions {
+        direct: src_cache.direct(),
+        ..crate::opts::ro()
+    };
+    let src = Backing::open(&a.source, sfmt, &src_opts).await?;
     let mut o = ConvertOptions::new(parse_format(&a.format)?);
+    o.target_cache = a.cache.parse()?;
     o.compress = a.compress;
     o.parallel = a.parallel.max(1);
     let mut c = CreateOptions::new(src.size());

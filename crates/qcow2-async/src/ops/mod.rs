@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 pub use commit::{commit, CommitOptions};
 pub use compare::{compare, CompareResult};
-pub use convert::{convert, ConvertOptions};
+pub use convert::{convert, CacheMode, ConvertOptions};
 pub use measure::{measure, Measure};
 pub use rebase::{rebase, RebaseOptions};
 
