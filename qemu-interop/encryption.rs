@@ -248,6 +248,8 @@ async fn luks_images_qemu_writes_read_back_exactly() {
         assert_eq!(enc["cipher-alg"], alg.cipher_alg.name(), "{opts}");
         assert_eq!(enc["cipher-mode"], alg.cipher_mode.name(), "{opts}");
         assert_eq!(enc["hash-alg"], alg.hash.name(), "{opts}");
+        // Our read-only handle would keep the read-write opens below out (image locking).
+        drop(img);
 
         // A wrong passphrase is a typed error, read-only or not (checked once: each try
         // costs a slot's PBKDF2).
@@ -556,6 +558,8 @@ async fn legacy_aes_images_read_back_read_only() {
     assert!(expected[65536..131072].iter().all(|&b| b == 0x5a));
     let img = Image::open(&p, &with_secret(true, PASS)).await.unwrap();
     assert_eq!(first_difference(&read_all(&img).await, &expected), None);
+    // A reader keeps writers out (image locking): the refusal below must be the cipher's.
+    drop(img);
 
     match Image::open(&p, &with_secret(false, PASS))
         .await

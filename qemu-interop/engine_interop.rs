@@ -498,6 +498,7 @@ async fn unsupported_features_are_refused_and_feature_bits_handled_like_qemu() {
         locked.read_at(&mut [0u8; 512], 0).await.unwrap_err(),
         Error::PassphraseRequired
     ));
+    drop(locked); // a reader keeps writers out (image locking)
     assert!(matches!(
         Image::open(&luks, &OpenOptions::default())
             .await

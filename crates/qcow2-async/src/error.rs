@@ -71,6 +71,23 @@ pub enum Error {
     /// metadata, works without one).
     #[error("the image is encrypted: a passphrase is required")]
     PassphraseRequired,
+    /// Another user of the file holds a permission this open needs, or needs one this open
+    /// does not share (QEMU's image locking, `lock.rs`); the message is QEMU's.
+    #[error(
+        "Failed to get {}\"{}\" lock\nIs another process using the image [{}]?",
+        if *shared { "shared " } else { "" },
+        permission.name(),
+        path.display()
+    )]
+    Locked {
+        /// The file whose lock byte is taken.
+        path: PathBuf,
+        /// The permission in question.
+        permission: crate::lock::Permission,
+        /// `false`: another user refuses to share this permission, which this open needs;
+        /// `true`: another user holds it, and this open does not share it.
+        shared: bool,
+    },
     /// The image ran out of addressable space or a table would exceed its limit.
     #[error("no space: {0}")]
     NoSpace(String),

@@ -110,6 +110,9 @@ struct Inner {
     /// Whether the image looks metadata-preallocated, decided once on the first block
     /// status query as QEMU does (`image/map.rs`).
     metadata_prealloc: tokio::sync::OnceCell<bool>,
+    /// QEMU-compatible locks of the image file and its data file (`lock.rs`), held until
+    /// the last handle goes. Backing images hold their own.
+    _locks: Vec<crate::lock::FileLock>,
 }
 
 impl std::fmt::Debug for Image {
@@ -140,6 +143,14 @@ impl Image {
         open: &OpenOptions,
     ) -> Result<Image> {
         let path = path.as_ref();
+        // Locked before it is truncated: an image in use is refused, not emptied (as
+        // qemu-img create). The lock goes before the reopen below, which takes its own.
+        let create_lock = crate::lock::FileLock::acquire(
+            path,
+            crate::lock::Access::qcow2(false, false)?,
+            open.locking,
+            true,
+        )?;
         let file = open_file(
             path,
             &FileOptions {
@@ -167,6 +178,7 @@ impl Image {
         }
         Self::format_file(file.clone(), create).await?;
         drop(file);
+        drop(create_lock);
         // Reopen by path so that backing and data files are resolved as for any image; a new
         // encrypted image opens with the passphrase it was created with unless told otherwise.
         match (&open.secret, &create.encryption) {
@@ -402,6 +414,14 @@ impl Image {
         depth: u32,
         chain: &mut Vec<PathBuf>,
     ) -> Result<Image> {
+        let access = crate::lock::Access::qcow2(opts.read_only, opts.force_share)?;
+        let mut locks = Vec::new();
+        locks.extend(crate::lock::FileLock::acquire(
+            path,
+            access,
+            opts.locking,
+            false,
+        )?);
         let file = open_file(
             path,
             &FileOptions {
@@ -426,6 +446,12 @@ impl Image {
             .contains(IncompatibleFeatures::EXTERNAL_DATA_FILE)
         {
             let dpath = resolve_data_file(&hdr, path, &opts.data_file)?;
+            locks.extend(crate::lock::FileLock::acquire(
+                &dpath,
+                crate::lock::Access::data_file(opts.read_only, opts.force_share)?,
+                opts.locking,
+                false,
+            )?);
             let f = open_file(
                 &dpath,
                 &FileOptions {
@@ -442,7 +468,8 @@ impl Image {
         } else {
             None
         };
-        let img = Self::open_handles(file, data, Some(path.to_path_buf()), opts, backing).await?;
+        let img =
+            Self::open_locked(file, data, Some(path.to_path_buf()), opts, backing, locks).await?;
         if direct_align > img.cluster_size() {
             return Err(Error::unsupported(
                 "O_DIRECT with clusters smaller than the device block",
@@ -464,12 +491,25 @@ impl Image {
     }
 
     /// As [`Image::open_handle`], with the external data file for images that have one.
+    ///
+    /// Nothing is locked: the caller opened the files and answers for who else uses them.
     pub async fn open_handles(
         file: Arc<dyn BlockFile>,
         data_file: Option<Arc<dyn BlockFile>>,
         path: Option<PathBuf>,
         opts: &OpenOptions,
         backing: Option<Backing>,
+    ) -> Result<Image> {
+        Self::open_locked(file, data_file, path, opts, backing, Vec::new()).await
+    }
+
+    async fn open_locked(
+        file: Arc<dyn BlockFile>,
+        data_file: Option<Arc<dyn BlockFile>>,
+        path: Option<PathBuf>,
+        opts: &OpenOptions,
+        backing: Option<Backing>,
+        locks: Vec<crate::lock::FileLock>,
     ) -> Result<Image> {
         let written = Arc::new(
             crate::io::HighWater::new(file)
@@ -595,6 +635,7 @@ impl Image {
                 decompressed,
                 payload_lock: Mutex::new(()),
                 metadata_prealloc: tokio::sync::OnceCell::new(),
+                _locks: locks,
                 crypto,
             }),
         })
@@ -1857,6 +1898,12 @@ async fn open_backing(
             Backing::Qcow2(Box::pin(Image::open_path(&path, &sub, depth + 1, chain)).await?)
         }
         BackingFormat::Raw => {
+            let lock = crate::lock::FileLock::acquire(
+                &path,
+                crate::lock::Access::raw(true),
+                opts.locking,
+                false,
+            )?;
             let f = open_file(
                 &path,
                 &FileOptions {
@@ -1869,6 +1916,7 @@ async fn open_backing(
                 },
             )
             .map_err(Error::io("opening the backing file"))?;
+            let f = crate::lock::LockedFile::wrap(f, lock);
             let len = f
                 .len()
                 .await
@@ -1905,6 +1953,12 @@ impl Backing {
         match format {
             BackingFormat::Qcow2 => Ok(Backing::Qcow2(Image::open(path, &ro).await?)),
             BackingFormat::Raw => {
+                let lock = crate::lock::FileLock::acquire(
+                    path,
+                    crate::lock::Access::raw(true),
+                    opts.locking,
+                    false,
+                )?;
                 let f = open_file(
                     path,
                     &FileOptions {
@@ -1917,6 +1971,7 @@ impl Backing {
                     },
                 )
                 .map_err(Error::io("opening a raw image"))?;
+                let f = crate::lock::LockedFile::wrap(f, lock);
                 let len = f.len().await.map_err(Error::io("sizing a raw image"))?;
                 Ok(Backing::Raw(f, len))
             }

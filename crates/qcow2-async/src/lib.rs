@@ -31,6 +31,7 @@ mod error;
 mod image;
 pub mod io;
 mod lease;
+mod lock;
 mod mapping;
 mod meta;
 pub mod ops;
@@ -48,6 +49,7 @@ pub use crypto::luks::{KdfIterations, LuksAlgorithms};
 pub use crypto::{EncryptionOptions, Secret};
 pub use error::{Error, Result};
 pub use image::{AmendOptions, Image, MapExtent, ResizeOptions};
+pub use lock::{Locking, Permission};
 pub use options::{
     BackingFormat, BackingPolicy, CreateOptions, DataFilePolicy, OpenOptions, Preallocation,
 };

@@ -176,6 +176,13 @@ pub struct OpenOptions {
     /// Passphrase of an encrypted image (`encrypt.key-secret`), also used for encrypted
     /// backing files. Without it an encrypted image opens only read-only, for its metadata.
     pub secret: Option<Secret>,
+    /// Lock the image, its data file and its backing files against other users, as QEMU
+    /// does (`file.locking`; see `lock.rs` for the bytes). A refused open fails with
+    /// [`crate::Error::Locked`].
+    pub locking: crate::Locking,
+    /// Share every permission with other users (QEMU's `force-share`, qemu-img `-U`): for
+    /// inspecting an image another process writes. Read-only opens only.
+    pub force_share: bool,
 }
 
 impl Default for OpenOptions {
@@ -194,6 +201,8 @@ impl Default for OpenOptions {
             open_for_repair: false,
             data_file: DataFilePolicy::FromImage,
             secret: None,
+            locking: crate::Locking::Auto,
+            force_share: false,
         }
     }
 }

@@ -30,6 +30,8 @@ struct Cli {
     verb: Verb,
     #[command(flatten)]
     keys: opts::KeyArgs,
+    #[command(flatten)]
+    share: opts::ShareArgs,
 }
 
 #[derive(Subcommand)]
@@ -74,7 +76,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if let Err(e) = opts::load_secret(&cli.keys) {
+    if let Err(e) = opts::load_secret(&cli.keys).and_then(|()| opts::load_share(&cli.share)) {
         eprintln!("qcow2: {e}");
         return ExitCode::from(1);
     }

@@ -54,7 +54,33 @@ pub struct KeyArgs {
     pub key_prompt: bool,
 }
 
+/// How images are shared with other processes (qemu-img's `-U` and the file driver's
+/// `locking`), for every verb.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ShareArgs {
+    /// Open read-only images without keeping writers out, and beside them (qemu-img `-U`):
+    /// for inspecting an image another process is using. Refused for writes.
+    #[arg(short = 'U', long = "force-share", global = true)]
+    pub force_share: bool,
+    /// Image locking: auto (where the kernel has OFD locks), on, off (QEMU's
+    /// `file.locking`).
+    #[arg(long = "locking", global = true, default_value = "auto")]
+    pub locking: String,
+}
+
 static SECRET: OnceLock<Option<Secret>> = OnceLock::new();
+static SHARE: OnceLock<(bool, qcow2_async::Locking)> = OnceLock::new();
+
+/// Records the sharing flags, once, before any image is opened.
+pub fn load_share(a: &ShareArgs) -> Result<()> {
+    let locking = a.locking.parse::<qcow2_async::Locking>()?;
+    let _ = SHARE.set((a.force_share, locking));
+    Ok(())
+}
+
+fn share() -> (bool, qcow2_async::Locking) {
+    SHARE.get().copied().unwrap_or_default()
+}
 
 /// Loads the passphrase the user pointed at, once, before any image is opened.
 pub fn load_secret(k: &KeyArgs) -> Result<()> {
@@ -105,18 +131,25 @@ fn secret() -> Option<Secret> {
     SECRET.get().cloned().flatten()
 }
 
-/// Read-only open options carrying the user's passphrase.
+/// Read-only open options carrying the user's passphrase and sharing flags.
 pub fn ro() -> OpenOptions {
+    let (force_share, locking) = share();
     OpenOptions {
         secret: secret(),
+        force_share,
+        locking,
         ..OpenOptions::read_only()
     }
 }
 
-/// Read-write open options carrying the user's passphrase.
+/// Read-write open options carrying the user's passphrase and sharing flags (`-U` makes
+/// the open fail, as in qemu-img).
 pub fn rw() -> OpenOptions {
+    let (force_share, locking) = share();
     OpenOptions {
         secret: secret(),
+        force_share,
+        locking,
         ..OpenOptions::default()
     }
 }

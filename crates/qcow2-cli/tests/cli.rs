@@ -622,3 +622,50 @@ fn encrypted_images_take_the_passphrase_from_a_file_or_the_environment() {
     ok(qcow2(&["info", s(&img)]));
     ok(qcow2(&["check", s(&img)]));
 }
+
+/// While qemu-nbd serves an image read-write, our verbs are refused with QEMU's message, as
+/// qemu-img's are; `-U` inspects it anyway, and is refused for writes.
+#[test]
+fn images_in_use_are_refused_and_force_share_inspects_them() {
+    let d = Dir::new();
+    let img = d.p("busy.qcow2");
+    ok(qemu(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&img), "1M"],
+    ));
+    let sock = d.p("busy.sock");
+    let mut nbd = Command::new("qemu-nbd")
+        .args(["-f", "qcow2", "-k", s(&sock), s(&img)])
+        .spawn()
+        .expect("qemu-nbd is required for these tests");
+    for _ in 0..250 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Both refuse alike while the image is in use...
+    let ours = qcow2(&["info", s(&img)]);
+    let theirs = qemu("qemu-img", &["info", s(&img)]);
+    assert!(!ours.status.success() && !theirs.status.success());
+    let (e, q) = (
+        String::from_utf8_lossy(&ours.stderr),
+        String::from_utf8_lossy(&theirs.stderr),
+    );
+    assert!(e.contains("Failed to get shared \"write\" lock"), "{e}");
+    assert!(q.contains("Failed to get shared \"write\" lock"), "{q}");
+    assert!(e.contains("Is another process using the image"), "{e}");
+    let w = qcow2(&["resize", s(&img), "2M"]);
+    assert!(!w.status.success());
+    assert!(String::from_utf8_lossy(&w.stderr).contains("Failed to get \"write\" lock"));
+    // ...and read with -U.
+    let v = json(qcow2(&["info", "-U", "--output", "json", s(&img)]));
+    assert_eq!(v["virtual-size"], 1 << 20);
+    ok(qcow2(&["check", "-U", s(&img)]));
+    let r = qcow2(&["check", "-U", "-r", "all", s(&img)]);
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("force-share"));
+    let _ = nbd.kill();
+    let _ = nbd.wait();
+    ok(qcow2(&["resize", s(&img), "2M"]));
+}

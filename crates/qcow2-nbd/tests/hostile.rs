@@ -56,6 +56,9 @@ impl Fixture {
     async fn finish(self) {
         self.server.shutdown();
         self.task.await.unwrap().unwrap();
+        // The server's handle of the image goes too: until the last one does, the image's
+        // lock keeps the checking open below out.
+        drop(self.server);
         self.img.close().await.unwrap();
         assert_clean(&self.path).await;
     }
@@ -609,6 +612,7 @@ async fn shutdown_cuts_stalled_clients_after_the_grace_period() {
         path,
         img,
         task,
+        server,
         ..
     } = f;
     tokio::time::timeout(Duration::from_secs(10), task)
@@ -619,6 +623,7 @@ async fn shutdown_cuts_stalled_clients_after_the_grace_period() {
     assert!(t0.elapsed() < Duration::from_secs(5));
     img.read_at(&mut buf, 8192).await.unwrap();
     assert_eq!(buf, vec![0; 4096], "the incomplete write never happened");
+    drop(server); // its handle of the image would keep the checking open out
     img.close().await.unwrap();
     assert_clean(&path).await;
     drop((stalled, deaf));

@@ -44,7 +44,16 @@ enum Base {
 /// the top image is grown first.
 #[instrument(skip(o))]
 pub async fn commit(top: &Path, o: &CommitOptions) -> Result<()> {
-    let img = Image::open(top, &o.open).await?;
+    // The top's own data is all commit reads, so its backing chain stays closed: opened, it
+    // would hold the base's read-only lock, which refuses the writer commit needs.
+    let img = Image::open(
+        top,
+        &OpenOptions {
+            backing: crate::options::BackingPolicy::Ignore,
+            ..o.open.clone()
+        },
+    )
+    .await?;
     let h = img.header().await;
     let Some(name) = h.backing_file.clone() else {
         return Err(Error::InvalidArgument(
@@ -59,7 +68,14 @@ pub async fn commit(top: &Path, o: &CommitOptions) -> Result<()> {
     let size = img.virtual_size();
     let base = match fmt {
         BackingFormat::Qcow2 => {
-            let b = Image::open(&bpath, &OpenOptions::default()).await?;
+            let b = Image::open(
+                &bpath,
+                &OpenOptions {
+                    locking: o.open.locking,
+                    ..OpenOptions::default()
+                },
+            )
+            .await?;
             if b.virtual_size() < size {
                 b.resize(size.div_ceil(512) * 512, ResizeOptions::default())
                     .await?;
@@ -67,8 +83,15 @@ pub async fn commit(top: &Path, o: &CommitOptions) -> Result<()> {
             Base::Qcow2(b)
         }
         BackingFormat::Raw => {
+            let lock = crate::lock::FileLock::acquire(
+                &bpath,
+                crate::lock::Access::raw(false),
+                o.open.locking,
+                false,
+            )?;
             let f = open_file(&bpath, &FileOptions::default())
                 .map_err(Error::io("opening the backing file"))?;
+            let f = crate::lock::LockedFile::wrap(f, lock);
             if f.len().await.map_err(Error::io("sizing the base"))? < size {
                 f.set_len(size)
                     .await
