@@ -71,6 +71,11 @@ pub enum Error {
     /// metadata, works without one).
     #[error("the image is encrypted: a passphrase is required")]
     PassphraseRequired,
+    /// A metadata write failed after the engine's view of the image had moved ahead of the
+    /// disk in a way it cannot undo: writes are stopped (the disk keeps its last consistent
+    /// state, at worst with leaked clusters) until the image is reopened.
+    #[error("writes stopped after a failed metadata update ({0}); reopen the image")]
+    Halted(String),
     /// Another user of the file holds a permission this open needs, or needs one this open
     /// does not share (QEMU's image locking, `lock.rs`); the message is QEMU's.
     #[error(

@@ -113,6 +113,8 @@ struct Inner {
     /// QEMU-compatible locks of the image file and its data file (`lock.rs`), held until
     /// the last handle goes. Backing images hold their own.
     _locks: Vec<crate::lock::FileLock>,
+    /// Operations dropped by their callers and still finishing (`detach.rs`).
+    detached: Arc<crate::detach::Detached>,
 }
 
 impl std::fmt::Debug for Image {
@@ -636,9 +638,23 @@ impl Image {
                 payload_lock: Mutex::new(()),
                 metadata_prealloc: tokio::sync::OnceCell::new(),
                 _locks: locks,
+                detached: Arc::default(),
                 crypto,
             }),
         })
+    }
+
+    /// Runs `op` on a clone of this handle so that it finishes even if the returned future
+    /// is dropped (`detach.rs`).
+    fn to_completion<T, F>(
+        &self,
+        op: impl FnOnce(Image) -> F,
+    ) -> crate::detach::ToCompletion<'_, Result<T>>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T>> + Send + 'static,
+    {
+        crate::detach::ToCompletion::new(&self.inner.detached, op(self.clone()))
     }
 
     /// The path the image was opened from, if any.
@@ -695,8 +711,12 @@ impl Image {
         // The flag is published so that a write need not take the metadata lock; the
         // message is there too once it is set.
         if self.inner.regions.is_corrupt() {
-            if let Some(c) = &self.inner.meta.lock().await.corrupt {
+            let meta = self.inner.meta.lock().await;
+            if let Some(c) = &meta.corrupt {
                 return Err(Error::Corrupt(c.clone()));
+            }
+            if let Some(h) = &meta.halted {
+                return Err(Error::Halted(h.clone()));
             }
         }
         Ok(())
@@ -734,6 +754,11 @@ impl Image {
     // ------------------------------------------------------------------ reads
 
     /// Reads `buf.len()` bytes at guest `offset`.
+    ///
+    /// Cancellation: safe to drop at any point; nothing is left half done (a metadata table
+    /// it was loading is just not cached). The same holds for every method that only reads:
+    /// [`Image::read_buf`], [`Image::read_vectored`], [`Image::read_snapshot_at`],
+    /// [`Image::map`], the listings and queries.
     #[instrument(level = "debug", skip(self, buf), fields(len = buf.len()))]
     pub async fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let _instant = self.inner.snap_lock.read().await;
@@ -909,8 +934,18 @@ impl Image {
     /// Unlike QEMU, which fails with EIO when the cluster is already allocated, an existing
     /// mapping is replaced and its old cluster released like on any overwrite. Images with
     /// an external data file cannot hold compressed clusters (QEMU: -ENOTSUP).
+    ///
+    /// Cancellation: once polled, the operation runs to completion even if this future is
+    /// dropped (on the runtime, and [`Image::close`] waits for it); only its result is lost.
     #[instrument(level = "debug", skip(self, buf), fields(len = buf.len()))]
     pub async fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        let buf = buf.to_vec();
+        self.to_completion(move |img| async move { img.write_compressed_now(offset, &buf).await })
+            .await
+    }
+
+    /// [`Image::write_compressed`] in place: dropping this future stops it where it is.
+    pub(crate) async fn write_compressed_now(&self, offset: u64, buf: &[u8]) -> Result<()> {
         if self.inner.crypto.is_encrypted() {
             // QEMU refuses too: a compressed payload has no sector layout to encrypt.
             return Err(Error::unsupported(
@@ -950,7 +985,7 @@ impl Image {
             None => self.write_cluster(gc, 0, buf).await?,
         }
         if self.inner.barrier == BarrierMode::Full {
-            self.flush().await?;
+            self.flush_now().await?;
         }
         Ok(())
     }
@@ -1010,8 +1045,18 @@ impl Image {
     }
 
     /// Writes `buf` at guest `offset`.
+    ///
+    /// Cancellation: once polled, the operation runs to completion even if this future is
+    /// dropped (on the runtime, and [`Image::close`] waits for it); only its result is lost.
     #[instrument(level = "debug", skip(self, buf), fields(len = buf.len()))]
     pub async fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let buf = buf.to_vec();
+        self.to_completion(move |img| async move { img.write_at_now(&buf, offset).await })
+            .await
+    }
+
+    /// [`Image::write_at`] in place: dropping this future stops it where it is.
+    pub(crate) async fn write_at_now(&self, buf: &[u8], offset: u64) -> Result<()> {
         let _instant = self.inner.snap_lock.read().await;
         self.check_writable().await?;
         self.check_range(offset, buf.len() as u64)?;
@@ -1022,7 +1067,7 @@ impl Image {
         let writes = self.write_jobs(offset, buf);
         join_all_bounded(writes.into_iter(), WRITE_PARALLELISM).await?;
         if self.inner.barrier == BarrierMode::Full {
-            self.flush().await?;
+            self.flush_now().await?;
         }
         Ok(())
     }
@@ -1227,8 +1272,17 @@ impl Image {
     /// Makes `[offset, offset + len)` read as zeros. With `unmap`, whole clusters are
     /// deallocated; without it they keep their host cluster (v3 "zero-alloc"). On v2 images,
     /// which have no zero flag, zeros are written where the range would not read as zeros.
+    ///
+    /// Cancellation: once polled, the operation runs to completion even if this future is
+    /// dropped (on the runtime, and [`Image::close`] waits for it); only its result is lost.
     #[instrument(level = "debug", skip(self))]
     pub async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.to_completion(move |img| async move { img.write_zeroes_now(offset, len, unmap).await })
+            .await
+    }
+
+    /// [`Image::write_zeroes`] in place: dropping this future stops it where it is.
+    pub(crate) async fn write_zeroes_now(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         let _instant = self.inner.snap_lock.read().await;
         self.check_writable().await?;
         self.check_range(offset, len)?;
@@ -1276,15 +1330,24 @@ impl Image {
             }
         }
         if self.inner.barrier == BarrierMode::Full {
-            self.flush().await?;
+            self.flush_now().await?;
         }
         Ok(())
     }
 
     /// Discards whole clusters in the range (partial clusters are left alone, as QEMU does).
     /// On v3 they then read as zeros; on v2 they fall through to the backing file.
+    ///
+    /// Cancellation: once polled, the operation runs to completion even if this future is
+    /// dropped (on the runtime, and [`Image::close`] waits for it); only its result is lost.
     #[instrument(level = "debug", skip(self))]
     pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.to_completion(move |img| async move { img.discard_now(offset, len).await })
+            .await
+    }
+
+    /// [`Image::discard`] in place: dropping this future stops it where it is.
+    pub(crate) async fn discard_now(&self, offset: u64, len: u64) -> Result<()> {
         let _instant = self.inner.snap_lock.read().await;
         self.check_writable().await?;
         self.check_range(offset, len)?;
@@ -1330,8 +1393,17 @@ impl Image {
     /// Recounts every reference and compares with the on-disk refcounts, like
     /// `qemu-img check`. With `repair`, fixes what the mode allows (like `-r leaks|all`) and
     /// reports the state afterwards. Guest I/O waits while a check runs.
+    ///
+    /// Cancellation: once polled, the operation runs to completion even if this future is
+    /// dropped (on the runtime, and [`Image::close`] waits for it); only its result is lost.
     #[instrument(skip(self))]
     pub async fn check(&self, repair: Option<RepairMode>) -> Result<CheckReport> {
+        self.to_completion(move |img| async move { img.check_now(repair).await })
+            .await
+    }
+
+    /// [`Image::check`] in place: dropping this future stops it where it is.
+    pub(crate) async fn check_now(&self, repair: Option<RepairMode>) -> Result<CheckReport> {
         if repair.is_some() && self.inner.read_only {
             return Err(Error::ReadOnly);
         }
@@ -1342,8 +1414,18 @@ impl Image {
     /// Creates an internal snapshot of the disk as it is now (like `qemu-img snapshot -c`).
     /// Requests that completed before the call are in it; requests that start after it
     /// returns are not.
+    ///
+    /// Cancellation: once polled, the operation runs to completion even if this future is
+    /// dropped (on the runtime, and [`Image::close`] waits for it); only its result is lost.
     #[instrument(skip(self))]
     pub async fn create_snapshot(&self, name: &str) -> Result<SnapshotInfo> {
+        let name = name.to_owned();
+        self.to_completion(move |img| async move { img.create_snapshot_now(&name).await })
+            .await
+    }
+
+    /// [`Image::create_snapshot`] in place: dropping this future stops it where it is.
+    pub(crate) async fn create_snapshot_now(&self, name: &str) -> Result<SnapshotInfo> {
         self.check_writable().await?;
         let _all = self.inner.snap_lock.write().await;
         self.inner.meta.lock().await.create_snapshot(name).await
@@ -1356,8 +1438,18 @@ impl Image {
     }
 
     /// Reverts the disk to a snapshot, found by id or else by name (`qemu-img snapshot -a`).
+    ///
+    /// Cancellation: once polled, the operation runs to completion even if this future is
+    /// dropped (on the runtime, and [`Image::close`] waits for it); only its result is lost.
     #[instrument(skip(self))]
     pub async fn apply_snapshot(&self, id_or_name: &str) -> Result<()> {
+        let id_or_name = id_or_name.to_owned();
+        self.to_completion(move |img| async move { img.apply_snapshot_now(&id_or_name).await })
+            .await
+    }
+
+    /// [`Image::apply_snapshot`] in place: dropping this future stops it where it is.
+    pub(crate) async fn apply_snapshot_now(&self, id_or_name: &str) -> Result<()> {
         self.check_writable().await?;
         let _all = self.inner.snap_lock.write().await;
         let mut meta = self.inner.meta.lock().await;
@@ -1378,8 +1470,18 @@ impl Image {
     }
 
     /// Deletes a snapshot, found by id or else by name (`qemu-img snapshot -d`).
+    ///
+    /// Cancellation: once polled, the operation runs to completion even if this future is
+    /// dropped (on the runtime, and [`Image::close`] waits for it); only its result is lost.
     #[instrument(skip(self))]
     pub async fn delete_snapshot(&self, id_or_name: &str) -> Result<()> {
+        let id_or_name = id_or_name.to_owned();
+        self.to_completion(move |img| async move { img.delete_snapshot_now(&id_or_name).await })
+            .await
+    }
+
+    /// [`Image::delete_snapshot`] in place: dropping this future stops it where it is.
+    pub(crate) async fn delete_snapshot_now(&self, id_or_name: &str) -> Result<()> {
         self.check_writable().await?;
         let _all = self.inner.snap_lock.write().await;
         self.inner
@@ -1447,8 +1549,17 @@ impl Image {
     }
 
     /// Makes every write that completed before the call durable (invariant 10).
+    ///
+    /// Cancellation: once polled, the operation runs to completion even if this future is
+    /// dropped (on the runtime, and [`Image::close`] waits for it); only its result is lost.
     #[instrument(level = "debug", skip(self))]
     pub async fn flush(&self) -> Result<()> {
+        self.to_completion(move |img| async move { img.flush_now().await })
+            .await
+    }
+
+    /// [`Image::flush`] in place: dropping this future stops it where it is.
+    pub(crate) async fn flush_now(&self) -> Result<()> {
         if self.inner.read_only {
             return Ok(());
         }
@@ -1460,8 +1571,17 @@ impl Image {
     /// Flushes and closes this handle: refcounts are written and, with lazy refcounts, the
     /// dirty bit is cleared. Other clones stay usable (their next write marks the image
     /// dirty again).
+    ///
+    /// Operations whose futures were dropped before they completed still finish in the
+    /// background (see "Cancellation" on each method); `close` waits for them first, so
+    /// that what it writes back includes them.
+    ///
+    /// Cancellation: dropping `close` itself leaves the image as after a `flush` that may
+    /// or may not have happened: consistent, possibly still marked dirty (lazy refcounts)
+    /// or with bitmaps in use, which the next open handles as after a crash.
     #[instrument(skip(self))]
     pub async fn close(self) -> Result<()> {
+        self.inner.detached.wait_idle().await;
         if self.inner.read_only {
             return Ok(());
         }
@@ -1469,6 +1589,9 @@ impl Image {
         if meta.corrupt.is_some() {
             // Writing back could spread the damage; what was flushed before stays.
             return Ok(());
+        }
+        if let Some(h) = &meta.halted {
+            return Err(Error::Halted(h.clone()));
         }
         if meta.bitmaps.has_consistent() {
             meta.store_bitmaps(false).await?;
@@ -1539,8 +1662,18 @@ impl Image {
     }
 
     /// Adds an empty persistent bitmap (`qemu-img bitmap --add`).
+    ///
+    /// Cancellation: once polled, the operation runs to completion even if this future is
+    /// dropped (on the runtime, and [`Image::close`] waits for it); only its result is lost.
     #[instrument(skip(self, opts))]
     pub async fn add_bitmap(&self, name: &str, opts: &BitmapOptions) -> Result<()> {
+        let (name, opts) = (name.to_owned(), opts.clone());
+        self.to_completion(move |img| async move { img.add_bitmap_now(&name, &opts).await })
+            .await
+    }
+
+    /// [`Image::add_bitmap`] in place: dropping this future stops it where it is.
+    pub(crate) async fn add_bitmap_now(&self, name: &str, opts: &BitmapOptions) -> Result<()> {
         let opts = opts.clone();
         let name = name.to_string();
         self.manage_bitmaps(move |m| Box::pin(async move { m.add_bitmap(&name, &opts).await }))
@@ -1548,32 +1681,79 @@ impl Image {
     }
 
     /// Removes a bitmap and frees its clusters (`--remove`); inconsistent ones too.
+    ///
+    /// Cancellation: once polled, the operation runs to completion even if this future is
+    /// dropped (on the runtime, and [`Image::close`] waits for it); only its result is lost.
     #[instrument(skip(self))]
     pub async fn remove_bitmap(&self, name: &str) -> Result<()> {
+        let name = name.to_owned();
+        self.to_completion(move |img| async move { img.remove_bitmap_now(&name).await })
+            .await
+    }
+
+    /// [`Image::remove_bitmap`] in place: dropping this future stops it where it is.
+    pub(crate) async fn remove_bitmap_now(&self, name: &str) -> Result<()> {
         let name = name.to_string();
         self.manage_bitmaps(move |m| Box::pin(async move { m.remove_bitmap(&name).await }))
             .await
     }
 
     /// Clears every bit of a bitmap (`--clear`).
+    ///
+    /// Cancellation: once polled, the operation runs to completion even if this future is
+    /// dropped (on the runtime, and [`Image::close`] waits for it); only its result is lost.
     #[instrument(skip(self))]
     pub async fn clear_bitmap(&self, name: &str) -> Result<()> {
+        let name = name.to_owned();
+        self.to_completion(move |img| async move { img.clear_bitmap_now(&name).await })
+            .await
+    }
+
+    /// [`Image::clear_bitmap`] in place: dropping this future stops it where it is.
+    pub(crate) async fn clear_bitmap_now(&self, name: &str) -> Result<()> {
         let name = name.to_string();
         self.manage_bitmaps(move |m| Box::pin(async move { m.clear_bitmap(&name).await }))
             .await
     }
 
     /// Starts (`true`, `--enable`) or stops (`--disable`) recording writes in a bitmap.
+    ///
+    /// Cancellation: once polled, the operation runs to completion even if this future is
+    /// dropped (on the runtime, and [`Image::close`] waits for it); only its result is lost.
     #[instrument(skip(self))]
     pub async fn enable_bitmap(&self, name: &str, enabled: bool) -> Result<()> {
+        let name = name.to_owned();
+        self.to_completion(move |img| async move { img.enable_bitmap_now(&name, enabled).await })
+            .await
+    }
+
+    /// [`Image::enable_bitmap`] in place: dropping this future stops it where it is.
+    pub(crate) async fn enable_bitmap_now(&self, name: &str, enabled: bool) -> Result<()> {
         let name = name.to_string();
         self.manage_bitmaps(move |m| Box::pin(async move { m.enable_bitmap(&name, enabled).await }))
             .await
     }
 
     /// Adds the dirty bits of every bitmap in `sources` to `target` (`--merge`).
+    ///
+    /// Cancellation: once polled, the operation runs to completion even if this future is
+    /// dropped (on the runtime, and [`Image::close`] waits for it); only its result is lost.
     #[instrument(skip(self))]
     pub async fn merge_bitmaps(&self, target: &str, sources: &[&str]) -> Result<()> {
+        let target = target.to_owned();
+        let sources: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
+        self.to_completion(move |img| async move {
+            img.merge_bitmaps_now(
+                &target,
+                &sources.iter().map(String::as_str).collect::<Vec<_>>(),
+            )
+            .await
+        })
+        .await
+    }
+
+    /// [`Image::merge_bitmaps`] in place: dropping this future stops it where it is.
+    pub(crate) async fn merge_bitmaps_now(&self, target: &str, sources: &[&str]) -> Result<()> {
         let target = target.to_string();
         let sources: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
         self.manage_bitmaps(move |m| {

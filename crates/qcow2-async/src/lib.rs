@@ -26,6 +26,7 @@ mod cache;
 mod check;
 mod compress;
 mod crypto;
+mod detach;
 mod direct;
 mod error;
 mod image;

@@ -65,6 +65,11 @@ pub(crate) struct Meta {
     pub(crate) decompressed: Arc<DecompressedCache>,
     pub(crate) discard_passthrough: bool,
     pub(crate) corrupt: Option<String>,
+    /// Set when a metadata write failed after memory had moved ahead of the disk in a way
+    /// that cannot be undone (a refcount table growth): every later write and write-back is
+    /// refused with [`Error::Halted`], so the diverged state never reaches the disk, which
+    /// keeps its last consistent state (at worst with leaked clusters).
+    pub(crate) halted: Option<String>,
     cache_clusters: usize,
     /// Opened read-write: corruption then sets the header's corrupt bit.
     pub(crate) writable: bool,
@@ -144,6 +149,7 @@ impl Meta {
             )),
             discard_passthrough: false,
             corrupt: None,
+            halted: None,
             cache_clusters,
             writable: false,
             lazy: false,
@@ -348,24 +354,69 @@ impl Meta {
                 self.blocks
                     .insert(new_off, vec![0u8; cs as usize].into_boxed_slice(), true);
             }
-            // The block must be on disk before anything points at it.
-            self.write_blocks().await?;
-            self.barrier.order().await?;
-            if (rt as usize) < self.reftable.len() {
+            // The block must be on disk before anything points at it, and memory points at
+            // it only once the disk does: a failed write leaves both as they were.
+            let in_table = (rt as usize) < self.reftable.len();
+            let placed: Result<()> = async {
+                self.write_blocks().await?;
+                self.barrier.order().await?;
+                if in_table {
+                    let entry_off = self.hdr.header.refcount_table_offset + rt * 8;
+                    self.write(entry_off, &new_off.to_be_bytes(), "refcount table entry")
+                        .await?;
+                    self.barrier.order().await?;
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(e) = placed {
+                // Unreferenced on disk (at worst referenced by an entry whose sync failed:
+                // a leak), so the cached copy must go before the cluster is reused.
+                self.blocks.remove(new_off);
+                if !refblock_covers_itself(new_off, rt, self.geo.cluster_bits(), self.order) {
+                    self.set_refcount(new_block, 0).await?;
+                }
+                return Err(e);
+            }
+            if in_table {
                 self.reftable[rt as usize] = new_off;
                 self.regions.add_refblock(new_off);
-                let entry_off = self.hdr.header.refcount_table_offset + rt * 8;
-                self.write(entry_off, &new_off.to_be_bytes(), "refcount table entry")
-                    .await?;
-                self.barrier.order().await?;
                 return Ok(true);
             }
-            self.grow_reftable(cluster, rt, new_off).await?;
+            if let Err(e) = self.grow_reftable(cluster, rt, new_off).await {
+                if self.halted.is_none() {
+                    // Not grown: the new block is as unreferenced as after a failed entry.
+                    self.blocks.remove(new_off);
+                    if !refblock_covers_itself(new_off, rt, self.geo.cluster_bits(), self.order) {
+                        self.set_refcount(new_block, 0).await?;
+                    }
+                }
+                return Err(e);
+            }
             Ok(true)
         })
     }
 
+    /// Stops all further writes after a failed metadata update that memory already reflects
+    /// (see `halted`). Returns `e` itself, for the request that hit it; later ones get
+    /// [`Error::Halted`].
+    pub(crate) fn halt(&mut self, what: &'static str, e: Error) -> Error {
+        let msg = format!("{what}: {e}");
+        tracing::error!("qcow2: stopping writes: {msg}");
+        if self.halted.is_none() {
+            self.halted = Some(msg);
+        }
+        // The flag that makes writers look here (`Image::check_writable`).
+        self.regions.set_corrupt(true);
+        e
+    }
+
     /// QEMU's reftable growth (reference §3.3 step 6 and §3.4).
+    ///
+    /// Until the header points at the new table, the disk still uses the old one: a failed
+    /// write before that puts memory back as it was (old table, no new blocks), so the image
+    /// goes on as if the growth had not been tried. Only a header write whose sync failed
+    /// leaves the disk undecided between the tables; then writes halt (`Meta::halt`).
     async fn grow_reftable(&mut self, cluster: u64, rt: u64, new_off: u64) -> Result<()> {
         let cs = self.cs();
         let bits = self.geo.cluster_bits();
@@ -382,36 +433,59 @@ impl Meta {
             &self.limits,
         )
         .map_err(|e| Error::NoSpace(format!("refcount table cannot grow: {e}")))?;
-        for &(_, off) in &plan.new_blocks {
-            self.evict_blocks().await?;
-            self.blocks
-                .insert(off, vec![0u8; cs as usize].into_boxed_slice(), true);
-        }
-        let old_table = std::mem::replace(&mut self.reftable, plan.table.clone());
-        self.regions
-            .set_refblocks(self.reftable.iter().copied().filter(|&o| o != 0).collect());
-        for c in plan.start_offset / cs..plan.end_offset / cs {
-            self.set_refcount(c, 1).await?;
-        }
-        self.write_blocks().await?;
-        self.barrier.order().await?;
-        let mut bytes = Vec::with_capacity(plan.table.len() * 8);
-        for e in &plan.table {
-            bytes.extend_from_slice(&e.to_be_bytes());
-        }
-        self.write(plan.table_offset, &bytes, "refcount table")
-            .await?;
-        self.barrier.order().await?;
+        let old_table = self.reftable.clone();
         let old_off = self.hdr.header.refcount_table_offset;
         let old_clusters = self.hdr.header.refcount_table_clusters;
-        self.hdr.header.refcount_table_offset = plan.table_offset;
-        self.hdr.header.refcount_table_clusters = plan.table_clusters as u32;
-        self.write_header().await?;
-        self.barrier.order().await?;
-        drop(old_table);
-        // The header no longer points at the old table: free it now.
-        self.update_refcount(old_off, u64::from(old_clusters) * cs, -1)
-            .await?;
+        let prepared: Result<()> = async {
+            for &(_, off) in &plan.new_blocks {
+                self.evict_blocks().await?;
+                self.blocks
+                    .insert(off, vec![0u8; cs as usize].into_boxed_slice(), true);
+            }
+            self.reftable = plan.table.clone();
+            self.regions
+                .set_refblocks(self.reftable.iter().copied().filter(|&o| o != 0).collect());
+            for c in plan.start_offset / cs..plan.end_offset / cs {
+                self.set_refcount(c, 1).await?;
+            }
+            self.write_blocks().await?;
+            self.barrier.order().await?;
+            let mut bytes = Vec::with_capacity(plan.table.len() * 8);
+            for e in &plan.table {
+                bytes.extend_from_slice(&e.to_be_bytes());
+            }
+            self.write(plan.table_offset, &bytes, "refcount table")
+                .await?;
+            self.barrier.order().await?;
+            self.hdr.header.refcount_table_offset = plan.table_offset;
+            self.hdr.header.refcount_table_clusters = plan.table_clusters as u32;
+            self.write_header().await
+        }
+        .await;
+        if let Err(e) = prepared {
+            // The header was not written: the disk uses the old table. Undo.
+            self.hdr.header.refcount_table_offset = old_off;
+            self.hdr.header.refcount_table_clusters = old_clusters;
+            self.reftable = old_table;
+            self.regions
+                .set_refblocks(self.reftable.iter().copied().filter(|&o| o != 0).collect());
+            for &(_, off) in &plan.new_blocks {
+                self.blocks.remove(off);
+            }
+            return Err(e);
+        }
+        if let Err(e) = self.barrier.order().await {
+            return Err(self.halt("switching to the grown refcount table", e));
+        }
+        // The header no longer points at the old table: free it now (or at the next
+        // write-back, if a refcount block cannot be loaded or evicted now: only a leak).
+        // Cluster by cluster, so that exactly the ones not yet freed are deferred.
+        for c in 0..u64::from(old_clusters) {
+            let off = old_off + c * cs;
+            if self.update_refcount(off, cs, -1).await.is_err() {
+                self.free_later(off, cs);
+            }
+        }
         Ok(())
     }
 
@@ -816,6 +890,9 @@ impl Meta {
 
     /// Writes all dirty metadata in crash-safe order, then applies deferred frees.
     pub(crate) async fn writeback(&mut self) -> Result<()> {
+        if let Some(m) = &self.halted {
+            return Err(Error::Halted(m.clone()));
+        }
         let dirty_l2 = self.l2.dirty();
         let mapping_changes = !dirty_l2.is_empty() || !self.l1_dirty_sectors.is_empty();
         if self.lazy {

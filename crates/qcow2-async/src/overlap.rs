@@ -166,7 +166,8 @@ impl Regions {
             .is_none()
     }
 
-    /// Set once corruption is found: every later write is refused.
+    /// Set once corruption is found, or writes are halted after a failed metadata update
+    /// (`Meta::halt`): every later write is refused, with the reason kept in `Meta`.
     pub(crate) fn is_corrupt(&self) -> bool {
         self.corrupt.load(Ordering::Acquire)
     }

@@ -28,8 +28,25 @@ impl Image {
     /// Records a different backing file name and format in the header without touching
     /// any data (`qemu-img rebase -u`). This handle keeps reading from the backing file it
     /// opened; the new one is used from the next open.
+    ///
+    /// Cancellation: once polled, the operation runs to completion even if this future is
+    /// dropped (on the runtime, and [`Image::close`] waits for it); only its result is lost.
     #[instrument(skip(self))]
     pub async fn set_backing_name(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        let (name, format) = (name.map(str::to_owned), format.map(str::to_owned));
+        self.to_completion(move |img| async move {
+            img.set_backing_name_now(name.as_deref(), format.as_deref())
+                .await
+        })
+        .await
+    }
+
+    /// [`Image::set_backing_name`] in place: dropping this future stops it where it is.
+    pub(crate) async fn set_backing_name_now(
+        &self,
+        name: Option<&str>,
+        format: Option<&str>,
+    ) -> Result<()> {
         self.check_writable().await?;
         let _all = self.inner.snap_lock.write().await;
         let mut meta = self.inner.meta.lock().await;
@@ -53,8 +70,18 @@ impl Image {
     /// on (v3 only) or off (refcounts are written and the dirty bit cleared first); compat
     /// 0.10 images can be upgraded to 1.1, and 1.1 images that use nothing v2 lacks can be
     /// downgraded. Changing the refcount width is refused with a typed error.
+    ///
+    /// Cancellation: once polled, the operation runs to completion even if this future is
+    /// dropped (on the runtime, and [`Image::close`] waits for it); only its result is lost.
     #[instrument(skip(self))]
     pub async fn amend(&self, o: &AmendOptions) -> Result<()> {
+        let o = o.clone();
+        self.to_completion(move |img| async move { img.amend_now(&o).await })
+            .await
+    }
+
+    /// [`Image::amend`] in place: dropping this future stops it where it is.
+    pub(crate) async fn amend_now(&self, o: &AmendOptions) -> Result<()> {
         self.check_writable().await?;
         if let Some(bits) = o.refcount_bits {
             let cur = self.inner.meta.lock().await.order.bits();
@@ -151,8 +178,17 @@ impl Image {
 
     /// Drops every mapping of the active image so that it reads through to its backing
     /// file again (what `qemu-img commit` does to the top image afterwards).
+    ///
+    /// Cancellation: once polled, the operation runs to completion even if this future is
+    /// dropped (on the runtime, and [`Image::close`] waits for it); only its result is lost.
     #[instrument(skip(self))]
     pub async fn make_empty(&self) -> Result<()> {
+        self.to_completion(move |img| async move { img.make_empty_now().await })
+            .await
+    }
+
+    /// [`Image::make_empty`] in place: dropping this future stops it where it is.
+    pub(crate) async fn make_empty_now(&self) -> Result<()> {
         self.check_writable().await?;
         let _all = self.inner.snap_lock.write().await;
         let cs = self.cluster_size();

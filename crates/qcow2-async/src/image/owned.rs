@@ -50,11 +50,17 @@ impl Image {
 
     /// Writes all of `buf` at guest `offset` and returns the buffer.
     ///
-    /// Cancellation: dropping the future is safe at any point (the buffer is freed once the
-    /// kernel is done with it); whether the write happened is then unknown, as for any
-    /// interrupted write.
+    /// Cancellation: once polled, the write runs to completion even if this future is
+    /// dropped (on the runtime, and [`Image::close`] waits for it); the buffer is then freed
+    /// when it is done.
     #[instrument(level = "debug", skip(self, buf), fields(len = buf.len()))]
     pub async fn write_buf(&self, buf: IoBuf, offset: u64) -> Result<IoBuf> {
+        self.to_completion(move |img| async move { img.write_buf_now(buf, offset).await })
+            .await
+    }
+
+    /// [`Image::write_buf`] in place: dropping this future stops it where it is.
+    pub(crate) async fn write_buf_now(&self, buf: IoBuf, offset: u64) -> Result<IoBuf> {
         let len = buf.len() as u64;
         let align = self.write_align();
         let inc = offset & (self.cluster_size() - 1);
@@ -79,12 +85,12 @@ impl Image {
                 drop(lease);
                 drop(instant);
                 if self.inner.barrier == BarrierMode::Full {
-                    self.flush().await?;
+                    self.flush_now().await?;
                 }
                 return Ok(buf);
             }
         }
-        self.write_at(&buf, offset).await?;
+        self.write_at_now(&buf, offset).await?;
         Ok(buf)
     }
 
@@ -129,7 +135,17 @@ impl Image {
     /// kernel as one vectored request; otherwise each buffer is written as by
     /// [`Image::write_buf`]. Cancellation: as for [`Image::write_buf`].
     #[instrument(level = "debug", skip(self, bufs), fields(segments = bufs.len()))]
-    pub async fn write_vectored(&self, mut bufs: Vec<IoBuf>, offset: u64) -> Result<Vec<IoBuf>> {
+    pub async fn write_vectored(&self, bufs: Vec<IoBuf>, offset: u64) -> Result<Vec<IoBuf>> {
+        self.to_completion(move |img| async move { img.write_vectored_now(bufs, offset).await })
+            .await
+    }
+
+    /// [`Image::write_vectored`] in place: dropping this future stops it where it is.
+    pub(crate) async fn write_vectored_now(
+        &self,
+        mut bufs: Vec<IoBuf>,
+        offset: u64,
+    ) -> Result<Vec<IoBuf>> {
         let len = total_len(&bufs)?;
         let align = self.write_align();
         let inc = offset & (self.cluster_size() - 1);
@@ -159,7 +175,7 @@ impl Image {
                 drop(lease);
                 drop(instant);
                 if self.inner.barrier == BarrierMode::Full {
-                    self.flush().await?;
+                    self.flush_now().await?;
                 }
                 return Ok(bufs);
             }
@@ -168,7 +184,7 @@ impl Image {
         for buf in &mut bufs {
             let b = std::mem::replace(buf, IoBuf::from_vec(Vec::new()));
             let n = b.len() as u64;
-            *buf = self.write_buf(b, at).await?;
+            *buf = self.write_buf_now(b, at).await?;
             at += n;
         }
         Ok(bufs)

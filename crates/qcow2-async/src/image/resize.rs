@@ -24,8 +24,17 @@ impl Image {
     /// size needed; on growth over a longer backing file the new area reads as zeros, not
     /// as backing data; shrinking frees the clusters past the new end. Enabled bitmaps are
     /// resized with the disk.
+    ///
+    /// Cancellation: once polled, the operation runs to completion even if this future is
+    /// dropped (on the runtime, and [`Image::close`] waits for it); only its result is lost.
     #[instrument(skip(self))]
     pub async fn resize(&self, new_size: u64, opts: ResizeOptions) -> Result<()> {
+        self.to_completion(move |img| async move { img.resize_now(new_size, opts).await })
+            .await
+    }
+
+    /// [`Image::resize`] in place: dropping this future stops it where it is.
+    pub(crate) async fn resize_now(&self, new_size: u64, opts: ResizeOptions) -> Result<()> {
         self.check_writable().await?;
         let cs = self.cluster_size();
         if new_size % 512 != 0 {
@@ -113,9 +122,9 @@ impl Image {
             let tail_end = (old.div_ceil(cs) * cs).min(new_size);
             let end = backing_end.max(tail_end);
             if end > old {
-                self.write_zeroes(old, end - old, false).await?;
+                self.write_zeroes_now(old, end - old, false).await?;
             }
         }
-        self.flush().await
+        self.flush_now().await
     }
 }
