@@ -483,7 +483,11 @@ impl Meta {
                     break t;
                 }
                 Err(qcow2_format::Error::Truncated { needed, .. }) if needed > want => {
-                    want = needed;
+                    // Geometric growth: a table read one missing entry at a time would be
+                    // decoded once per entry (65536 entries took minutes).
+                    want = needed
+                        .max(want.saturating_mul(2))
+                        .min(self.limits.max_snapshot_table_bytes.max(needed));
                 }
                 Err(e) => {
                     s.report.corrupt(format!("snapshot table: {e}"));
