@@ -1345,3 +1345,51 @@ async fn owned_buffers_reach_the_file_without_a_copy() {
     assert!(back[..50].iter().all(|&b| b == 5) && back[50..].iter().all(|&b| b == 6));
     img.close().await.unwrap();
 }
+
+/// Misses of different L2 tables do not wait for each other: while the load of one table
+/// is held pending, a read that needs another uncached table loads it and completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misses_of_different_tables_do_not_wait_for_each_other() {
+    use std::time::Duration;
+    const GIB: u64 = 1 << 30;
+    let mem: Arc<dyn BlockFile> = Arc::new(MemFile::from_bytes(Vec::new()));
+    Image::format_file(mem.clone(), &CreateOptions::new(4 * GIB))
+        .await
+        .unwrap();
+    {
+        let img = Image::open_handle(mem.clone(), None, &OpenOptions::default(), None)
+            .await
+            .unwrap();
+        img.write_at(&[1; 4096], 0).await.unwrap();
+        img.write_at(&[2; 4096], 3 * GIB).await.unwrap();
+        img.close().await.unwrap();
+    }
+    // Reopened: neither table is cached.
+    let gate = GateFile::new(mem.clone());
+    let img = Image::open_handle(gate.clone(), None, &OpenOptions::default(), None)
+        .await
+        .unwrap();
+    gate.hold_read
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let held = gate.holding.notified();
+    let first = {
+        let img = img.clone();
+        tokio::spawn(async move {
+            let mut b = vec![0u8; 4096];
+            img.read_at(&mut b, 0).await.unwrap();
+            b
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("the first table's load is held");
+    let mut b = vec![0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(10), img.read_at(&mut b, 3 * GIB))
+        .await
+        .expect("a miss of another table waited for the held load")
+        .unwrap();
+    assert_eq!(b, vec![2; 4096]);
+    gate.release.add_permits(1);
+    assert_eq!(first.await.unwrap(), vec![1; 4096]);
+    img.close().await.unwrap();
+}

@@ -789,10 +789,28 @@ impl Image {
     /// The mapping of guest cluster `gc`, whose lease the caller holds: from the published
     /// L2 tables when cached (no metadata lock), else through `Meta`, which loads the table.
     async fn lookup(&self, gc: u64) -> Result<(L2Entry, SubclusterBitmap)> {
-        match self.inner.mapping.lookup(gc) {
-            Some(hit) => Ok(hit),
-            None => self.inner.meta.lock().await.lookup(gc).await,
+        if let Some(hit) = self.inner.mapping.lookup(gc) {
+            return Ok(hit);
         }
+        // A miss reads its table without the metadata lock, so that misses of different
+        // tables (and everything else that needs the lock) do not wait for each other's I/O.
+        let (l2, token) = match self.inner.meta.lock().await.probe(gc).await? {
+            crate::meta::Probe::Found(entry) => return Ok(entry),
+            crate::meta::Probe::Load { l2, token } => (l2, token),
+        };
+        let cs = self.cluster_size();
+        let bytes = self
+            .inner
+            .file
+            .read_at(IoBuf::zeroed(cs as usize, 1), l2)
+            .await
+            .map_err(Error::io("reading an L2 table"))?;
+        self.inner
+            .meta
+            .lock()
+            .await
+            .lookup_loaded(gc, l2, token, &bytes)
+            .await
     }
 
     /// Whether guest data may be written into host cluster `host`: checked against the

@@ -174,6 +174,18 @@ pub(crate) struct L2Cache {
     /// Which L1 index links each published table (host offset -> L1 index).
     linked: HashMap<u64, u64>,
     index: Arc<MappingIndex>,
+    /// Tables being read outside the metadata lock (host offset -> readers, generation).
+    /// The generation moves whenever the table enters the cache (or the cache is cleared):
+    /// a table's bytes on disk change only through its cached copy, so bytes read while the
+    /// generation stood still are the table's current contents if it is still not cached.
+    loading: HashMap<u64, (usize, u64)>,
+}
+
+/// A read of an L2 table begun outside the metadata lock ([`L2Cache::begin_load`]).
+#[derive(Debug)]
+pub(crate) struct LoadToken {
+    host: u64,
+    generation: u64,
 }
 
 impl L2Cache {
@@ -182,7 +194,33 @@ impl L2Cache {
             cache: MetadataCache::new(capacity),
             linked: HashMap::new(),
             index,
+            loading: HashMap::new(),
         }
+    }
+
+    /// Records that the table at `host`, not cached, is being read without the lock.
+    pub(crate) fn begin_load(&mut self, host: u64) -> LoadToken {
+        let e = self.loading.entry(host).or_insert((0, 0));
+        e.0 += 1;
+        LoadToken {
+            host,
+            generation: e.1,
+        }
+    }
+
+    /// Ends a read begun by [`Self::begin_load`]: whether its bytes may be cached, that is,
+    /// the table is still not cached and did not enter the cache meanwhile. (A reader whose
+    /// future was dropped never ends its read; its count stays, harmlessly.)
+    pub(crate) fn finish_load(&mut self, t: LoadToken) -> bool {
+        let Some(e) = self.loading.get_mut(&t.host) else {
+            return false;
+        };
+        e.0 -= 1;
+        let valid = e.1 == t.generation;
+        if e.0 == 0 {
+            self.loading.remove(&t.host);
+        }
+        valid && !self.cache.contains(t.host)
     }
 
     pub(crate) fn index(&self) -> &Arc<MappingIndex> {
@@ -199,6 +237,9 @@ impl L2Cache {
     }
 
     pub(crate) fn insert(&mut self, host: u64, table: L2Table, dirty: bool) {
+        if let Some(e) = self.loading.get_mut(&host) {
+            e.1 += 1;
+        }
         self.remove(host);
         self.cache.insert(host, Arc::new(table), dirty);
         self.index.update(|t| t.cached.insert(host));
@@ -279,6 +320,9 @@ impl L2Cache {
             t.cached.clear();
         });
         self.linked.clear();
+        for e in self.loading.values_mut() {
+            e.1 += 1;
+        }
         self.cache = MetadataCache::new(self.cache.capacity());
     }
 }
@@ -413,5 +457,33 @@ mod tests {
         // Reserved bits set: the slow path reports the corruption.
         c.get(0x20000).unwrap().set_word(0, 0x0000_0000_0000_00ff);
         assert!(idx.lookup(0).is_none());
+    }
+
+    #[test]
+    fn a_table_read_without_the_lock_is_cached_only_if_nothing_cached_it_meanwhile() {
+        let (_, _, mut c) = setup(4);
+        // Nothing happened meanwhile: the bytes are current.
+        let t = c.begin_load(0x10000);
+        assert!(c.finish_load(t));
+        // Someone else cached (and may have changed) the table meanwhile.
+        let t = c.begin_load(0x10000);
+        c.insert(0x10000, L2Table::zeroed(65536), true);
+        assert!(!c.finish_load(t));
+        // ...even if it was evicted again before the reader came back.
+        c.remove(0x10000);
+        let t = c.begin_load(0x10000);
+        c.insert(0x10000, L2Table::zeroed(65536), false);
+        c.remove(0x10000);
+        assert!(!c.finish_load(t));
+        // The cache was cleared (tables or the L1 replaced on disk).
+        let t = c.begin_load(0x20000);
+        c.clear();
+        assert!(!c.finish_load(t));
+        // Two readers of one table: each is judged on its own, and other tables do not count.
+        let (a, b) = (c.begin_load(0x30000), c.begin_load(0x30000));
+        c.insert(0x40000, L2Table::zeroed(65536), false);
+        assert!(c.finish_load(a));
+        assert!(c.finish_load(b));
+        assert!(c.loading.is_empty());
     }
 }

@@ -680,6 +680,46 @@ impl Meta {
             .map_err(|e| Error::Corrupt(format!("L1 entry {l1_index}: {e}")))
     }
 
+    /// The L2 entry of guest cluster `gc` if its table is cached (or there is none);
+    /// otherwise where the table is, for the caller to read without the metadata lock and
+    /// hand to [`Meta::lookup_loaded`], so that misses of different tables overlap.
+    pub(crate) async fn probe(&mut self, gc: u64) -> Result<Probe> {
+        let pos = self
+            .geo
+            .locate(qcow2_format::GuestOffset(gc << self.geo.cluster_bits()));
+        match self.l1_entry(pos.l1_index)?.l2_offset {
+            Some(l2) if !self.l2.contains(l2.0) => Ok(Probe::Load {
+                l2: l2.0,
+                token: self.l2.begin_load(l2.0),
+            }),
+            _ => Ok(Probe::Found(self.lookup(gc).await?)),
+        }
+    }
+
+    /// [`Meta::lookup`] with the table's bytes read since [`Meta::probe`]: they are cached
+    /// if they are still current (see `L2Cache::loading`) and the L1 entry still points at
+    /// them; otherwise they are dropped and the table is read again under the lock.
+    pub(crate) async fn lookup_loaded(
+        &mut self,
+        gc: u64,
+        l2: u64,
+        token: crate::mapping::LoadToken,
+        bytes: &[u8],
+    ) -> Result<(L2Entry, SubclusterBitmap)> {
+        let pos = self
+            .geo
+            .locate(qcow2_format::GuestOffset(gc << self.geo.cluster_bits()));
+        let current = self.l2.finish_load(token);
+        let same = self.l1_entry(pos.l1_index)?.l2_offset.map(|o| o.0) == Some(l2);
+        if current && same && bytes.len() as u64 == self.cs() {
+            self.evict_l2().await?;
+            if !self.l2.contains(l2) {
+                self.l2.insert(l2, L2Table::from_bytes(bytes), false);
+            }
+        }
+        self.lookup(gc).await
+    }
+
     /// The L2 entry (and subcluster bitmap) of guest cluster `gc`.
     pub(crate) async fn lookup(&mut self, gc: u64) -> Result<(L2Entry, SubclusterBitmap)> {
         let pos = self
@@ -971,6 +1011,17 @@ async fn read_exact(file: &Arc<dyn BlockFile>, off: u64, len: u64) -> Result<Vec
         .await
         .map_err(Error::io("reading metadata"))?;
     Ok(buf.into_vec())
+}
+
+/// What [`Meta::probe`] found.
+pub(crate) enum Probe {
+    /// The entry, from a cached table (or unallocated: no table).
+    Found((L2Entry, SubclusterBitmap)),
+    /// The table at host offset `l2` must be read first.
+    Load {
+        l2: u64,
+        token: crate::mapping::LoadToken,
+    },
 }
 
 pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
