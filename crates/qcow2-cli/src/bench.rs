@@ -153,7 +153,7 @@ pub async fn bench(a: BenchArgs) -> Result<u8> {
     }
     let blocks = size / bs;
     if a.output != "json" {
-        println!(
+        outln!(
             "Sending {} {} requests, {} bytes each, {} in parallel (starting at offset {}, step size {})",
             a.count,
             match (a.write, a.read_percent) {
@@ -273,10 +273,10 @@ pub async fn bench(a: BenchArgs) -> Result<u8> {
             "cpu-seconds": cpu_run, "cpu-us-per-request": cpu_us,
             "peak-rss-kib": peak_rss_kib(),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("Run completed in {run:.3} seconds.");
-        println!(
+        outln!("Run completed in {run:.3} seconds.");
+        outln!(
             "{iops:.0} IOPS, {mibs:.1} MiB/s; latency p50 {:.1} µs, p99 {:.1} µs, p99.9 {:.1} µs; CPU {cpu_us:.1} µs per request; {total:.3} s including close; peak RSS {} KiB",
             pct(0.5),
             pct(0.99),

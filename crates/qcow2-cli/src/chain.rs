@@ -61,7 +61,7 @@ pub async fn resize(a: ResizeArgs) -> Result<u8> {
     img.close().await?;
     r?;
     if !a.quiet {
-        println!("Image resized.");
+        outln!("Image resized.");
     }
     Ok(0)
 }
@@ -99,7 +99,7 @@ pub async fn commit(a: CommitArgs) -> Result<u8> {
         b.finish();
     }
     if !a.quiet {
-        println!("Image committed.");
+        outln!("Image committed.");
     }
     Ok(0)
 }

@@ -52,7 +52,7 @@ pub async fn check(a: CheckArgs) -> Result<u8> {
         img.close().await?;
     }
     if a.output == "json" {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&check_json(&report, &a.filename))?
         );
@@ -92,28 +92,28 @@ fn print_human(r: &CheckReport, repaired: bool) {
         eprintln!("{m}");
     }
     if repaired && (r.leaks_fixed > 0 || r.corruptions_fixed > 0) {
-        println!("The following inconsistencies were found and repaired:\n");
-        println!("    {} leaked clusters", r.leaks_fixed);
-        println!("    {} corruptions\n", r.corruptions_fixed);
-        println!("Double checking the fixed image now...");
+        outln!("The following inconsistencies were found and repaired:\n");
+        outln!("    {} leaked clusters", r.leaks_fixed);
+        outln!("    {} corruptions\n", r.corruptions_fixed);
+        outln!("Double checking the fixed image now...");
     }
     if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
-        println!("No errors were found on the image.");
+        outln!("No errors were found on the image.");
     }
     if r.corruptions > 0 {
-        println!(
+        outln!(
             "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
             r.corruptions
         );
     }
     if r.leaks > 0 {
-        println!(
+        outln!(
             "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.",
             r.leaks
         );
     }
     if r.check_errors > 0 {
-        println!(
+        outln!(
             "\n{} internal errors have occurred during the check.",
             r.check_errors
         );
@@ -121,7 +121,7 @@ fn print_human(r: &CheckReport, repaired: bool) {
     if r.total_clusters > 0 && r.allocated_clusters > 0 {
         let pct = |n: u64| n as f64 * 100.0 / r.total_clusters as f64;
         let frag = |n: u64| n as f64 * 100.0 / r.allocated_clusters as f64;
-        println!(
+        outln!(
             "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
             r.allocated_clusters,
             r.total_clusters,
@@ -131,7 +131,7 @@ fn print_human(r: &CheckReport, repaired: bool) {
         );
     }
     if r.image_end_offset > 0 {
-        println!("Image end offset: {}", r.image_end_offset);
+        outln!("Image end offset: {}", r.image_end_offset);
     }
 }
 
@@ -178,13 +178,13 @@ pub async fn map(a: MapArgs) -> Result<u8> {
                 s
             })
             .collect();
-        println!("[{}]", lines.join(",\n"));
+        outln!("[{}]", lines.join(",\n"));
     } else {
         // The human format lists only data with a host offset, per file.
-        println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+        outln!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
         let names = chain_names(&img, &a.filename);
         for e in extents.iter().filter(|e| e.data && e.offset.is_some()) {
-            println!(
+            outln!(
                 "{:<16}{:<16}{:<16}{}",
                 hex(e.start),
                 hex(e.length),

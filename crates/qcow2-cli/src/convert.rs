@@ -143,9 +143,9 @@ pub async fn compare(a: CompareArgs) -> Result<u8> {
     };
     if !a.quiet {
         match r {
-            CompareResult::Identical => println!("Images are identical."),
-            CompareResult::Mismatch(off) => println!("Content mismatch at offset {off}!"),
-            CompareResult::SizeMismatch => println!("Image size mismatch!"),
+            CompareResult::Identical => outln!("Images are identical."),
+            CompareResult::Mismatch(off) => outln!("Content mismatch at offset {off}!"),
+            CompareResult::SizeMismatch => outln!("Image size mismatch!"),
         }
     }
     Ok(r.exit_code())
@@ -198,12 +198,12 @@ pub async fn measure(a: MeasureArgs) -> Result<u8> {
         if let Some(b) = m.bitmaps {
             v["bitmaps"] = json!(b);
         }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("required size: {}", m.required);
-        println!("fully allocated size: {}", m.fully_allocated);
+        outln!("required size: {}", m.required);
+        outln!("fully allocated size: {}", m.fully_allocated);
         if let Some(b) = m.bitmaps {
-            println!("bitmaps size: {b}");
+            outln!("bitmaps size: {b}");
         }
     }
     Ok(0)

@@ -154,39 +154,39 @@ async fn run(a: &DemoArgs, dir: &std::path::Path) -> Result<u8> {
         .filter(|(g, m)| g != m)
         .count();
     let mib = bytes as f64 / (1 << 20) as f64;
-    println!(
+    outln!(
         "qcow2 demo: {total} writes from {} tasks over a backing chain",
         a.tasks
     );
-    println!(
+    outln!(
         "  wrote {mib:.1} MiB in {:.2} s ({:.0} IOPS, {:.1} MiB/s)",
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64(),
         mib / elapsed.as_secs_f64()
     );
     if mismatches == 0 {
-        println!("  verified: every 4 KiB block of the 256 MiB disk matches the model");
+        outln!("  verified: every 4 KiB block of the 256 MiB disk matches the model");
     } else {
-        println!("  VERIFICATION FAILED: {mismatches} blocks differ from the model");
+        outln!("  VERIFICATION FAILED: {mismatches} blocks differ from the model");
         return Ok(2);
     }
     let verdict = |ok: bool| if ok { "ok" } else { "FAILED" };
-    println!(
+    outln!(
         "  bitmap since-create names exactly the {} written 64 KiB granules: {}",
         written.len(),
         verdict(bitmap_ok)
     );
-    println!(
+    outln!(
         "  snapshot after-workload keeps its data under a later write: {}",
         verdict(snapshot_ok)
     );
-    println!(
+    outln!(
         "  compressed copy: {:.1} MiB file in {:.2} s, identical to the chain: {}",
         csize as f64 / (1 << 20) as f64,
         ctime.as_secs_f64(),
         verdict(copy_ok)
     );
-    println!(
+    outln!(
         "  check: image {:?}, compressed copy {:?} ({} compressed clusters)",
         check.verdict(),
         ccheck.verdict(),

@@ -90,48 +90,48 @@ pub async fn info(a: InfoArgs) -> Result<u8> {
         if let Some(f) = &h.backing_format {
             v["backing-filename-format"] = json!(f);
         }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("image: {}", a.filename.display());
-        println!("file format: qcow2");
-        println!(
+        outln!("image: {}", a.filename.display());
+        outln!("file format: qcow2");
+        outln!(
             "virtual size: {} ({} bytes)",
             human(img.virtual_size()),
             img.virtual_size()
         );
-        println!("disk size: {}", human(disk));
-        println!("cluster_size: {}", img.cluster_size());
+        outln!("disk size: {}", human(disk));
+        outln!("cluster_size: {}", img.cluster_size());
         if let Some(b) = &h.backing_file {
-            println!("backing file: {b}");
+            outln!("backing file: {b}");
         }
         if let Some(f) = &h.backing_format {
-            println!("backing file format: {f}");
+            outln!("backing file format: {f}");
         }
         if !snaps.is_empty() {
             crate::snapshot::print_list(&snaps);
         }
-        println!("Format specific information:");
-        println!("    compat: {compat}");
-        println!("    compression type: {ctype}");
+        outln!("Format specific information:");
+        outln!("    compat: {compat}");
+        outln!("    compression type: {ctype}");
         if hd.version == Version::V3 {
-            println!("    lazy refcounts: {lazy}");
+            outln!("    lazy refcounts: {lazy}");
         }
         if !bitmaps.is_empty() {
-            println!("    bitmaps:");
+            outln!("    bitmaps:");
             for (i, b) in bitmaps.iter().enumerate() {
-                println!("        [{i}]:");
-                println!("            flags:");
+                outln!("        [{i}]:");
+                outln!("            flags:");
                 for (j, f) in flags(b).iter().enumerate() {
-                    println!("                [{j}]: {f}");
+                    outln!("                [{j}]: {f}");
                 }
-                println!("            name: {}", b.name);
-                println!("            granularity: {}", b.granularity);
+                outln!("            name: {}", b.name);
+                outln!("            granularity: {}", b.granularity);
             }
         }
-        println!("    refcount bits: {}", hd.refcount_order.bits());
+        outln!("    refcount bits: {}", hd.refcount_order.bits());
         if hd.version == Version::V3 {
-            println!("    corrupt: {corrupt}");
-            println!("    extended l2: {ext_l2}");
+            outln!("    corrupt: {corrupt}");
+            outln!("    extended l2: {ext_l2}");
         }
     }
     Ok(0)
@@ -204,7 +204,7 @@ pub async fn create(a: CreateArgs) -> Result<u8> {
     let img = Image::create(&a.filename, &o, &crate::opts::rw()).await?;
     img.close().await?;
     if !a.quiet {
-        println!(
+        outln!(
             "Formatting '{}', fmt=qcow2 cluster_size={} size={}",
             a.filename.display(),
             o.cluster_size,

@@ -4,6 +4,15 @@
 //! exit codes follow qemu-img; where this tool is stricter (a shrink that would cut data)
 //! the help text says so.
 
+/// `println!` for the tool's output: when stdout is closed early (`qcow2 info | head`) the
+/// process ends quietly with status 141, as it would by the SIGPIPE that Rust ignores,
+/// instead of panicking in `println!`.
+macro_rules! outln {
+    ($($t:tt)*) => {
+        $crate::write_out(format_args!($($t)*))
+    };
+}
+
 mod bench;
 mod chain;
 mod check;
@@ -16,6 +25,19 @@ mod serve;
 mod snapshot;
 
 use std::process::ExitCode;
+
+/// Writes one line of output (see `outln!`).
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("qcow2: writing the output: {e}");
+        std::process::exit(1);
+    }
+}
 
 use clap::{Parser, Subcommand};
 

@@ -49,7 +49,7 @@ pub async fn snapshot(a: SnapshotArgs) -> Result<u8> {
         let list = img.list_snapshots().await?;
         if a.output == "json" {
             let v: Vec<_> = list.iter().map(snapshot_json).collect();
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            outln!("{}", serde_json::to_string_pretty(&v)?);
         } else if !list.is_empty() {
             print_list(&list);
         }
@@ -84,10 +84,15 @@ pub fn snapshot_json(s: &SnapshotInfo) -> serde_json::Value {
 }
 
 pub fn print_list(list: &[SnapshotInfo]) {
-    println!("Snapshot list:");
-    println!(
+    outln!("Snapshot list:");
+    outln!(
         "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}",
-        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+        "ID",
+        "TAG",
+        "VM_SIZE",
+        "DATE",
+        "VM_CLOCK",
+        "ICOUNT"
     );
     for s in list {
         let secs = s.vm_clock_nsec / 1_000_000_000;
@@ -98,7 +103,7 @@ pub fn print_list(list: &[SnapshotInfo]) {
             secs % 60,
             s.vm_clock_nsec / 1_000_000 % 1000
         );
-        println!(
+        outln!(
             "{:<7} {:<17} {:>7} {:>19} {:>15} {:>10}",
             s.id,
             s.name,

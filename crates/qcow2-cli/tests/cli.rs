@@ -669,3 +669,39 @@ fn images_in_use_are_refused_and_force_share_inspects_them() {
     let _ = nbd.wait();
     ok(qcow2(&["resize", s(&img), "2M"]));
 }
+
+/// Output into a pipe its reader closed (`qcow2 snapshot -l … | head -1`) ends the tool
+/// quietly, as SIGPIPE ends qemu-img, instead of a panic.
+#[test]
+fn a_closed_stdout_ends_the_tool_without_a_panic() {
+    use std::io::Read;
+    let d = Dir::new();
+    let img = d.p("many.qcow2");
+    ok(qemu(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&img), "64M"],
+    ));
+    // 65536 snapshot entries that read as zeros past the end (iotest 080-7): a long listing.
+    let mut b = std::fs::read(&img).unwrap();
+    b[60..64].copy_from_slice(&0x10000u32.to_be_bytes());
+    b[64..72].copy_from_slice(&0x100_0000u64.to_be_bytes());
+    std::fs::write(&img, b).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_qcow2"))
+        .args(["snapshot", "-l", s(&img)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(141), "{err}");
+}
