@@ -1314,6 +1314,26 @@ async fn owned_buffers_reach_the_file_without_a_copy() {
     );
     let flat: Vec<u8> = back.iter().flat_map(|b| b.iter().copied()).collect();
     assert!(flat[..512].iter().all(|&b| b == 3) && flat[512..].iter().all(|&b| b == 4));
+
+    // A run of whole clusters that allocates: the caller's buffer is the one written.
+    let data = bytes::Bytes::from(vec![5u8; 4 * 65536]);
+    let p = data.as_ptr();
+    let back = img.write_buf(IoBuf::from(data), 1 << 20).await.unwrap();
+    assert_eq!(back.as_ptr(), p, "the buffer comes back");
+    assert!(reached(p), "write_buf copied a run of whole clusters");
+    let mut run = vec![0u8; 4 * 65536 + 4096];
+    img.read_at(&mut run, (1 << 20) - 4096).await.unwrap();
+    assert!(run[..4096].iter().all(|&b| b == 0) && run[4096..].iter().all(|&b| b == 5));
+    // Over those clusters again (allocated now): written per cluster, same bytes out.
+    img.write_buf(IoBuf::from_vec(vec![6u8; 2 * 65536]), 1 << 20)
+        .await
+        .unwrap();
+    img.read_at(&mut run[..2 * 65536], 1 << 20).await.unwrap();
+    assert!(run[..2 * 65536].iter().all(|&b| b == 6));
+    assert_eq!(
+        img.check(None).await.unwrap().verdict(),
+        qcow2_async::Verdict::Clean
+    );
     img.close().await.unwrap();
 
     // O_DIRECT: an aligned buffer goes to the kernel without the aligned bounce copy; the

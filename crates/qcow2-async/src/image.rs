@@ -1128,17 +1128,28 @@ impl Image {
     /// goes its own way through [`Self::write_cluster`]. The leases are taken in ascending
     /// order, and every other path holds one lease at a time, so runs cannot deadlock.
     async fn write_run(&self, gc0: u64, data: &[u8]) -> Result<()> {
+        self.write_run_data(gc0, RunData::Slice(data))
+            .await
+            .map(|_| ())
+    }
+
+    /// Whole clusters one by one, each under its own lease.
+    async fn write_clusters(&self, gc0: u64, data: &[u8]) -> Result<()> {
         let cs = self.cluster_size();
-        let n = data.len() as u64 / cs;
-        let per_cluster = || async {
-            let jobs = (0..n).map(|i| {
-                let d = &data[(i * cs) as usize..((i + 1) * cs) as usize];
-                Box::pin(self.write_cluster(gc0 + i, 0, d)) as BoxFuture<'_, Result<()>>
-            });
-            join_all_bounded(jobs, WRITE_PARALLELISM).await
-        };
+        let jobs = data.chunks(cs as usize).enumerate().map(|(i, d)| {
+            Box::pin(self.write_cluster(gc0 + i as u64, 0, d)) as BoxFuture<'_, Result<()>>
+        });
+        join_all_bounded(jobs, WRITE_PARALLELISM).await
+    }
+
+    /// [`Image::write_run`] on borrowed or owned bytes; an owned buffer goes to the kernel
+    /// as it is when the run is allocated in one piece, and comes back.
+    async fn write_run_data(&self, gc0: u64, data: RunData<'_>) -> Result<Option<IoBuf>> {
+        let cs = self.cluster_size();
+        let n = data.bytes().len() as u64 / cs;
         if n < 2 {
-            return per_cluster().await;
+            self.write_clusters(gc0, data.bytes()).await?;
+            return Ok(data.into_owned());
         }
         let mut leases = Vec::with_capacity(n as usize);
         for gc in gc0..gc0 + n {
@@ -1156,7 +1167,8 @@ impl Image {
                 } => {
                     drop(meta);
                     drop(leases);
-                    return per_cluster().await;
+                    self.write_clusters(gc0, data.bytes()).await?;
+                    return Ok(data.into_owned());
                 }
                 _ => old.push(entry),
             }
@@ -1169,7 +1181,14 @@ impl Image {
             }
         }
         drop(meta);
-        let result = self.write_in_place(host, data).await;
+        let (result, back) = match data {
+            RunData::Slice(d) => (self.write_in_place(host, d).await, None),
+            // Only for plain images (`write_whole_clusters_buf`): no cipher to apply.
+            RunData::Owned(b) => match self.inner.data.write_at(b, host).await {
+                Ok(b) => (Ok(()), Some(b)),
+                Err(e) => (Err(Error::io("writing guest data")(e)), None),
+            },
+        };
         let mut meta = self.inner.meta.lock().await;
         if let Err(e) = result {
             // Nothing references the new clusters yet: give them back at once.
@@ -1189,7 +1208,36 @@ impl Image {
             .await?;
             self.release(&mut meta, entry);
         }
-        Ok(())
+        Ok(back)
+    }
+
+    /// [`Image::write_at_now`] for an owned buffer of whole clusters at a cluster boundary
+    /// (a run of at most [`MAX_RUN`], standard L2 entries, no data file, no encryption; the
+    /// caller checks): a run that allocates writes the caller's buffer without a copy.
+    pub(crate) async fn write_whole_clusters_buf(&self, buf: IoBuf, offset: u64) -> Result<IoBuf> {
+        let len = buf.len() as u64;
+        let _instant = self.inner.snap_lock.read().await;
+        self.check_writable().await?;
+        self.check_range(offset, len)?;
+        self.mark_bitmaps(offset, len).await?;
+        let gc0 = offset >> self.inner.geo.cluster_bits();
+        let back = self.write_run_data(gc0, RunData::Owned(buf)).await?;
+        if self.inner.barrier == BarrierMode::Full {
+            self.flush_now().await?;
+        }
+        Ok(back.expect("an owned run gives its buffer back"))
+    }
+
+    /// Whether [`Image::write_whole_clusters_buf`] takes a request.
+    pub(crate) fn whole_clusters_run(&self, offset: u64, len: u64) -> bool {
+        let cs = self.cluster_size();
+        offset % cs == 0
+            && len % cs == 0
+            && len >= 2 * cs
+            && len <= MAX_RUN * cs
+            && !self.inner.geo.extended_l2()
+            && !self.inner.external
+            && !self.inner.crypto.is_encrypted()
     }
 
     async fn write_in_place(&self, host: u64, data: &[u8]) -> Result<()> {
@@ -2173,6 +2221,28 @@ impl Backing {
                 let len = f.len().await.map_err(Error::io("sizing a raw image"))?;
                 Ok(Backing::Raw(f, len))
             }
+        }
+    }
+}
+
+/// The bytes of a run write: the caller's slice, or its owned buffer (given back).
+enum RunData<'a> {
+    Slice(&'a [u8]),
+    Owned(IoBuf),
+}
+
+impl RunData<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            RunData::Slice(s) => s,
+            RunData::Owned(b) => b,
+        }
+    }
+
+    fn into_owned(self) -> Option<IoBuf> {
+        match self {
+            RunData::Slice(_) => None,
+            RunData::Owned(b) => Some(b),
         }
     }
 }

@@ -81,7 +81,9 @@ impl Image {
     /// that does not cover whole sectors completes them from their current contents.
     pub(super) async fn write_data(&self, host: u64, data: &[u8]) -> Result<()> {
         let buf = match self.inner.crypto.data()? {
-            None => IoBuf::from_slice(data, 1),
+            // Aligned for O_DIRECT already, so the byte-granular view passes it through
+            // instead of copying it a second time.
+            None => IoBuf::from_slice(data, self.inner.direct_align as usize),
             Some(c) => {
                 if c.iv_sector == IvSector::Guest {
                     // Legacy AES images open read-only (`check_features`); keep it so.

@@ -90,6 +90,9 @@ impl Image {
                 return Ok(buf);
             }
         }
+        if self.whole_clusters_run(offset, len) {
+            return self.write_whole_clusters_buf(buf, offset).await;
+        }
         self.write_at_now(&buf, offset).await?;
         Ok(buf)
     }
