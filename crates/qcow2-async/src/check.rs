@@ -11,8 +11,7 @@ use qcow2_format::bitmap::{decode_bitmap_table, BitmapDirectory, BitmapTableEntr
 use qcow2_format::growth::refcount_metadata_size;
 use qcow2_format::l2::decode_extended;
 use qcow2_format::{
-    AutoclearFeatures, IncompatibleFeatures, L1Entry, L2Entry, ReftableEntry, SnapshotTable,
-    Version,
+    AutoclearFeatures, IncompatibleFeatures, L1Entry, L2Entry, ReftableEntry, Version,
 };
 
 use crate::error::{Error, Result};
@@ -463,36 +462,22 @@ impl Meta {
     }
 
     async fn scan_snapshots(&mut self, s: &mut Scan) {
-        let h = self.hdr.header.clone();
-        let version = h.version.number();
-        let mut want = 65536u64.min(self.limits.max_snapshot_table_bytes);
-        let table = loop {
-            let bytes = match self.read_bytes(h.snapshots_offset, want).await {
-                Ok(b) => b,
-                Err(e) => {
-                    s.report.check_errors += 1;
-                    s.report
-                        .messages
-                        .push(format!("ERROR reading snapshot table: {e}"));
-                    return;
-                }
-            };
-            match SnapshotTable::decode(&bytes, h.nb_snapshots, version, &self.limits) {
-                Ok((t, used)) => {
-                    s.add(h.snapshots_offset, used as u64, "snapshot table");
-                    break t;
-                }
-                Err(qcow2_format::Error::Truncated { needed, .. }) if needed > want => {
-                    // Geometric growth: a table read one missing entry at a time would be
-                    // decoded once per entry (65536 entries took minutes).
-                    want = needed
-                        .max(want.saturating_mul(2))
-                        .min(self.limits.max_snapshot_table_bytes.max(needed));
-                }
-                Err(e) => {
-                    s.report.corrupt(format!("snapshot table: {e}"));
-                    return;
-                }
+        let at = self.hdr.header.snapshots_offset;
+        let table = match self.read_snapshot_table().await {
+            Ok((t, used)) => {
+                s.add(at, used as u64, "snapshot table");
+                t
+            }
+            Err(Error::Format { source, .. }) => {
+                s.report.corrupt(format!("snapshot table: {source}"));
+                return;
+            }
+            Err(e) => {
+                s.report.check_errors += 1;
+                s.report
+                    .messages
+                    .push(format!("ERROR reading snapshot table: {e}"));
+                return;
             }
         };
         for snap in &table.entries {
@@ -564,14 +549,7 @@ impl Meta {
     }
 
     pub(crate) async fn read_bytes(&self, off: u64, len: u64) -> Result<Vec<u8>> {
-        let len =
-            usize::try_from(len).map_err(|_| Error::InvalidArgument("read too large".into()))?;
-        let b = self
-            .file
-            .read_at(crate::io::IoBuf::zeroed(len, 1), off)
-            .await
-            .map_err(Error::io("reading metadata"))?;
-        Ok(b.into_vec())
+        crate::meta::read_exact(&self.file, off, len).await
     }
 
     /// Writes fresh refcount structures describing exactly `refs` (plus themselves) past

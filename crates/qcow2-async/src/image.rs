@@ -798,13 +798,7 @@ impl Image {
             crate::meta::Probe::Found(entry) => return Ok(entry),
             crate::meta::Probe::Load { l2, token } => (l2, token),
         };
-        let cs = self.cluster_size();
-        let bytes = self
-            .inner
-            .file
-            .read_at(IoBuf::zeroed(cs as usize, 1), l2)
-            .await
-            .map_err(Error::io("reading an L2 table"))?;
+        let bytes = crate::meta::read_exact(&self.inner.file, l2, self.cluster_size()).await?;
         self.inner
             .meta
             .lock()
@@ -1075,19 +1069,35 @@ impl Image {
 
     /// [`Image::write_at`] in place: dropping this future stops it where it is.
     pub(crate) async fn write_at_now(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.guarded_write(offset, buf.len() as u64, async {
+            // The clusters of one request are written concurrently (each under its own
+            // lease), so a large request keeps several I/Os in flight. On an error the
+            // others still finish, so nothing is left half-mapped.
+            let writes = self.write_jobs(offset, buf);
+            join_all_bounded(writes.into_iter(), WRITE_PARALLELISM).await
+        })
+        .await
+    }
+
+    /// What every guest write of `[offset, offset + len)` does around its data: inside one
+    /// snapshot instant, refused on a read-only or corrupt image or out of range, bitmaps
+    /// marked before the data moves (invariant 6), and a flush after it with
+    /// `BarrierMode::Full`.
+    async fn guarded_write<T>(
+        &self,
+        offset: u64,
+        len: u64,
+        write: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
         let _instant = self.inner.snap_lock.read().await;
         self.check_writable().await?;
-        self.check_range(offset, buf.len() as u64)?;
-        self.mark_bitmaps(offset, buf.len() as u64).await?;
-        // The clusters of one request are written concurrently (each under its own lease),
-        // so a large request keeps several I/Os in flight. On an error the others still
-        // finish, so nothing is left half-mapped.
-        let writes = self.write_jobs(offset, buf);
-        join_all_bounded(writes.into_iter(), WRITE_PARALLELISM).await?;
+        self.check_range(offset, len)?;
+        self.mark_bitmaps(offset, len).await?;
+        let done = write.await?;
         if self.inner.barrier == BarrierMode::Full {
             self.flush_now().await?;
         }
-        Ok(())
+        Ok(done)
     }
 
     /// The jobs of one write: a cluster each, except that whole clusters in the middle go
@@ -1215,16 +1225,12 @@ impl Image {
     /// (a run of at most [`MAX_RUN`], standard L2 entries, no data file, no encryption; the
     /// caller checks): a run that allocates writes the caller's buffer without a copy.
     pub(crate) async fn write_whole_clusters_buf(&self, buf: IoBuf, offset: u64) -> Result<IoBuf> {
-        let len = buf.len() as u64;
-        let _instant = self.inner.snap_lock.read().await;
-        self.check_writable().await?;
-        self.check_range(offset, len)?;
-        self.mark_bitmaps(offset, len).await?;
         let gc0 = offset >> self.inner.geo.cluster_bits();
-        let back = self.write_run_data(gc0, RunData::Owned(buf)).await?;
-        if self.inner.barrier == BarrierMode::Full {
-            self.flush_now().await?;
-        }
+        let back = self
+            .guarded_write(offset, buf.len() as u64, async {
+                self.write_run_data(gc0, RunData::Owned(buf)).await
+            })
+            .await?;
         Ok(back.expect("an owned run gives its buffer back"))
     }
 

@@ -1004,7 +1004,7 @@ impl Meta {
     }
 }
 
-async fn read_exact(file: &Arc<dyn BlockFile>, off: u64, len: u64) -> Result<Vec<u8>> {
+pub(crate) async fn read_exact(file: &Arc<dyn BlockFile>, off: u64, len: u64) -> Result<Vec<u8>> {
     let len = usize::try_from(len).map_err(|_| Error::InvalidArgument("read too large".into()))?;
     let buf = file
         .read_at(IoBuf::zeroed(len, 1), off)

@@ -69,15 +69,21 @@ fn find(table: &SnapshotTable, key: &str) -> Result<usize> {
 
 impl Meta {
     pub(crate) async fn snapshot_table(&mut self) -> Result<SnapshotTable> {
-        let h = self.hdr.header.clone();
-        if h.nb_snapshots == 0 {
+        if self.hdr.header.nb_snapshots == 0 {
             return Ok(SnapshotTable::default());
         }
+        Ok(self.read_snapshot_table().await?.0)
+    }
+
+    /// Reads and decodes the snapshot table the header points at, and how many bytes it
+    /// takes. An unreadable table is an [`Error::Io`], a malformed one an [`Error::Format`].
+    pub(crate) async fn read_snapshot_table(&self) -> Result<(SnapshotTable, usize)> {
+        let h = &self.hdr.header;
         let mut want = 65536u64.min(self.limits.max_snapshot_table_bytes);
         loop {
             let bytes = self.read_bytes(h.snapshots_offset, want).await?;
             match SnapshotTable::decode(&bytes, h.nb_snapshots, h.version.number(), &self.limits) {
-                Ok((t, _)) => return Ok(t),
+                Ok(t) => return Ok(t),
                 Err(qcow2_format::Error::Truncated { needed, .. }) if needed > want => {
                     // Geometric growth: a table read one missing entry at a time would be
                     // decoded once per entry (65536 entries took minutes).
