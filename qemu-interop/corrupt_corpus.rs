@@ -98,6 +98,11 @@ impl Seen {
 const QEMU_TIMEOUT: &str = "5";
 
 fn qemu_verdict(path: &Path) -> Seen {
+    qemu_judgement(path).0
+}
+
+/// qemu-img check's verdict, and its corruption and leak counts when it reported them.
+fn qemu_judgement(path: &Path) -> (Seen, Option<(u64, u64)>) {
     // Under `timeout`: qemu-img check never returns on some images (backing loops).
     let out = qemu(
         "timeout",
@@ -110,7 +115,11 @@ fn qemu_verdict(path: &Path) -> Seen {
         ],
     );
     let json = serde_json::from_slice::<serde_json::Value>(&out.stdout).ok();
-    match (json, out.status.code()) {
+    let counts = json.as_ref().map(|v| {
+        let n = |k: &str| v[k].as_u64().unwrap_or(0);
+        (n("corruptions"), n("leaks"))
+    });
+    let seen = match (json, out.status.code()) {
         (_, Some(124)) => Seen::Hung,
         (None, Some(127)) => panic!("qemu-img not found: install qemu-utils"),
         (Some(_), Some(0)) => Seen::Clean,
@@ -119,22 +128,31 @@ fn qemu_verdict(path: &Path) -> Seen {
         (Some(_), Some(1)) => Seen::CheckError,
         (None, _) => Seen::Refused(String::from_utf8_lossy(&out.stderr).trim().to_string()),
         (Some(v), code) => panic!("qemu-img check exit {code:?}: {v}"),
-    }
+    };
+    (seen, counts)
 }
 
 async fn our_verdict(path: &Path) -> Seen {
+    our_judgement(path).await.0
+}
+
+/// Our read-only open + check: the verdict, and the counts when the check ran.
+async fn our_judgement(path: &Path) -> (Seen, Option<(u64, u64)>) {
     let img = match Image::open(path, &OpenOptions::read_only()).await {
         Ok(i) => i,
-        Err(e) => return Seen::Refused(e.to_string()),
+        Err(e) => return (Seen::Refused(e.to_string()), None),
     };
     match img.check(None).await {
-        Ok(r) => match r.verdict() {
-            Verdict::Clean => Seen::Clean,
-            Verdict::Leaks => Seen::Leaks,
-            Verdict::Corrupt => Seen::Corrupt,
-            Verdict::Error => Seen::CheckError,
-        },
-        Err(e) => Seen::Failed(e.to_string()),
+        Ok(r) => {
+            let seen = match r.verdict() {
+                Verdict::Clean => Seen::Clean,
+                Verdict::Leaks => Seen::Leaks,
+                Verdict::Corrupt => Seen::Corrupt,
+                Verdict::Error => Seen::CheckError,
+            };
+            (seen, Some((r.corruptions, r.leaks)))
+        }
+        Err(e) => (Seen::Failed(e.to_string()), None),
     }
 }
 
@@ -1020,11 +1038,7 @@ fn known_gap(name: &str) -> (&'static str, &'static str) {
 
 fn build_iotest(dir: &Path, c: &IoCase) -> PathBuf {
     let p = dir.join("t.qcow2");
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    args.extend_from_slice(c.create);
-    args.push(s(&p));
-    args.push(c.size);
-    qemu_ok("qemu-img", &args);
+    qemu_create(&p, c.create, c.size);
     for cmd in c.prep {
         let mut a: Vec<&str> = cmd[1..].to_vec();
         if cmd[0] == "qemu-io" {
@@ -1047,23 +1061,6 @@ fn build_iotest(dir: &Path, c: &IoCase) -> PathBuf {
     }
     std::fs::write(&p, &b).unwrap();
     p
-}
-
-/// qemu-img check's counts (corruptions, leaks), if it reported any.
-fn qemu_counts(path: &Path) -> Option<(u64, u64)> {
-    let out = qemu(
-        "timeout",
-        &[QEMU_TIMEOUT, "qemu-img", "check", "--output=json", s(path)],
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    let n = |k: &str| v[k].as_u64().unwrap_or(0);
-    Some((n("corruptions"), n("leaks")))
-}
-
-async fn our_counts(path: &Path) -> Option<(u64, u64)> {
-    let img = Image::open(path, &OpenOptions::read_only()).await.ok()?;
-    let r = img.check(None).await.ok()?;
-    Some((r.corruptions, r.leaks))
 }
 
 /// `check -r all` by qemu-img on one copy and by us on another; each result judged by
@@ -1118,11 +1115,11 @@ fn qemu_iotests_damaged_images_are_judged_as_qemu_img_judges_them() {
         let cdir = dir.path().join(format!("c{i}"));
         std::fs::create_dir(&cdir).unwrap();
         let path = build_iotest(&cdir, c);
-        let qemu = qemu_verdict(&path);
+        let (qemu, qc) = qemu_judgement(&path);
         let before = std::fs::read(&path).unwrap();
         PEAK.store(CURRENT.load(Ordering::Relaxed), Ordering::Relaxed);
         let start = CURRENT.load(Ordering::Relaxed);
-        let ours = rt.block_on(our_verdict(&path));
+        let (ours, oc) = rt.block_on(our_judgement(&path));
         let peak = PEAK.load(Ordering::Relaxed) - start;
         assert_eq!(
             before,
@@ -1131,7 +1128,6 @@ fn qemu_iotests_damaged_images_are_judged_as_qemu_img_judges_them() {
             c.name
         );
         assert!(peak < ALLOC_CAP, "{}: {} MiB at peak", c.name, peak >> 20);
-        let (qc, oc) = (qemu_counts(&path), rt.block_on(our_counts(&path)));
         let show = |x: Option<(u64, u64)>| x.map_or("—".into(), |(a, b)| format!("{a}c {b}l"));
         let rep = if c.repair {
             Some(rt.block_on(repairs(&path)))

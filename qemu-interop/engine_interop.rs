@@ -476,11 +476,7 @@ async fn unsupported_features_are_refused_and_feature_bits_handled_like_qemu() {
     let d = dir.path();
     let mk = |name: &str, opts: &[&str]| {
         let p = d.join(name);
-        let mut args = vec!["create", "-q", "-f", "qcow2"];
-        args.extend_from_slice(opts);
-        args.push(s(&p));
-        args.push("4M");
-        qemu_ok("qemu-img", &args);
+        qemu_create(&p, opts, "4M");
         p
     };
     let luks = mk(

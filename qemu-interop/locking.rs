@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{qemu, qemu_ok};
+use common::{qemu, qemu_create, qemu_ok};
 use qcow2_async::{CreateOptions, Error, Image, OpenOptions, Permission};
 
 fn s(p: &Path) -> &str {
@@ -22,7 +22,16 @@ fn s(p: &Path) -> &str {
 /// A QEMU process holding an image until dropped.
 struct Holder {
     child: Child,
-    probe: PathBuf,
+}
+
+/// Whether `ready` turns true within `tries` polls 20 ms apart.
+fn eventually(tries: u32, mut ready: impl FnMut() -> bool) -> bool {
+    (0..tries).any(|_| {
+        ready() || {
+            std::thread::sleep(Duration::from_millis(20));
+            false
+        }
+    })
 }
 
 impl Holder {
@@ -33,28 +42,18 @@ impl Holder {
         let mut args = vec!["-f", "qcow2", "-k", s(&sock)];
         args.extend_from_slice(extra);
         args.push(s(img));
-        let child = Command::new("qemu-nbd")
+        let mut child = Command::new("qemu-nbd")
             .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("qemu-nbd");
-        let h = Holder {
-            child,
-            probe: img.to_path_buf(),
-        };
         // Serving once the socket is there and the image locked.
-        for _ in 0..250 {
-            if sock.exists() && !lock_bytes(img).is_empty() {
-                return h;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if eventually(250, || sock.exists() && !lock_bytes(img).is_empty()) {
+            return Holder { child };
         }
-        let mut h = h;
-        let _ = h.child.kill();
-        let out = std::mem::replace(&mut h.child, Command::new("true").spawn().unwrap())
-            .wait_with_output()
-            .unwrap();
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
         panic!(
             "qemu-nbd did not start: {}",
             String::from_utf8_lossy(&out.stderr)
@@ -72,17 +71,13 @@ impl Holder {
             .stderr(Stdio::null())
             .spawn()
             .expect("qemu-io");
-        let h = Holder {
-            child,
-            probe: img.to_path_buf(),
-        };
-        for _ in 0..100 {
-            if !lock_bytes(&h.probe).is_empty() {
-                return h;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("qemu-io did not open {}", img.display());
+        let h = Holder { child };
+        assert!(
+            eventually(100, || !lock_bytes(img).is_empty()),
+            "qemu-io did not open {}",
+            img.display()
+        );
+        h
     }
 }
 
@@ -109,13 +104,11 @@ fn lock_bytes(path: &Path) -> BTreeSet<i64> {
 
 /// Waits until some process holds a lock on `path` (QEMU opens a chain's files in turn).
 fn wait_locked(path: &Path) {
-    for _ in 0..250 {
-        if !lock_bytes(path).is_empty() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("nobody locked {}", path.display());
+    assert!(
+        eventually(250, || !lock_bytes(path).is_empty()),
+        "nobody locked {}",
+        path.display()
+    );
 }
 
 fn ro() -> OpenOptions {
@@ -146,11 +139,7 @@ fn refused(e: Error, permission: Permission, shared: bool) {
 
 fn make(d: &Path, name: &str, opts: &[&str]) -> PathBuf {
     let p = d.join(name);
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    args.extend_from_slice(opts);
-    args.push(s(&p));
-    args.push("4M");
-    qemu_ok("qemu-img", &args);
+    qemu_create(&p, opts, "4M");
     p
 }
 

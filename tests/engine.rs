@@ -1108,6 +1108,27 @@ impl BlockFile for GateFile {
     }
 }
 
+/// A 4 GiB image holding 1s at 0 and 2s at 3 GiB, two clusters whose L2 tables differ (one
+/// table maps 512 MiB at 64 KiB clusters), reopened on a `GateFile` with nothing cached.
+async fn two_tables_behind_a_gate() -> (Arc<dyn BlockFile>, Arc<GateFile>, Image) {
+    const GIB: u64 = 1 << 30;
+    let mem = mem();
+    Image::format_file(mem.clone(), &CreateOptions::new(4 * GIB))
+        .await
+        .unwrap();
+    let img = Image::open_handle(mem.clone(), None, &OpenOptions::default(), None)
+        .await
+        .unwrap();
+    img.write_at(&[1; 4096], 0).await.unwrap();
+    img.write_at(&[2; 4096], 3 * GIB).await.unwrap();
+    img.close().await.unwrap();
+    let gate = GateFile::new(mem.clone());
+    let img = Image::open_handle(gate.clone(), None, &OpenOptions::default(), None)
+        .await
+        .unwrap();
+    (mem, gate, img)
+}
+
 /// Invariant 11: a lookup of a cached mapping takes no lock that an L2 load or a write-back
 /// holds. While the load of another L2 table is held pending, and again while a flush's
 /// write-back is held in its sync, reads of a cached cluster and overwrites of an allocated
@@ -1116,23 +1137,7 @@ impl BlockFile for GateFile {
 async fn cached_reads_and_overwrites_do_not_wait_for_metadata_io() {
     use std::time::Duration;
     const GIB: u64 = 1 << 30;
-    let mem: Arc<dyn BlockFile> = Arc::new(MemFile::from_bytes(Vec::new()));
-    Image::format_file(mem.clone(), &CreateOptions::new(4 * GIB))
-        .await
-        .unwrap();
-    {
-        // Two clusters whose L2 tables differ (one table maps 512 MiB at 64 KiB clusters).
-        let img = Image::open_handle(mem.clone(), None, &OpenOptions::default(), None)
-            .await
-            .unwrap();
-        img.write_at(&[1; 4096], 0).await.unwrap();
-        img.write_at(&[2; 4096], 3 * GIB).await.unwrap();
-        img.close().await.unwrap();
-    }
-    let gate = GateFile::new(mem.clone());
-    let img = Image::open_handle(gate.clone(), None, &OpenOptions::default(), None)
-        .await
-        .unwrap();
+    let (mem, gate, img) = two_tables_behind_a_gate().await;
     let mut buf = vec![0u8; 4096];
     img.read_at(&mut buf, 0).await.unwrap(); // caches the first table
     let quick = Duration::from_secs(10);
@@ -1372,23 +1377,7 @@ async fn owned_buffers_reach_the_file_without_a_copy() {
 async fn misses_of_different_tables_do_not_wait_for_each_other() {
     use std::time::Duration;
     const GIB: u64 = 1 << 30;
-    let mem: Arc<dyn BlockFile> = Arc::new(MemFile::from_bytes(Vec::new()));
-    Image::format_file(mem.clone(), &CreateOptions::new(4 * GIB))
-        .await
-        .unwrap();
-    {
-        let img = Image::open_handle(mem.clone(), None, &OpenOptions::default(), None)
-            .await
-            .unwrap();
-        img.write_at(&[1; 4096], 0).await.unwrap();
-        img.write_at(&[2; 4096], 3 * GIB).await.unwrap();
-        img.close().await.unwrap();
-    }
-    // Reopened: neither table is cached.
-    let gate = GateFile::new(mem.clone());
-    let img = Image::open_handle(gate.clone(), None, &OpenOptions::default(), None)
-        .await
-        .unwrap();
+    let (_, gate, img) = two_tables_behind_a_gate().await;
     gate.hold_read
         .store(true, std::sync::atomic::Ordering::SeqCst);
     let held = gate.holding.notified();

@@ -96,6 +96,15 @@ pub fn qemu_ok(tool: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `qemu-img create -q -f qcow2 OPTS PATH SIZE` (`opts` e.g. `["-o", "cluster_size=512"]`).
+pub fn qemu_create(path: &Path, opts: &[&str], size: &str) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend_from_slice(opts);
+    args.push(path.to_str().expect("UTF-8 test path"));
+    args.push(size);
+    qemu_ok("qemu-img", &args);
+}
+
 /// `qemu-img check --output=json`: (exit code, parsed report).
 pub fn qemu_check(path: &Path) -> (i32, serde_json::Value) {
     let out = qemu(
