@@ -96,18 +96,22 @@ impl Seen {
 }
 
 const QEMU_TIMEOUT: &str = "5";
+/// For QEMU's iotests images, none of which hangs qemu-img: a bound for a slow answer
+/// only (080-7 makes qemu-img print 65 537 errors, 3 s on an idle machine, more under CI's
+/// parallel tests).
+const IOTESTS_QEMU_TIMEOUT: &str = "60";
 
 fn qemu_verdict(path: &Path) -> Seen {
-    qemu_judgement(path).0
+    qemu_judgement(path, QEMU_TIMEOUT).0
 }
 
 /// qemu-img check's verdict, and its corruption and leak counts when it reported them.
-fn qemu_judgement(path: &Path) -> (Seen, Option<(u64, u64)>) {
+fn qemu_judgement(path: &Path, timeout: &str) -> (Seen, Option<(u64, u64)>) {
     // Under `timeout`: qemu-img check never returns on some images (backing loops).
     let out = qemu(
         "timeout",
         &[
-            QEMU_TIMEOUT,
+            timeout,
             "qemu-img",
             "check",
             "--output=json",
@@ -1087,9 +1091,9 @@ async fn repairs(path: &Path) -> (Seen, Seen) {
             Ok(_) => img.close().await.map_err(|e| Seen::Failed(e.to_string())),
         },
     };
-    let theirs = qemu_verdict(&q);
+    let theirs = qemu_judgement(&q, IOTESTS_QEMU_TIMEOUT).0;
     let ours = match ours {
-        Ok(()) => qemu_verdict(&o),
+        Ok(()) => qemu_judgement(&o, IOTESTS_QEMU_TIMEOUT).0,
         Err(seen) => seen,
     };
     (theirs, ours)
@@ -1115,7 +1119,7 @@ fn qemu_iotests_damaged_images_are_judged_as_qemu_img_judges_them() {
         let cdir = dir.path().join(format!("c{i}"));
         std::fs::create_dir(&cdir).unwrap();
         let path = build_iotest(&cdir, c);
-        let (qemu, qc) = qemu_judgement(&path);
+        let (qemu, qc) = qemu_judgement(&path, IOTESTS_QEMU_TIMEOUT);
         let before = std::fs::read(&path).unwrap();
         PEAK.store(CURRENT.load(Ordering::Relaxed), Ordering::Relaxed);
         let start = CURRENT.load(Ordering::Relaxed);
