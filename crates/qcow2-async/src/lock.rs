@@ -334,6 +334,24 @@ impl BlockFile for LockedFile {
     }
 }
 
+/// Releases every lock byte before the descriptor closes. Closing alone is not enough: a
+/// child forked by another thread of this process holds a copy of the descriptor until it
+/// execs (`O_CLOEXEC` acts only then), and an OFD lock lives as long as any descriptor of
+/// its open file description. Unlocking acts on the description itself, so a reopen right
+/// after the drop never finds our own lock in the way.
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        let mut fl = flock(libc::F_UNLCK, 0);
+        fl.l_len = 0; // to the end of the file and beyond: every byte we may hold
+                      // SAFETY: as in `set_lock`.
+        let r = unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+        if r == -1 {
+            // Closing still releases it once no copy of the descriptor remains.
+            tracing::debug!(path = %self.path.display(), error = %io::Error::last_os_error(), "unlocking");
+        }
+    }
+}
+
 fn flock(kind: libc::c_int, byte: i64) -> libc::flock {
     // SAFETY: `flock` is a plain C struct of integers, for which all zeroes is a valid value
     // (and the value F_OFD_* requires for `l_pid`).
@@ -411,6 +429,18 @@ mod tests {
         );
         drop(a);
         lock(&p, false, false).unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_dropped_lock_is_gone_while_a_copy_of_its_descriptor_lives() {
+        // A duplicate of the descriptor is what a child forked by another thread holds until
+        // it execs (the CI failure of 2026-12-03: a reopen right after a drop was refused).
+        let (_d, p) = file();
+        let a = lock(&p, false, false).unwrap().unwrap();
+        let copy = a.fd.try_clone().unwrap();
+        drop(a);
+        let _b = lock(&p, false, false).unwrap().unwrap();
+        drop(copy);
     }
 
     #[test]
