@@ -1351,25 +1351,13 @@ fn qemu_dirty_extents(image: &Path, name: &str) -> Vec<(u64, u64)> {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("nbd.sock");
     // Without --persistent the server exits after our one client.
-    qemu_ok(
-        "qemu-nbd",
-        &[
-            "--fork",
-            "-r",
-            "-f",
-            "qcow2",
-            "-B",
-            name,
-            "-k",
-            s(&sock),
-            s(image),
-        ],
-    );
+    let server = common::QemuNbdOnce::bitmap_export(image, name, &sock);
     let opts = format!(
         "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{name}",
         s(&sock)
     );
     let out = qemu_ok("qemu-img", &["map", "--output=json", "--image-opts", &opts]);
+    server.wait_exit();
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let mut dirty: Vec<(u64, u64)> = Vec::new();
     for e in v.as_array().unwrap() {

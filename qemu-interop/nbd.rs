@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_check_clean, qemu, qemu_ok};
+use common::{assert_check_clean, qemu, qemu_ok, QemuNbdOnce};
 use qcow2_async::{BitmapOptions, CreateOptions, Image, OpenOptions};
 use qcow2_nbd::{ExportConfig, Listener, Server, ServerOptions, Source};
 use serde_json::Value;
@@ -243,26 +243,16 @@ async fn block_status_matches_qemu_nbd_for_allocation_and_dirty_bitmap() {
         let qsock = qsock.clone();
         async move {
             // Without --persistent qemu-nbd serves one client and exits.
-            run_ok(
-                "qemu-nbd",
-                args(&[
-                    "--fork",
-                    "-r",
-                    "-f",
-                    "qcow2",
-                    "-B",
-                    "bm",
-                    "-k",
-                    s(&qsock),
-                    s(&path),
-                ]),
-            )
-            .await;
-            run_ok(
+            let server = QemuNbdOnce::bitmap_export(&path, "bm", &qsock);
+            let map = run_ok(
                 "qemu-img",
                 args(&["map", "--output=json", "--image-opts", &opts]),
             )
-            .await
+            .await;
+            tokio::task::spawn_blocking(move || server.wait_exit())
+                .await
+                .unwrap();
+            map
         }
     };
     let q_alloc = reference("").await;

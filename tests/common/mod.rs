@@ -130,3 +130,70 @@ pub fn assert_check_clean(path: &Path) {
         "{v:#}"
     );
 }
+
+/// A `qemu-nbd --fork` export that serves one client and then exits.
+///
+/// The server keeps its image locks (read, and write unshared) until its process exits, a
+/// moment after the client disconnects: whoever opens the image for writing next must call
+/// [`QemuNbdOnce::wait_exit`] first, or it races the exit and is refused as `Locked`.
+pub struct QemuNbdOnce {
+    pid_file: std::path::PathBuf,
+}
+
+impl QemuNbdOnce {
+    /// `qemu-nbd --fork -r -f qcow2 -B BITMAP -k SOCK IMAGE`: the export is ready when this
+    /// returns.
+    pub fn bitmap_export(image: &Path, bitmap: &str, sock: &Path) -> Self {
+        let pid_file = sock.with_extension("pid");
+        let s = |p: &Path| p.to_str().expect("UTF-8 test path").to_owned();
+        let (pid, sock, image) = (s(&pid_file), s(sock), s(image));
+        qemu_ok(
+            "qemu-nbd",
+            &[
+                "--fork",
+                "--pid-file",
+                &pid,
+                "-r",
+                "-f",
+                "qcow2",
+                "-B",
+                bitmap,
+                "-k",
+                &sock,
+                &image,
+            ],
+        );
+        QemuNbdOnce { pid_file }
+    }
+
+    /// Waits (at most 30 s) until the server process has exited and so dropped its locks. A
+    /// zombie counts as exited: its descriptors are closed, and the container's init may
+    /// never reap it.
+    pub fn wait_exit(self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let pid = loop {
+            if let Ok(text) = std::fs::read_to_string(&self.pid_file) {
+                if let Ok(pid) = text.trim().parse::<u32>() {
+                    break pid;
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "no qemu-nbd pid file");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        loop {
+            match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                Err(_) => return,
+                // The state follows the parenthesised command name.
+                Ok(stat) if stat.rsplit(") ").next().is_some_and(|r| r.starts_with('Z')) => {
+                    return;
+                }
+                Ok(_) => {}
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "qemu-nbd {pid} did not exit after its client"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}

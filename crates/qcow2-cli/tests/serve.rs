@@ -101,26 +101,13 @@ fn serve_shuts_down_on_sigterm_and_sigint_leaving_the_image_clean() {
     }
     qemu_ok("qemu-io", &["-c", "read -P 0x3c 1M 192k", s(&img)]);
     // The bitmap recorded the write (64 KiB granularity: exactly [1M, 1M+192k)).
-    let out = Command::new("qemu-nbd")
-        .args([
-            "--fork",
-            "-r",
-            "-f",
-            "qcow2",
-            "-B",
-            "bm",
-            "-k",
-            s(&sock),
-            s(&img),
-        ])
-        .status()
-        .unwrap();
-    assert!(out.success());
+    let server = common::QemuNbdOnce::bitmap_export(&img, "bm", &sock);
     let opts = format!(
         "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:bm",
         s(&sock)
     );
     let map = qemu_ok("qemu-img", &["map", "--output=json", "--image-opts", &opts]);
+    server.wait_exit();
     let v: serde_json::Value = serde_json::from_str(&map).unwrap();
     let dirty: Vec<(u64, u64)> = v
         .as_array()
