@@ -25,8 +25,9 @@ use qcow2_format::bitmap::{
 };
 use qcow2_format::{AutoclearFeatures, BitmapsExtension, Version};
 
+use crate::alloc::Pool;
 use crate::error::{Error, Result};
-use crate::meta::{Meta, Pool};
+use crate::meta::Meta;
 
 /// What [`crate::Image::bitmaps`] reports about one persistent bitmap.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -267,7 +267,7 @@ impl Meta {
                 without_refcounts.clone()
             }
         };
-        for (i, e) in self.reftable.clone().iter().enumerate() {
+        for (i, e) in self.refcounts.table().to_vec().iter().enumerate() {
             if let Err(err) = ReftableEntry::decode(*e, bits) {
                 s.report.corrupt(format!("refcount table entry {i}: {err}"));
             } else if *e != 0 && (*e >> bits) >= nb {
@@ -344,7 +344,7 @@ impl Meta {
             h.refcount_table_offset,
             u64::from(h.refcount_table_clusters) * self.cs(),
         )?;
-        for e in &self.reftable {
+        for e in self.refcounts.table() {
             if let Ok(ReftableEntry(Some(off))) = ReftableEntry::decode(*e, self.geo.cluster_bits())
             {
                 acc.add(off, self.cs())?;
@@ -559,7 +559,7 @@ impl Meta {
         let cs = self.cs();
         let bits = self.geo.cluster_bits();
         let start = self.file_clusters().await?.max(refs.len());
-        let (blocks, _) = refcount_metadata_size(start, bits, self.order, true)
+        let (blocks, _) = refcount_metadata_size(start, bits, self.order(), true)
             .map_err(Error::format("refcount rebuild"))?;
         let per_table_cluster = cs / 8;
         let table_entries = blocks.div_ceil(per_table_cluster) * per_table_cluster;
@@ -569,7 +569,8 @@ impl Meta {
                 "rebuilt refcount table would be too large".into(),
             ));
         }
-        let per_block = self.order.entries_per_block(bits);
+        let order = self.order();
+        let per_block = order.entries_per_block(bits);
         let blocks_at = start * cs;
         let table_at = blocks_at + blocks * cs;
         let end = table_at + table_clusters * cs;
@@ -586,8 +587,8 @@ impl Meta {
                     0
                 };
                 if v > 0 {
-                    self.order
-                        .set(&mut block, k, v.min(self.order.max()))
+                    order
+                        .set(&mut block, k, v.min(order.max()))
                         .map_err(Error::format("refcount rebuild"))?;
                 }
             }
@@ -602,10 +603,10 @@ impl Meta {
         self.hdr.header.refcount_table_clusters = table_clusters as u32;
         self.write_header().await?;
         self.barrier.sync().await?;
-        self.reftable = table.chunks_exact(8).map(|c| be64(c, 0)).collect();
+        self.refcounts
+            .replace_table(table.chunks_exact(8).map(|c| be64(c, 0)).collect());
         // The old blocks are free space now: overlap checks must know the new ones only.
-        self.regions
-            .set_refblocks(self.reftable.iter().copied().filter(|&o| o != 0).collect());
+        self.regions.set_refblocks(self.refcounts.block_offsets());
         self.reset_refcount_cache();
         Ok(())
     }

@@ -35,6 +35,7 @@ use qcow2_format::{
 use tokio::sync::Mutex;
 use tracing::instrument;
 
+use crate::alloc::Pool;
 use crate::backing::Backing;
 use crate::barrier::{Barrier, BarrierMode};
 use crate::bitmaps::{BitmapInfo, BitmapOptions};
@@ -42,7 +43,7 @@ use crate::check::{CheckReport, RepairMode};
 use crate::error::{Error, Result};
 use crate::io::{open_file, BlockFile, FileOptions, IoBuf};
 use crate::lease::ClusterLeases;
-use crate::meta::{Meta, Pool};
+use crate::meta::Meta;
 use crate::options::{
     BackingFormat, BackingPolicy, CreateOptions, DataFilePolicy, OpenOptions, Preallocation,
 };

@@ -19,6 +19,7 @@
 //!
 //! See `docs/architecture.md` for the data path and the invariants each module enforces.
 
+mod alloc;
 mod backing;
 mod barrier;
 mod bitmaps;
@@ -38,6 +39,7 @@ mod meta;
 pub mod ops;
 mod options;
 mod overlap;
+mod refcounts;
 mod sharded;
 mod snapshot;
 

@@ -1,4 +1,7 @@
-//! Metadata state of an open image: L1 table, L2 cache, refcounts and the two allocators.
+//! Metadata state of an open image and the I/O that keeps it: the header (its one owner),
+//! the L1 table and L2 cache (`mapping.rs`), the refcounts (`refcounts.rs`) and the two
+//! allocators (`alloc.rs`). Those types hold the state and its invariants without I/O;
+//! `Meta` reads what they lack, writes what they changed, and orders the writes.
 //!
 //! Everything here runs under the image's metadata lock (a Tokio mutex), which is never held
 //! during guest data I/O. Changes are made in memory and written back in phases
@@ -18,26 +21,16 @@ use std::sync::Arc;
 use qcow2_format::growth::{growth_area_start, plan_refcount_area, refblock_covers_itself};
 use qcow2_format::l2::encode_extended;
 use qcow2_format::{
-    Geometry, ImageHeader, L1Entry, L2Entry, L2Format, Limits, RefcountOrder, ReftableEntry,
-    SubclusterBitmap,
+    Geometry, ImageHeader, L1Entry, L2Entry, L2Format, Limits, RefcountOrder, SubclusterBitmap,
 };
 
+use crate::alloc::{Allocators, PayloadCursor, Pool};
 use crate::barrier::Barrier;
-use crate::cache::MetadataCache;
 use crate::compress::DecompressedCache;
 use crate::error::{Error, Result};
 use crate::io::{BlockFile, IoBuf};
 use crate::mapping::{L2Cache, L2Table, MappingIndex};
-
-/// Which allocator a cluster comes from (invariant 3: their free-space views are separate).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Pool {
-    /// `MetadataAllocator`: L2 tables, refcount blocks, tables; always in the qcow2 file.
-    Metadata,
-    /// `DataAllocator`: guest data clusters (the qcow2 file itself until external data files
-    /// land); sequential writes get contiguous clusters from its own cursor.
-    Data,
-}
+use crate::refcounts::Refcounts;
 
 pub(crate) struct Meta {
     pub(crate) file: Arc<dyn BlockFile>,
@@ -45,21 +38,14 @@ pub(crate) struct Meta {
     pub(crate) hdr: ImageHeader,
     pub(crate) geo: Geometry,
     pub(crate) fmt: L2Format,
-    pub(crate) order: RefcountOrder,
     pub(crate) limits: Limits,
     pub(crate) l1: Vec<u64>,
     l1_dirty_sectors: std::collections::BTreeSet<u64>,
     /// L2 tables; the ones the active L1 points at are published to lookups that do not
     /// take the metadata lock (`mapping.rs`).
     l2: L2Cache,
-    pub(crate) reftable: Vec<u64>,
-    blocks: MetadataCache<Box<[u8]>>,
-    pending_free: Vec<(u64, u64)>,
-    meta_cursor: u64,
-    data_cursor: u64,
-    /// QEMU's `free_byte_offset`: where the next compressed payload may start, inside a
-    /// partly filled host cluster (0 = none). In memory only, like QEMU's.
-    compressed_cursor: u64,
+    pub(crate) refcounts: Refcounts,
+    alloc: Allocators,
     /// Decompressed clusters by payload location; invalidated here when locations are freed
     /// or handed out for a new payload.
     pub(crate) decompressed: Arc<DecompressedCache>,
@@ -70,7 +56,6 @@ pub(crate) struct Meta {
     /// refused with [`Error::Halted`], so the diverged state never reaches the disk, which
     /// keeps its last consistent state (at worst with leaked clusters).
     pub(crate) halted: Option<String>,
-    cache_clusters: usize,
     /// Opened read-write: corruption then sets the header's corrupt bit.
     pub(crate) writable: bool,
     /// Lazy refcounts in use: refcount blocks may stay unwritten while the dirty bit is set.
@@ -123,12 +108,16 @@ impl Meta {
             u64::from(h.refcount_table_clusters) * geo.cluster_size(),
         )
         .await?;
-        let reftable = be64s(&rt_bytes);
+        let refcounts = Refcounts::new(
+            h.refcount_order,
+            geo.cluster_bits(),
+            be64s(&rt_bytes),
+            cache_clusters,
+        );
         let regions = Arc::new(crate::overlap::Regions::default());
-        regions.set_refblocks(reftable.iter().copied().filter(|&o| o != 0).collect());
+        regions.set_refblocks(refcounts.block_offsets());
         regions.set_header(crate::overlap::HeaderRanges::of(&hdr, geo.cluster_size()));
         Ok(Meta {
-            order: h.refcount_order,
             file,
             barrier,
             geo,
@@ -137,12 +126,8 @@ impl Meta {
             l1,
             l1_dirty_sectors: Default::default(),
             l2: L2Cache::new(cache_clusters, Arc::new(MappingIndex::new(geo, fmt))),
-            reftable,
-            blocks: MetadataCache::new(cache_clusters),
-            pending_free: Vec::new(),
-            meta_cursor: 0,
-            data_cursor: 0,
-            compressed_cursor: 0,
+            refcounts,
+            alloc: Allocators::default(),
             decompressed: Arc::new(DecompressedCache::new(
                 geo.cluster_size(),
                 DECOMPRESSED_CACHE_BYTES,
@@ -150,7 +135,6 @@ impl Meta {
             discard_passthrough: false,
             corrupt: None,
             halted: None,
-            cache_clusters,
             writable: false,
             lazy: false,
             marked_dirty: false,
@@ -199,40 +183,25 @@ impl Meta {
 
     // ---------------------------------------------------------------- refcounts
 
-    pub(crate) fn block_bits(&self) -> u32 {
-        self.order.block_bits(self.geo.cluster_bits())
+    pub(crate) fn order(&self) -> RefcountOrder {
+        self.refcounts.order()
     }
 
     async fn load_block(&mut self, off: u64) -> Result<()> {
-        if !self.blocks.contains(off) {
+        if !self.refcounts.is_cached(off) {
             self.evict_blocks().await?;
             let data = self.read_cluster(off).await?;
-            self.blocks.insert(off, data, false);
+            self.refcounts.cache_block(off, data, false);
         }
         Ok(())
-    }
-
-    fn block_offset(&self, cluster: u64) -> Option<u64> {
-        let rt = cluster >> self.block_bits();
-        self.reftable
-            .get(usize::try_from(rt).ok()?)
-            .copied()
-            .filter(|&o| o != 0)
     }
 
     /// The refcount block covering `cluster`, after validating its table entry (QEMU
     /// signals corruption for an unaligned or reserved-bit entry rather than reading it).
     async fn valid_block_offset(&mut self, cluster: u64) -> Result<Option<u64>> {
-        let Some(raw) = self.block_offset(cluster) else {
-            return Ok(None);
-        };
-        match ReftableEntry::decode(raw, self.geo.cluster_bits()) {
-            Ok(_) => Ok(Some(raw)),
-            Err(e) => {
-                let rt = cluster >> self.block_bits();
-                let msg = format!("refcount table entry {rt}: {e}");
-                Err(self.signal_corruption(msg).await)
-            }
+        match self.refcounts.valid_block_for(cluster) {
+            Ok(off) => Ok(off),
+            Err(msg) => Err(self.signal_corruption(msg).await),
         }
     }
 
@@ -241,11 +210,7 @@ impl Meta {
             return Ok(0);
         };
         self.load_block(off).await?;
-        let idx = cluster & ((1 << self.block_bits()) - 1);
-        let slot = self.blocks.get_mut(off).expect("loaded");
-        self.order
-            .get(&slot.data, idx)
-            .map_err(Error::format("refcount block"))
+        self.refcounts.get(off, cluster)
     }
 
     /// Sets the refcount of a cluster whose refcount block exists.
@@ -255,14 +220,7 @@ impl Meta {
             .await?
             .ok_or_else(|| Error::Corrupt(format!("no refcount block for cluster {cluster}")))?;
         self.load_block(off).await?;
-        let idx = cluster & ((1 << self.block_bits()) - 1);
-        let order = self.order;
-        let slot = self.blocks.get_mut(off).expect("loaded");
-        order
-            .set(&mut slot.data, idx, value)
-            .map_err(Error::format("refcount block"))?;
-        slot.dirty = true;
-        Ok(())
+        self.refcounts.set(off, cluster, value)
     }
 
     /// Adds `delta` to the refcount of every cluster overlapping `[off, off + len)`.
@@ -279,7 +237,7 @@ impl Meta {
             let old = self.refcount(c).await?;
             let new = if delta >= 0 {
                 old.checked_add(delta as u64)
-                    .filter(|&v| v <= self.order.max())
+                    .filter(|&v| v <= self.order().max())
                     .ok_or_else(|| {
                         Error::NoSpace(format!("refcount overflow for cluster {c} ({old}+{delta})"))
                     })?
@@ -301,14 +259,9 @@ impl Meta {
         // A freed cluster may be reused for anything: stale cached copies must not be
         // written over its new contents.
         self.l2.remove(off);
-        self.blocks.remove(off);
-        self.meta_cursor = self.meta_cursor.min(c);
-        self.data_cursor = self.data_cursor.min(c);
-        // Payloads there are gone: the cluster may come back as anything, so neither packing
-        // more payloads into it nor serving its old contents from the cache is allowed.
-        if self.compressed_cursor != 0 && self.compressed_cursor >> self.geo.cluster_bits() == c {
-            self.compressed_cursor = 0;
-        }
+        self.refcounts.forget_block(off);
+        self.alloc.freed(c, self.geo.cluster_bits());
+        // Payloads there are gone: serving the cluster's old contents is wrong too.
         self.decompressed.invalidate(off, self.cs());
         if self.discard_passthrough {
             let _ = self.file.punch_hole(off, self.cs()).await;
@@ -321,27 +274,30 @@ impl Meta {
     /// may occupy the clusters the caller was about to take (QEMU's -EAGAIN).
     fn ensure_block(&mut self, cluster: u64) -> BoxFut<'_, bool> {
         Box::pin(async move {
-            if self.block_offset(cluster).is_some() {
+            if self.refcounts.block_for(cluster).is_some() {
                 return Ok(false);
             }
             let cs = self.cs();
-            let rt = cluster >> self.block_bits();
-            let new_block = self.find_free(self.meta_cursor, 1).await?;
-            self.meta_cursor = new_block + 1;
+            let order = self.order();
+            let rt = self.refcounts.table_index(cluster);
+            let from = self.alloc.pool(Pool::Metadata).search_from();
+            let new_block = self.find_free(from, 1).await?;
+            self.alloc.pool(Pool::Metadata).took(new_block, 1);
             if new_block == 0 {
                 return Err(Error::Corrupt(
                     "preventing invalid allocation of refcount block at offset 0".into(),
                 ));
             }
             let new_off = new_block * cs;
-            if refblock_covers_itself(new_off, rt, self.geo.cluster_bits(), self.order) {
-                let mut data = vec![0u8; cs as usize].into_boxed_slice();
-                let idx = new_block & ((1 << self.block_bits()) - 1);
-                self.order
-                    .set(&mut data, idx, 1)
-                    .map_err(Error::format("refcount block"))?;
+            let covers_itself = refblock_covers_itself(new_off, rt, self.geo.cluster_bits(), order);
+            if covers_itself {
                 self.evict_blocks().await?;
-                self.blocks.insert(new_off, data, true);
+                self.refcounts.cache_block(
+                    new_off,
+                    vec![0u8; cs as usize].into_boxed_slice(),
+                    true,
+                );
+                self.refcounts.set(new_off, new_block, 1)?;
             } else {
                 // The new block lives in a range some other (maybe new) block covers.
                 while self.ensure_block(new_block).await? {}
@@ -351,12 +307,15 @@ impl Meta {
                 }
                 self.set_refcount(new_block, 1).await?;
                 self.evict_blocks().await?;
-                self.blocks
-                    .insert(new_off, vec![0u8; cs as usize].into_boxed_slice(), true);
+                self.refcounts.cache_block(
+                    new_off,
+                    vec![0u8; cs as usize].into_boxed_slice(),
+                    true,
+                );
             }
             // The block must be on disk before anything points at it, and memory points at
             // it only once the disk does: a failed write leaves both as they were.
-            let in_table = (rt as usize) < self.reftable.len();
+            let in_table = self.refcounts.table_has(rt);
             let placed: Result<()> = async {
                 self.write_blocks().await?;
                 self.barrier.order().await?;
@@ -372,22 +331,22 @@ impl Meta {
             if let Err(e) = placed {
                 // Unreferenced on disk (at worst referenced by an entry whose sync failed:
                 // a leak), so the cached copy must go before the cluster is reused.
-                self.blocks.remove(new_off);
-                if !refblock_covers_itself(new_off, rt, self.geo.cluster_bits(), self.order) {
+                self.refcounts.forget_block(new_off);
+                if !covers_itself {
                     self.set_refcount(new_block, 0).await?;
                 }
                 return Err(e);
             }
             if in_table {
-                self.reftable[rt as usize] = new_off;
+                self.refcounts.set_table_entry(rt, new_off);
                 self.regions.add_refblock(new_off);
                 return Ok(true);
             }
             if let Err(e) = self.grow_reftable(cluster, rt, new_off).await {
                 if self.halted.is_none() {
                     // Not grown: the new block is as unreferenced as after a failed entry.
-                    self.blocks.remove(new_off);
-                    if !refblock_covers_itself(new_off, rt, self.geo.cluster_bits(), self.order) {
+                    self.refcounts.forget_block(new_off);
+                    if !covers_itself {
                         self.set_refcount(new_block, 0).await?;
                     }
                 }
@@ -420,31 +379,30 @@ impl Meta {
     async fn grow_reftable(&mut self, cluster: u64, rt: u64, new_off: u64) -> Result<()> {
         let cs = self.cs();
         let bits = self.geo.cluster_bits();
-        let start = growth_area_start(cluster, new_off, bits, self.order)
+        let start = growth_area_start(cluster, new_off, bits, self.order())
             .map_err(Error::format("refcount growth"))?;
         let plan = plan_refcount_area(
             start,
             0,
             false,
             bits,
-            self.order,
-            &self.reftable,
+            self.order(),
+            self.refcounts.table(),
             Some((rt, new_off)),
             &self.limits,
         )
         .map_err(|e| Error::NoSpace(format!("refcount table cannot grow: {e}")))?;
-        let old_table = self.reftable.clone();
         let old_off = self.hdr.header.refcount_table_offset;
         let old_clusters = self.hdr.header.refcount_table_clusters;
+        let mut old_table = None;
         let prepared: Result<()> = async {
             for &(_, off) in &plan.new_blocks {
                 self.evict_blocks().await?;
-                self.blocks
-                    .insert(off, vec![0u8; cs as usize].into_boxed_slice(), true);
+                self.refcounts
+                    .cache_block(off, vec![0u8; cs as usize].into_boxed_slice(), true);
             }
-            self.reftable = plan.table.clone();
-            self.regions
-                .set_refblocks(self.reftable.iter().copied().filter(|&o| o != 0).collect());
+            old_table = Some(self.refcounts.replace_table(plan.table.clone()));
+            self.regions.set_refblocks(self.refcounts.block_offsets());
             for c in plan.start_offset / cs..plan.end_offset / cs {
                 self.set_refcount(c, 1).await?;
             }
@@ -466,11 +424,12 @@ impl Meta {
             // The header was not written: the disk uses the old table. Undo.
             self.hdr.header.refcount_table_offset = old_off;
             self.hdr.header.refcount_table_clusters = old_clusters;
-            self.reftable = old_table;
-            self.regions
-                .set_refblocks(self.reftable.iter().copied().filter(|&o| o != 0).collect());
+            if let Some(old) = old_table {
+                self.refcounts.replace_table(old);
+            }
+            self.regions.set_refblocks(self.refcounts.block_offsets());
             for &(_, off) in &plan.new_blocks {
-                self.blocks.remove(off);
+                self.refcounts.forget_block(off);
             }
             return Err(e);
         }
@@ -514,9 +473,9 @@ impl Meta {
     /// start (QEMU's -EAGAIN).
     pub(crate) async fn alloc(&mut self, n: u64, pool: Pool) -> Result<u64> {
         loop {
-            let from = self.cursor(pool);
+            let from = self.alloc.pool(pool).search_from();
             let start = self.find_free(from, n).await?;
-            self.set_cursor(pool, start + n);
+            self.alloc.pool(pool).took(start, n);
             let mut restart = false;
             for c in start..start + n {
                 if self.ensure_block(c).await? {
@@ -525,7 +484,7 @@ impl Meta {
                 }
             }
             if restart {
-                self.set_cursor(pool, start);
+                self.alloc.pool(pool).retry_from(start);
                 continue;
             }
             for c in start..start + n {
@@ -555,28 +514,29 @@ impl Meta {
         }
         // The descriptor addresses less than 2^56 with clusters above 16 KiB.
         let limit = self.limits.max_host_offset.min(1u64 << (70 - bits));
-        let mut offset = self.compressed_cursor;
-        if offset != 0 && self.refcount(offset >> bits).await? >= self.order.max() {
-            offset = 0;
-        }
-        let mut free_in_cluster = cs - (offset & (cs - 1));
-        loop {
-            if offset == 0 || free_in_cluster < size {
-                let idx = self.find_free(self.data_cursor, 1).await?;
-                self.data_cursor = idx + 1;
-                let new_cluster = idx << bits;
-                if new_cluster + cs > limit {
-                    return Err(Error::NoSpace(format!(
-                        "compressed cluster offsets end at {limit:#x}"
-                    )));
-                }
-                if offset == 0 || offset.div_ceil(cs) * cs != new_cluster {
-                    offset = new_cluster;
-                    free_in_cluster = cs;
-                } else {
-                    free_in_cluster += cs;
-                }
+        let mut open = self.alloc.payloads().open(cs);
+        if let Some((at, _)) = open {
+            if self.refcount(at >> bits).await? >= self.order().max() {
+                self.alloc.payloads().close();
+                open = None;
             }
+        }
+        let offset = loop {
+            let (offset, _room) = match open {
+                Some((at, room)) if room >= size => (at, room),
+                _ => {
+                    let from = self.alloc.pool(Pool::Data).search_from();
+                    let idx = self.find_free(from, 1).await?;
+                    self.alloc.pool(Pool::Data).took(idx, 1);
+                    let fresh = idx << bits;
+                    if fresh + cs > limit {
+                        return Err(Error::NoSpace(format!(
+                            "compressed cluster offsets end at {limit:#x}"
+                        )));
+                    }
+                    PayloadCursor::spill_or_start(open, fresh, cs)
+                }
+            };
             // A refcount block created now may land on the clusters chosen (QEMU's -EAGAIN):
             // choose again.
             let mut restart = false;
@@ -587,14 +547,13 @@ impl Meta {
                 }
             }
             if restart {
-                offset = 0;
+                open = None;
                 continue;
             }
             self.update_refcount(offset, size, 1).await?;
-            break;
-        }
-        let end = offset + size;
-        self.compressed_cursor = if end & (cs - 1) == 0 { 0 } else { end };
+            break offset;
+        };
+        self.alloc.payloads().placed(offset + size, cs);
         self.decompressed.invalidate(offset, size);
         Ok(offset)
     }
@@ -628,30 +587,9 @@ impl Meta {
         }
     }
 
-    fn cursor(&self, pool: Pool) -> u64 {
-        match pool {
-            Pool::Metadata => self.meta_cursor,
-            Pool::Data => self.data_cursor,
-        }
-    }
-
-    fn set_cursor(&mut self, pool: Pool, c: u64) {
-        match pool {
-            Pool::Metadata => self.meta_cursor = c,
-            Pool::Data => self.data_cursor = c,
-        }
-    }
-
     /// Releases a reference once the metadata that held it is durable (invariant 1).
     pub(crate) fn free_later(&mut self, off: u64, len: u64) {
-        // One entry per cluster, so that a failed write-back can retry exactly what is left.
-        if len == 0 {
-            return;
-        }
-        let bits = self.geo.cluster_bits();
-        for c in (off >> bits)..=((off + len - 1) >> bits) {
-            self.pending_free.push((c << bits, 1));
-        }
+        self.refcounts.defer_free(off, len);
     }
 
     /// Releases a reference nothing on disk has seen yet (e.g. after a failed data write).
@@ -811,10 +749,8 @@ impl Meta {
 
     /// Forgets every cached refcount block (after the structures were replaced on disk).
     pub(crate) fn reset_refcount_cache(&mut self) {
-        self.blocks = MetadataCache::new(self.cache_clusters);
-        self.meta_cursor = 0;
-        self.data_cursor = 0;
-        self.compressed_cursor = 0;
+        self.refcounts.clear_cache();
+        self.alloc.reset();
     }
 
     /// Forgets every cached L2 table (after tables were patched on disk). Call only when
@@ -899,23 +835,25 @@ impl Meta {
     // ---------------------------------------------------------------- write-back
 
     pub(crate) async fn write_blocks(&mut self) -> Result<()> {
-        for off in self.blocks.dirty() {
-            let data = self.blocks.get_mut(off).expect("dirty entry").data.clone();
+        for off in self.refcounts.dirty_blocks() {
+            let Some(data) = self.refcounts.block_bytes(off) else {
+                continue;
+            };
             // Clean only once written: after a failed write the block stays dirty and is
             // never evicted, so no later L2 write can get ahead of its refcounts.
             self.write(off, &data, "refcount block").await?;
-            self.blocks.get_mut(off).expect("dirty entry").dirty = false;
+            self.refcounts.mark_written(off);
         }
         Ok(())
     }
 
     async fn evict_blocks(&mut self) -> Result<()> {
-        if self.blocks.evict_clean().0 {
+        if self.refcounts.evict_clean() {
             return Ok(());
         }
         // Refcount blocks may be written at any time (see the module docs).
         self.write_blocks().await?;
-        self.blocks.evict_clean();
+        self.refcounts.evict_clean();
         Ok(())
     }
 
@@ -968,11 +906,11 @@ impl Meta {
             }
             self.barrier.order().await?;
         }
-        while let Some((off, len)) = self.pending_free.pop() {
+        while let Some(off) = self.refcounts.take_deferred() {
             // (With lazy refcounts the decrement stays in memory like every other change.)
-            if let Err(e) = self.update_refcount(off, len, -1).await {
+            if let Err(e) = self.update_refcount(off, 1, -1).await {
                 // Keep it for the next write-back; a lost free is only a leak anyway.
-                self.pending_free.push((off, len));
+                self.refcounts.defer_free(off, 1);
                 return Err(e);
             }
         }

@@ -18,8 +18,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use qcow2_format::l2::{decode_extended, encode_extended};
 use qcow2_format::{L1Entry, L2Entry, SnapshotEntry, SnapshotTable};
 
+use crate::alloc::Pool;
 use crate::error::{Error, Result};
-use crate::meta::{be64, Meta, Pool};
+use crate::meta::{be64, Meta};
 
 /// What `list_snapshots` reports about one snapshot (the columns of `qemu-img snapshot -l`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,10 +196,10 @@ impl Meta {
             }
             for (c, n) in per_cluster {
                 let rc = self.refcount(c).await?;
-                if rc.saturating_add(n * delta as u64) > self.order.max() {
+                if rc.saturating_add(n * delta as u64) > self.order().max() {
                     return Err(Error::NoSpace(format!(
                         "refcount of cluster {c} would overflow {} bits",
-                        self.order.bits()
+                        self.order().bits()
                     )));
                 }
             }

@@ -84,7 +84,7 @@ impl Image {
     pub(crate) async fn amend_now(&self, o: &AmendOptions) -> Result<()> {
         self.check_writable().await?;
         if let Some(bits) = o.refcount_bits {
-            let cur = self.inner.meta.lock().await.order.bits();
+            let cur = self.inner.meta.lock().await.order().bits();
             if bits != cur {
                 return Err(Error::unsupported(
                     "changing refcount_bits",

@@ -9,8 +9,8 @@
 use qcow2_format::{L2Entry, SubclusterBitmap};
 
 use super::Image;
+use crate::alloc::Pool;
 use crate::error::Result;
-use crate::meta::Pool;
 
 const ALL: u32 = u32::MAX;
 
