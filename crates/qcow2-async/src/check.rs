@@ -168,8 +168,8 @@ impl Meta {
                 // The active L1 lives in memory too: a stale copy would undo the fix at the
                 // next write-back (and the re-check reads it).
                 if let Some(i) = f.entry_at.checked_sub(l1_start).map(|d| (d / 8) as usize) {
-                    if i < self.l1.len() && f.entry_at % 8 == l1_start % 8 {
-                        self.l1[i] = f.fixed;
+                    if (i as u64) < self.l1.len() && f.entry_at % 8 == l1_start % 8 {
+                        self.l1.store_written(i as u64, f.fixed);
                     }
                 }
             }
@@ -244,7 +244,7 @@ impl Meta {
             u64::from(h.l1_size) * 8,
             "active L1 table",
         );
-        let l1 = self.l1.clone();
+        let l1 = self.l1.entries().to_vec();
         self.scan_l1(&l1, h.l1_table_offset, true, &mut s).await;
         if h.nb_snapshots > 0 {
             self.scan_snapshots(&mut s).await;

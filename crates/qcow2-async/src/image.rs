@@ -337,7 +337,7 @@ impl Image {
                 .await?;
             write(vec![0u8; (l1_entries * 8) as usize], l1_off).await?;
         }
-        meta.l1 = vec![0; l1_entries as usize];
+        meta.l1.replace(vec![0; l1_entries as usize], true);
         meta.hdr.header.size = size;
         meta.hdr.header.l1_size = l1_entries as u32;
         meta.hdr.header.l1_table_offset = l1_off;

@@ -32,6 +32,7 @@ mod direct;
 mod error;
 mod image;
 pub mod io;
+mod l1;
 mod lease;
 mod lock;
 mod mapping;

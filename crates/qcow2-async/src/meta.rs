@@ -29,6 +29,7 @@ use crate::barrier::Barrier;
 use crate::compress::DecompressedCache;
 use crate::error::{Error, Result};
 use crate::io::{BlockFile, IoBuf};
+use crate::l1::L1Table;
 use crate::mapping::{L2Cache, L2Table, MappingIndex};
 use crate::refcounts::Refcounts;
 
@@ -39,8 +40,7 @@ pub(crate) struct Meta {
     pub(crate) geo: Geometry,
     pub(crate) fmt: L2Format,
     pub(crate) limits: Limits,
-    pub(crate) l1: Vec<u64>,
-    l1_dirty_sectors: std::collections::BTreeSet<u64>,
+    pub(crate) l1: L1Table,
     /// L2 tables; the ones the active L1 points at are published to lookups that do not
     /// take the metadata lock (`mapping.rs`).
     l2: L2Cache,
@@ -101,7 +101,7 @@ impl Meta {
         let l1_bytes = read_exact(&file, h.l1_table_offset, u64::from(h.l1_size) * 8).await?;
         // Entries are not validated here: like QEMU, an image with a bad entry opens, `check`
         // reports it, and using the entry fails (`l1_entry`, `refcount`).
-        let l1 = be64s(&l1_bytes);
+        let l1 = L1Table::new(be64s(&l1_bytes));
         let rt_bytes = read_exact(
             &file,
             h.refcount_table_offset,
@@ -124,7 +124,6 @@ impl Meta {
             fmt,
             limits,
             l1,
-            l1_dirty_sectors: Default::default(),
             l2: L2Cache::new(cache_clusters, Arc::new(MappingIndex::new(geo, fmt))),
             refcounts,
             alloc: Allocators::default(),
@@ -609,11 +608,7 @@ impl Meta {
     }
 
     fn l1_entry(&self, l1_index: u64) -> Result<L1Entry> {
-        let raw = usize::try_from(l1_index)
-            .ok()
-            .and_then(|i| self.l1.get(i))
-            .copied()
-            .unwrap_or(0);
+        let raw = self.l1.get(l1_index);
         L1Entry::decode(raw, self.geo.cluster_bits())
             .map_err(|e| Error::Corrupt(format!("L1 entry {l1_index}: {e}")))
     }
@@ -786,7 +781,7 @@ impl Meta {
     /// the copy never points at an L2 table that is not on disk; the header switch is one
     /// synced write; the old table is freed after it.
     pub(crate) async fn grow_l1(&mut self, entries: u64) -> Result<()> {
-        if entries <= self.l1.len() as u64 {
+        if entries <= self.l1.len() {
             return Ok(());
         }
         let bytes = entries * 8;
@@ -800,7 +795,7 @@ impl Meta {
         let cs = self.cs();
         let clusters = bytes.div_ceil(cs);
         let off = self.alloc(clusters, Pool::Metadata).await?;
-        let mut l1 = self.l1.clone();
+        let mut l1 = self.l1.entries().to_vec();
         l1.resize(entries as usize, 0);
         let mut buf: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
         buf.resize((clusters * cs) as usize, 0);
@@ -813,23 +808,17 @@ impl Meta {
         h.l1_size = entries as u32;
         self.write_header().await?;
         self.barrier.sync().await?;
-        self.l1 = l1;
-        self.l1_dirty_sectors.clear();
+        self.l1.replace(l1, true);
         if old.1 > 0 {
             self.free_later(old.0, old.1);
         }
         self.writeback().await
     }
 
-    pub(crate) fn mark_l1_dirty(&mut self, idx: u64) {
-        self.l1_dirty_sectors.insert(idx * 8 / 512);
-    }
-
     fn set_l1(&mut self, idx: u64, e: L1Entry) {
         // Lookups must not keep using the table the entry pointed at.
         self.l2.unlink(idx);
-        self.l1[idx as usize] = e.encode();
-        self.l1_dirty_sectors.insert(idx * 8 / 512);
+        self.l1.set(idx, e.encode());
     }
 
     // ---------------------------------------------------------------- write-back
@@ -872,7 +861,7 @@ impl Meta {
             return Err(Error::Halted(m.clone()));
         }
         let dirty_l2 = self.l2.dirty();
-        let mapping_changes = !dirty_l2.is_empty() || !self.l1_dirty_sectors.is_empty();
+        let mapping_changes = !dirty_l2.is_empty() || self.l1.is_dirty();
         if self.lazy {
             // Lazy refcounts (reference §3.5): mark the image dirty before the first mapping
             // change reaches the disk, then leave refcount blocks in memory until close.
@@ -889,19 +878,13 @@ impl Meta {
                 self.write(off, &data, "L2 table").await?;
                 self.l2.mark_clean(off);
             }
-            if !self.l1_dirty_sectors.is_empty() {
+            if self.l1.is_dirty() {
                 self.barrier.order().await?;
-                let l1_len = self.l1.len() as u64 * 8;
-                for sector in self.l1_dirty_sectors.clone() {
-                    let start = sector * 512;
-                    let end = (start + 512).min(l1_len);
-                    let bytes: Vec<u8> = self.l1[(start / 8) as usize..(end / 8) as usize]
-                        .iter()
-                        .flat_map(|e| e.to_be_bytes())
-                        .collect();
+                for sector in self.l1.dirty_sectors() {
+                    let (start, bytes) = self.l1.sector_bytes(sector);
                     self.write(self.hdr.header.l1_table_offset + start, &bytes, "L1 table")
                         .await?;
-                    self.l1_dirty_sectors.remove(&sector);
+                    self.l1.sector_written(sector);
                 }
             }
             self.barrier.order().await?;

@@ -215,8 +215,8 @@ impl Meta {
         let cs = self.cs();
         let bits = self.geo.cluster_bits();
         let es = self.geo.l2_entry_size() as usize;
-        for i in 0..self.l1.len() {
-            let e = L1Entry::decode(self.l1[i], bits)
+        for i in 0..self.l1.len() as usize {
+            let e = L1Entry::decode(self.l1.entries()[i], bits)
                 .map_err(|e| Error::Corrupt(format!("L1 entry {i}: {e}")))?;
             let Some(l2) = e.l2_offset else { continue };
             let copied = self.refcount(l2.0 >> bits).await? == 1;
@@ -343,7 +343,7 @@ impl Meta {
             return Err(Error::NoSpace("too many snapshots".into()));
         }
         self.writeback().await?;
-        let l1 = self.l1.clone();
+        let l1 = self.l1.entries().to_vec();
         let refs = self.tree_refs(&l1).await?;
         self.add_tree_refs(&refs, 1).await?;
         // The snapshot's copy of the L1 table.
@@ -413,18 +413,16 @@ impl Meta {
         let new_size = snap.disk_size.filter(|&s| s != size);
         self.writeback().await?;
         let mut new_l1 = self.read_l1(&snap).await?;
-        new_l1.resize(self.l1.len(), 0);
+        new_l1.resize(self.l1.len() as usize, 0);
         // Take the snapshot's references first, make them durable, then switch.
         let new_refs = self.tree_refs(&new_l1).await?;
         self.add_tree_refs(&new_refs, 1).await?;
         self.write_blocks().await?;
         self.barrier.sync().await?;
-        let old_l1 = std::mem::replace(&mut self.l1, new_l1);
+        // Every sector is written at the write-back below.
+        let old_l1 = self.l1.replace(new_l1, false);
         // Cached active tables are no longer the active ones (or are shared): forget them.
         self.drop_l2_cache();
-        for i in 0..self.l1.len() as u64 {
-            self.mark_l1_dirty(i);
-        }
         self.writeback().await?;
         self.barrier.sync().await?;
         let old_refs = self.tree_refs(&old_l1).await?;

@@ -82,8 +82,8 @@ impl Image {
                 }
             }
             // L2 tables wholly past the end go too (QEMU keeps the L1 size).
-            for idx in l1_needed..meta.l1.len() as u64 {
-                let e = L1Entry::decode(meta.l1[idx as usize], bits)
+            for idx in l1_needed..meta.l1.len() {
+                let e = L1Entry::decode(meta.l1.get(idx), bits)
                     .map_err(|e| Error::Corrupt(format!("L1 entry {idx}: {e}")))?;
                 if let Some(l2) = e.l2_offset {
                     meta.writeback().await?;
