@@ -1726,9 +1726,14 @@ async fn map_matches_qemu_img_map() {
     assert_eq!(img.map(0, 1 << 20).await.unwrap(), qemu_map(&rt));
 }
 
-/// `Image::map` as a list of `qemu-img map --output=json` objects.
-async fn our_map_json(p: &Path) -> Vec<serde_json::Value> {
-    let img = Image::open(p, &OpenOptions::read_only()).await.unwrap();
+/// `Image::map` as a list of `qemu-img map --output=json` objects, the image opened
+/// read-only with `opts`.
+async fn our_map_json(p: &Path, opts: &OpenOptions) -> Vec<serde_json::Value> {
+    let opts = OpenOptions {
+        read_only: true,
+        ..opts.clone()
+    };
+    let img = Image::open(p, &opts).await.unwrap();
     let out = img
         .map(0, img.virtual_size())
         .await
@@ -1753,10 +1758,12 @@ async fn our_map_json(p: &Path) -> Vec<serde_json::Value> {
 /// Block status looks through to the host file as QEMU's does: the parts of a data cluster
 /// the file does not store (a fresh cluster that got only the guest's bytes, metadata
 /// preallocation, fallocated space, a raw backing file's holes) read as zeros, and `map`
-/// says so exactly where `qemu-img map` does.
+/// says so exactly where `qemu-img map` does — opened buffered and with O_DIRECT on both
+/// backends alike (the O_DIRECT view once hid the file's holes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn map_sees_host_file_holes_like_qemu_img() {
-    let dir = tempfile::tempdir().unwrap();
+    // The target folder is on a real disk (tmpfs may refuse O_DIRECT).
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let d = dir.path();
     let ours = d.join("ours.qcow2");
     let img = Image::create(&ours, &CreateOptions::new(8 << 20), &OpenOptions::default())
@@ -1836,6 +1843,20 @@ async fn map_sees_host_file_holes_like_qemu_img() {
             "{}: the case must have holes under data to be meaningful: {theirs:?}",
             p.display()
         );
-        assert_eq!(our_map_json(p).await, theirs, "{}", p.display());
+        let buffered = OpenOptions::default();
+        assert_eq!(our_map_json(p, &buffered).await, theirs, "{}", p.display());
+        for aio in [qcow2_async::io::Aio::Threads, qcow2_async::io::Aio::IoUring] {
+            let direct = OpenOptions {
+                direct: true,
+                aio: Some(aio),
+                ..OpenOptions::default()
+            };
+            assert_eq!(
+                our_map_json(p, &direct).await,
+                theirs,
+                "{} with O_DIRECT ({aio:?})",
+                p.display()
+            );
+        }
     }
 }

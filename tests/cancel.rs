@@ -85,6 +85,15 @@ impl BlockFile for HoldFile {
     fn zero_range(&self, o: u64, l: u64) -> IoFuture<'_, ()> {
         self.wrap(self.inner.zero_range(o, l))
     }
+    fn holes(&self, o: u64, l: u64) -> qcow2_async::io::IoFuture<'_, Vec<(u64, u64)>> {
+        self.inner.holes(o, l)
+    }
+    fn allocated_bytes(&self) -> qcow2_async::io::IoFuture<'_, u64> {
+        self.inner.allocated_bytes()
+    }
+    fn alignment(&self) -> usize {
+        self.inner.alignment()
+    }
 }
 
 type Op = fn(Image) -> Pin<Box<dyn Future<Output = ()> + Send>>;

@@ -690,6 +690,15 @@ impl BlockFile for SlowWrites {
     fn zero_range(&self, o: u64, l: u64) -> qcow2_async::io::IoFuture<'_, ()> {
         self.0.zero_range(o, l)
     }
+    fn holes(&self, o: u64, l: u64) -> qcow2_async::io::IoFuture<'_, Vec<(u64, u64)>> {
+        self.0.holes(o, l)
+    }
+    fn allocated_bytes(&self) -> qcow2_async::io::IoFuture<'_, u64> {
+        self.0.allocated_bytes()
+    }
+    fn alignment(&self) -> usize {
+        self.0.alignment()
+    }
 }
 
 /// ≥ 32 writers hammer the image while snapshots are created, read and deleted. Each
@@ -1106,6 +1115,15 @@ impl BlockFile for GateFile {
     fn zero_range(&self, o: u64, l: u64) -> qcow2_async::io::IoFuture<'_, ()> {
         self.inner.zero_range(o, l)
     }
+    fn holes(&self, o: u64, l: u64) -> qcow2_async::io::IoFuture<'_, Vec<(u64, u64)>> {
+        self.inner.holes(o, l)
+    }
+    fn allocated_bytes(&self) -> qcow2_async::io::IoFuture<'_, u64> {
+        self.inner.allocated_bytes()
+    }
+    fn alignment(&self) -> usize {
+        self.inner.alignment()
+    }
 }
 
 /// A 4 GiB image holding 1s at 0 and 2s at 3 GiB, two clusters whose L2 tables differ (one
@@ -1262,6 +1280,15 @@ impl BlockFile for AddressFile {
     }
     fn zero_range(&self, off: u64, len: u64) -> qcow2_async::io::IoFuture<'_, ()> {
         self.inner.zero_range(off, len)
+    }
+    fn holes(&self, o: u64, l: u64) -> qcow2_async::io::IoFuture<'_, Vec<(u64, u64)>> {
+        self.inner.holes(o, l)
+    }
+    fn allocated_bytes(&self) -> qcow2_async::io::IoFuture<'_, u64> {
+        self.inner.allocated_bytes()
+    }
+    fn alignment(&self) -> usize {
+        self.inner.alignment()
     }
 }
 

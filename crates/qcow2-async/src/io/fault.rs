@@ -579,6 +579,19 @@ impl BlockFile for FaultFile {
             })
         })
     }
+
+    fn holes(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<(u64, u64)>> {
+        // The simulated disk stores every byte below its length.
+        Box::pin(async move { Ok(super::holes_past_end(self.len().await?, offset, len)) })
+    }
+
+    fn allocated_bytes(&self) -> IoFuture<'_, u64> {
+        self.len()
+    }
+
+    fn alignment(&self) -> usize {
+        1
+    }
 }
 
 #[cfg(test)]

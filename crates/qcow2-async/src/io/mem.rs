@@ -205,6 +205,15 @@ impl BlockFile for MemFile {
         Box::pin(async move { self.zero_sync(offset, len, true) })
     }
 
+    fn holes(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<(u64, u64)>> {
+        // Memory stores every byte below the length.
+        Box::pin(async move { Ok(super::holes_past_end(self.lock().len() as u64, offset, len)) })
+    }
+
+    fn allocated_bytes(&self) -> IoFuture<'_, u64> {
+        self.len()
+    }
+
     fn alignment(&self) -> usize {
         self.align
     }

@@ -94,30 +94,33 @@ pub trait BlockFile: Send + Sync + Debug + 'static {
     /// The parts of `[offset, offset + len)` the file does not store (holes, and everything
     /// past its end), as sorted `(start, end)` pairs. They read as zeros; block status reports
     /// them as such, as QEMU's file driver does. Backends that do not track holes report
-    /// only the part past the end.
-    fn holes(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<(u64, u64)>> {
-        Box::pin(async move {
-            let size = self.len().await?;
-            let end = offset.saturating_add(len);
-            let from = offset.max(size);
-            Ok(if from < end {
-                vec![(from, end)]
-            } else {
-                vec![]
-            })
-        })
-    }
+    /// only the part past the end ([`holes_past_end`]).
+    ///
+    /// Required, like [`BlockFile::allocated_bytes`] and [`BlockFile::alignment`], although
+    /// most backends have an obvious answer: a default would be the wrong answer for every
+    /// wrapper that forgets to forward it (an O_DIRECT wrapper once hid the file's holes from
+    /// `map` that way). The vectored methods keep defaults because theirs are right for every
+    /// implementation: they go through the implementation's own `read_at` / `write_at`.
+    fn holes(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<(u64, u64)>>;
     /// Bytes the file occupies on its storage (`st_blocks * 512`; the length where the
     /// backend cannot tell).
-    fn allocated_bytes(&self) -> IoFuture<'_, u64> {
-        self.len()
-    }
+    fn allocated_bytes(&self) -> IoFuture<'_, u64>;
     /// Required alignment of offsets, lengths and buffers (1 unless opened with O_DIRECT).
     ///
     /// The backends reject misaligned reads and writes with `InvalidInput` rather than passing
     /// them to the kernel, so an engine using O_DIRECT must build its buffers with
     /// `IoBuf::zeroed(len, file.alignment())` and keep offsets and lengths aligned.
-    fn alignment(&self) -> usize {
-        1
+    fn alignment(&self) -> usize;
+}
+
+/// [`BlockFile::holes`] for a backend that stores every byte below its length `size`: the
+/// part of `[offset, offset + len)` past the end, if any.
+pub fn holes_past_end(size: u64, offset: u64, len: u64) -> Vec<(u64, u64)> {
+    let end = offset.saturating_add(len);
+    let from = offset.max(size);
+    if from < end {
+        vec![(from, end)]
+    } else {
+        vec![]
     }
 }
