@@ -183,17 +183,48 @@ pub struct CreateArgs {
     #[arg(short = 'q')]
     quiet: bool,
     filename: PathBuf,
-    /// Size with an optional suffix (k, M, G, T).
-    size: String,
+    /// Size with an optional suffix (k, M, G, T); the backing file's size when omitted.
+    size: Option<String>,
 }
 
 use crate::opts::parse_size;
+
+/// The virtual size of the backing file `o` names, for `create` without a size (as
+/// qemu-img: the name is relative to the new image's folder, the backing file is opened
+/// read-only, shared, without its own backing chain).
+async fn backing_size(image: &std::path::Path, o: &CreateOptions) -> Result<u64> {
+    let Some(name) = &o.backing_file else {
+        return Err(format!("{}: Image creation needs a size parameter", image.display()).into());
+    };
+    let Some(format) = o.backing_format else {
+        return Err(format!(
+            "{}: Backing file specified without backing format",
+            image.display()
+        )
+        .into());
+    };
+    let p = std::path::Path::new(name);
+    let path = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        image.parent().unwrap_or(std::path::Path::new(".")).join(p)
+    };
+    let opts = OpenOptions {
+        force_share: true,
+        backing: qcow2_async::BackingPolicy::Ignore,
+        ..crate::opts::ro()
+    };
+    let backing = qcow2_async::Backing::open(&path, format, &opts)
+        .await
+        .map_err(|e| format!("Could not open backing image '{name}': {e}"))?;
+    Ok(backing.size())
+}
 
 pub async fn create(a: CreateArgs) -> Result<u8> {
     if a.format != "qcow2" {
         return Err(format!("unsupported format '{}'", a.format).into());
     }
-    let mut o = CreateOptions::new(parse_size(&a.size)?);
+    let mut o = CreateOptions::new(a.size.as_deref().map(parse_size).transpose()?.unwrap_or(0));
     o.backing_file = a.backing.clone();
     o.backing_format = a
         .backing_fmt
@@ -201,6 +232,9 @@ pub async fn create(a: CreateArgs) -> Result<u8> {
         .map(str::parse::<BackingFormat>)
         .transpose()?;
     crate::opts::apply_create_options(&mut o, a.options.as_deref().unwrap_or(""))?;
+    if a.size.is_none() {
+        o.size = backing_size(&a.filename, &o).await?;
+    }
     let img = Image::create(&a.filename, &o, &crate::opts::rw()).await?;
     img.close().await?;
     if !a.quiet {

@@ -464,6 +464,96 @@ fn measure_matches_qemu_img() {
     }
 }
 
+/// `create -b BASE -F FMT TOP` without a size takes the backing file's virtual size, as
+/// qemu-img does (relative to TOP's folder, qcow2 and raw); without a backing file or its
+/// format it refuses as qemu-img does.
+#[test]
+fn create_without_a_size_takes_the_backing_files() {
+    let d = Dir::new();
+    let base = d.p("base.qcow2");
+    ok(qemu(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&base), "3M"],
+    ));
+    std::fs::create_dir(d.p("sub")).unwrap();
+    let raw = d.p("base.raw");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(5 << 20)
+        .unwrap();
+    for (name, fmt, top, size) in [
+        ("base.qcow2", "qcow2", d.p("top.qcow2"), 3u64 << 20),
+        ("../base.qcow2", "qcow2", d.p("sub/top.qcow2"), 3 << 20),
+        ("base.raw", "raw", d.p("top-raw.qcow2"), 5 << 20),
+    ] {
+        ok(qcow2(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            name,
+            "-F",
+            fmt,
+            s(&top),
+        ]));
+        let twin = top.with_extension("qemu.qcow2");
+        ok(qemu(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                name,
+                "-F",
+                fmt,
+                s(&twin),
+            ],
+        ));
+        for p in [&top, &twin] {
+            let v = json(qemu("qemu-img", &["info", "--output=json", s(p)]));
+            assert_eq!(v["virtual-size"], size, "{}: {v:#}", p.display());
+            assert_eq!(v["backing-filename"], name);
+        }
+        ok(qemu("qemu-img", &["check", s(&top)]));
+    }
+    for (args, theirs) in [
+        (
+            vec!["-b", "base.qcow2"],
+            "Backing file specified without backing format",
+        ),
+        (vec![], "Image creation needs a size parameter"),
+    ] {
+        let top = d.p("refused.qcow2");
+        let mut a = vec!["create", "-f", "qcow2"];
+        a.extend(&args);
+        a.push(s(&top));
+        let o = qcow2(&a);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&o.stderr).contains(theirs));
+        let q = qemu("qemu-img", &a);
+        assert!(
+            String::from_utf8_lossy(&q.stderr).contains(theirs),
+            "qemu-img says so too"
+        );
+        assert!(!top.exists(), "nothing is created");
+    }
+    let o = qcow2(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "gone.qcow2",
+        "-F",
+        "qcow2",
+        s(&d.p("t.qcow2")),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Could not open backing image"));
+}
+
 #[test]
 fn errors_are_one_line_and_exit_1() {
     let d = Dir::new();
