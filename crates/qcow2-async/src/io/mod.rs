@@ -1,7 +1,7 @@
 //! Positional, asynchronous file I/O: the only way the engine touches bytes.
 //!
 //! [`BlockFile`] is object safe so that the backend is chosen at run time (io_uring, a
-//! thread pool, memory, or a fault injector in tests). Buffers are owned ([`IoBuf`]) so that a
+//! thread pool, memory, or — with the `test-util` feature — a fault injector for tests). Buffers are owned ([`IoBuf`]) so that a
 //! backend like io_uring can keep them alive until the kernel is done with them, even when the
 //! caller's future is dropped.
 
@@ -11,6 +11,7 @@ use std::io;
 use std::pin::Pin;
 
 mod buf;
+#[cfg(feature = "test-util")]
 mod fault;
 mod highwater;
 mod mem;
@@ -22,6 +23,7 @@ mod threads;
 mod uring;
 
 pub use buf::{IoBuf, SharedRegion};
+#[cfg(feature = "test-util")]
 pub use fault::{
     CrashState, FaultErrno, FaultEvent, FaultFile, FaultOp, Survival, WriteFailure, SECTOR,
 };
