@@ -18,6 +18,9 @@
 //! ```
 //!
 //! See `docs/architecture.md` for the data path and the invariants each module enforces.
+#![warn(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod alloc;
 mod backing;

@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 //! ```
 //! use qcow2_format::{Geometry, GuestOffset, L2Entry, L2Format};

@@ -37,6 +37,8 @@
 //! img.close().await?;
 //! # Ok(()) }
 //! ```
+#![warn(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 mod error;
 pub mod proto;

@@ -46,88 +46,142 @@ pub const CLIENT_NO_ZEROES: u32 = 1 << 1;
 
 /// Transmission flags.
 pub mod tflags {
+    /// `NBD_FLAG_HAS_FLAGS`: the flags field is valid (always set).
     pub const HAS_FLAGS: u16 = 1 << 0;
+    /// `NBD_FLAG_READ_ONLY`: the export refuses writes.
     pub const READ_ONLY: u16 = 1 << 1;
+    /// `NBD_FLAG_SEND_FLUSH`: `NBD_CMD_FLUSH` is supported.
     pub const SEND_FLUSH: u16 = 1 << 2;
+    /// `NBD_FLAG_SEND_FUA`: the `FUA` command flag is supported.
     pub const SEND_FUA: u16 = 1 << 3;
+    /// `NBD_FLAG_SEND_TRIM`: `NBD_CMD_TRIM` is supported.
     pub const SEND_TRIM: u16 = 1 << 5;
+    /// `NBD_FLAG_SEND_WRITE_ZEROES`: `NBD_CMD_WRITE_ZEROES` is supported.
     pub const SEND_WRITE_ZEROES: u16 = 1 << 6;
+    /// `NBD_FLAG_SEND_DF`: the `DF` (don't fragment) read flag is supported.
     pub const SEND_DF: u16 = 1 << 7;
+    /// `NBD_FLAG_CAN_MULTI_CONN`: a flush on one connection covers writes completed on all.
     pub const CAN_MULTI_CONN: u16 = 1 << 8;
+    /// `NBD_FLAG_SEND_FAST_ZERO`: the `FAST_ZERO` write-zeroes flag is supported.
     pub const SEND_FAST_ZERO: u16 = 1 << 11;
 }
 
 /// Option numbers.
 pub mod opt {
+    /// `NBD_OPT_EXPORT_NAME`: the old way to pick an export and end negotiation.
     pub const EXPORT_NAME: u32 = 1;
+    /// `NBD_OPT_ABORT`: the client gives up negotiation.
     pub const ABORT: u32 = 2;
+    /// `NBD_OPT_LIST`: list the exports.
     pub const LIST: u32 = 3;
+    /// `NBD_OPT_STARTTLS`: switch the connection to TLS.
     pub const STARTTLS: u32 = 5;
+    /// `NBD_OPT_INFO`: describe an export without entering transmission.
     pub const INFO: u32 = 6;
+    /// `NBD_OPT_GO`: describe an export and enter transmission.
     pub const GO: u32 = 7;
+    /// `NBD_OPT_STRUCTURED_REPLY`: use structured replies.
     pub const STRUCTURED_REPLY: u32 = 8;
+    /// `NBD_OPT_LIST_META_CONTEXT`: list the metadata contexts matching queries.
     pub const LIST_META_CONTEXT: u32 = 9;
+    /// `NBD_OPT_SET_META_CONTEXT`: select metadata contexts for block status.
     pub const SET_META_CONTEXT: u32 = 10;
 }
 
 /// Option reply types.
 pub mod rep {
+    /// `NBD_REP_ACK`: the option succeeded (or a list ended).
     pub const ACK: u32 = 1;
+    /// `NBD_REP_SERVER`: one export in an `NBD_OPT_LIST` reply.
     pub const SERVER: u32 = 2;
+    /// `NBD_REP_INFO`: one information item about an export.
     pub const INFO: u32 = 3;
+    /// `NBD_REP_META_CONTEXT`: one metadata context and its id.
     pub const META_CONTEXT: u32 = 4;
+    /// `NBD_REP_ERR_UNSUP`: the option is unknown to the server.
     pub const ERR_UNSUP: u32 = (1 << 31) + 1;
+    /// `NBD_REP_ERR_POLICY`: the option is forbidden by policy.
     pub const ERR_POLICY: u32 = (1 << 31) + 2;
+    /// `NBD_REP_ERR_INVALID`: the option is malformed.
     pub const ERR_INVALID: u32 = (1 << 31) + 3;
+    /// `NBD_REP_ERR_UNKNOWN`: no export of that name.
     pub const ERR_UNKNOWN: u32 = (1 << 31) + 6;
+    /// `NBD_REP_ERR_SHUTDOWN`: the server is shutting down.
     pub const ERR_SHUTDOWN: u32 = (1 << 31) + 7;
 }
 
 /// `NBD_REP_INFO` item types.
 pub mod info {
+    /// `NBD_INFO_EXPORT`: size and transmission flags.
     pub const EXPORT: u16 = 0;
+    /// `NBD_INFO_NAME`: the export's canonical name.
     pub const NAME: u16 = 1;
+    /// `NBD_INFO_DESCRIPTION`: a human-readable description.
     pub const DESCRIPTION: u16 = 2;
+    /// `NBD_INFO_BLOCK_SIZE`: minimum, preferred and maximum block sizes.
     pub const BLOCK_SIZE: u16 = 3;
 }
 
 /// Command types.
 pub mod cmd {
+    /// `NBD_CMD_READ`.
     pub const READ: u16 = 0;
+    /// `NBD_CMD_WRITE`.
     pub const WRITE: u16 = 1;
+    /// `NBD_CMD_DISC`: the client disconnects.
     pub const DISC: u16 = 2;
+    /// `NBD_CMD_FLUSH`.
     pub const FLUSH: u16 = 3;
+    /// `NBD_CMD_TRIM`: discard.
     pub const TRIM: u16 = 4;
+    /// `NBD_CMD_WRITE_ZEROES`.
     pub const WRITE_ZEROES: u16 = 6;
+    /// `NBD_CMD_BLOCK_STATUS`.
     pub const BLOCK_STATUS: u16 = 7;
 }
 
 /// Command flags.
 pub mod cflags {
+    /// `NBD_CMD_FLAG_FUA`: durable before the reply.
     pub const FUA: u16 = 1 << 0;
+    /// `NBD_CMD_FLAG_NO_HOLE`: write zeroes without deallocating.
     pub const NO_HOLE: u16 = 1 << 1;
+    /// `NBD_CMD_FLAG_DF`: reply to a read in one chunk.
     pub const DF: u16 = 1 << 2;
+    /// `NBD_CMD_FLAG_REQ_ONE`: block status of one extent only.
     pub const REQ_ONE: u16 = 1 << 3;
+    /// `NBD_CMD_FLAG_FAST_ZERO`: fail rather than write zeroes slowly.
     pub const FAST_ZERO: u16 = 1 << 4;
 }
 
 /// Structured reply chunk types and flags.
 pub mod chunk {
+    /// `NBD_REPLY_FLAG_DONE`: the last chunk of a reply.
     pub const FLAG_DONE: u16 = 1 << 0;
+    /// `NBD_REPLY_TYPE_NONE`: a reply with no payload.
     pub const NONE: u16 = 0;
+    /// `NBD_REPLY_TYPE_OFFSET_DATA`: read data at an offset.
     pub const OFFSET_DATA: u16 = 1;
+    /// `NBD_REPLY_TYPE_BLOCK_STATUS`: extents of one metadata context.
     pub const BLOCK_STATUS: u16 = 5;
+    /// `NBD_REPLY_TYPE_ERROR`: an error for the whole request.
     pub const ERROR: u16 = (1 << 15) + 1;
 }
 
 /// Error values of the transmission phase (the protocol fixes them; they are not the host's
 /// errno values).
 pub mod errno {
+    /// Operation not permitted (a write to a read-only export).
     pub const EPERM: u32 = 1;
+    /// Input/output error.
     pub const EIO: u32 = 5;
+    /// Invalid argument.
     pub const EINVAL: u32 = 22;
+    /// No space left (lets a VMM pause the guest, `werror=enospc`).
     pub const ENOSPC: u32 = 28;
+    /// The request exceeds the export or a size limit.
     pub const EOVERFLOW: u32 = 75;
+    /// Not supported (e.g. a fast zero that would be slow).
     pub const ENOTSUP: u32 = 95;
 }
 
@@ -417,15 +471,34 @@ pub struct Limits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
     /// Read `len` bytes at `offset`.
-    Read { offset: u64, len: u32 },
+    Read {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u32,
+    },
     /// Write the `len`-byte payload that follows at `offset`.
-    Write { offset: u64, len: u32, fua: bool },
+    Write {
+        /// Offset.
+        offset: u64,
+        /// Length of the payload.
+        len: u32,
+        /// Persist before replying.
+        fua: bool,
+    },
     /// The client is done.
     Disconnect,
     /// Make completed writes durable.
     Flush,
     /// Discard.
-    Trim { offset: u64, len: u32, fua: bool },
+    Trim {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u32,
+        /// Persist before replying.
+        fua: bool,
+    },
     /// Make the range read as zeros.
     WriteZeroes {
         /// Offset.
@@ -441,8 +514,11 @@ pub enum Command {
     },
     /// Report the selected metadata contexts over the range.
     BlockStatus {
+        /// Offset.
         offset: u64,
+        /// Length.
         len: u32,
+        /// `REQ_ONE`: one extent per context is enough.
         req_one: bool,
     },
 }

@@ -24,6 +24,7 @@ mod uring;
 
 pub use buf::{IoBuf, SharedRegion};
 #[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub use fault::{
     CrashState, FaultErrno, FaultEvent, FaultFile, FaultOp, Survival, WriteFailure, SECTOR,
 };
