@@ -367,10 +367,11 @@ async fn sixteen_tasks_compress_concurrently() {
         (Aio::Threads, true, false),
     ] {
         let p = dir.path().join(format!("c-{aio:?}-{direct}.qcow2"));
-        let opts = OpenOptions {
-            aio: Some(aio),
-            direct,
-            ..Default::default()
+        let opts = {
+            let mut o = OpenOptions::default();
+            o.aio = Some(aio);
+            o.direct = direct;
+            o
         };
         let mut o = CreateOptions::new(size);
         o.cluster_size = cs;

@@ -1080,9 +1080,10 @@ async fn repairs(path: &Path) -> (Seen, Seen) {
         "timeout",
         &["20", "qemu-img", "check", "-q", "-r", "all", s(&q)],
     );
-    let opts = OpenOptions {
-        open_for_repair: true,
-        ..OpenOptions::default()
+    let opts = {
+        let mut o = OpenOptions::default();
+        o.open_for_repair = true;
+        o
     };
     let ours = match Image::open(&o, &opts).await {
         Err(e) => Err(Seen::Refused(e.to_string())),

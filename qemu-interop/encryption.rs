@@ -125,10 +125,11 @@ fn info(p: &Path) -> serde_json::Value {
 }
 
 fn with_secret(read_only: bool, pass: &str) -> OpenOptions {
-    OpenOptions {
-        read_only,
-        secret: Some(Secret::new(pass)),
-        ..Default::default()
+    {
+        let mut o = OpenOptions::default();
+        o.read_only = read_only;
+        o.secret = Some(Secret::new(pass));
+        o
     }
 }
 
@@ -177,29 +178,35 @@ fn cipher_settings() -> Vec<(&'static str, LuksAlgorithms)> {
         ("", LuksAlgorithms::default()),
         (
             "encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256",
-            LuksAlgorithms {
-                cipher_alg: CipherAlg::Aes128,
-                cipher_mode: CipherMode::Cbc,
-                ivgen: IvGenAlg::Essiv(HashAlg::Sha256),
-                hash: HashAlg::Sha256,
+            {
+                let mut o = LuksAlgorithms::default();
+                o.cipher_alg = CipherAlg::Aes128;
+                o.cipher_mode = CipherMode::Cbc;
+                o.ivgen = IvGenAlg::Essiv(HashAlg::Sha256);
+                o.hash = HashAlg::Sha256;
+                o
             },
         ),
         (
             "encrypt.cipher-alg=aes-256,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=plain64",
-            LuksAlgorithms {
-                cipher_alg: CipherAlg::Aes256,
-                cipher_mode: CipherMode::Cbc,
-                ivgen: IvGenAlg::Plain64,
-                hash: HashAlg::Sha256,
+            {
+                let mut o = LuksAlgorithms::default();
+                o.cipher_alg = CipherAlg::Aes256;
+                o.cipher_mode = CipherMode::Cbc;
+                o.ivgen = IvGenAlg::Plain64;
+                o.hash = HashAlg::Sha256;
+                o
             },
         ),
         (
             "encrypt.cipher-alg=aes-128,encrypt.cipher-mode=xts,encrypt.ivgen-alg=plain,encrypt.hash-alg=sha1",
-            LuksAlgorithms {
-                cipher_alg: CipherAlg::Aes128,
-                cipher_mode: CipherMode::Xts,
-                ivgen: IvGenAlg::Plain,
-                hash: HashAlg::Sha1,
+            {
+                let mut o = LuksAlgorithms::default();
+                o.cipher_alg = CipherAlg::Aes128;
+                o.cipher_mode = CipherMode::Xts;
+                o.ivgen = IvGenAlg::Plain;
+                o.hash = HashAlg::Sha1;
+                o
             },
         ),
     ]
@@ -424,10 +431,11 @@ fn luks_create_options(
     iterations: KdfIterations,
 ) -> CreateOptions {
     let mut co = CreateOptions::new(size);
-    co.encryption = Some(EncryptionOptions {
-        secret: Secret::new(PASS),
-        algorithms,
-        iterations,
+    co.encryption = Some({
+        let mut o = EncryptionOptions::luks(Secret::new(PASS));
+        o.algorithms = algorithms;
+        o.iterations = iterations;
+        o
     });
     co
 }
@@ -470,10 +478,11 @@ async fn encrypted_backing_chains_work_as_in_qemu() {
     let mut co = CreateOptions::new(2 << 20);
     co.backing_file = Some("base.qcow2".into());
     co.backing_format = Some(BackingFormat::Qcow2);
-    co.encryption = Some(EncryptionOptions {
-        secret: Secret::new(PASS),
-        algorithms: LuksAlgorithms::default(),
-        iterations: KdfIterations::Count(1000),
+    co.encryption = Some({
+        let mut o = EncryptionOptions::luks(Secret::new(PASS));
+        o.algorithms = LuksAlgorithms::default();
+        o.iterations = KdfIterations::Count(1000);
+        o
     });
     let img = Image::create(&top, &co, &with_secret(false, PASS))
         .await

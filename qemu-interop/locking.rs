@@ -116,9 +116,10 @@ fn ro() -> OpenOptions {
 }
 
 fn shared() -> OpenOptions {
-    OpenOptions {
-        force_share: true,
-        ..OpenOptions::read_only()
+    {
+        let mut o = OpenOptions::read_only();
+        o.force_share = true;
+        o
     }
 }
 
@@ -374,13 +375,11 @@ async fn two_handles_of_the_engine_exclude_each_other() {
     assert_eq!(std::fs::read(&img).unwrap(), before);
     // Writes with force-share are refused outright, as in QEMU.
     assert!(matches!(
-        Image::open(
-            &img,
-            &OpenOptions {
-                force_share: true,
-                ..OpenOptions::default()
-            }
-        )
+        Image::open(&img, &{
+            let mut o = OpenOptions::default();
+            o.force_share = true;
+            o
+        })
         .await
         .unwrap_err(),
         Error::InvalidArgument(_)

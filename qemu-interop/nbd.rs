@@ -213,9 +213,10 @@ async fn block_status_matches_qemu_nbd_for_allocation_and_dirty_bitmap() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("img.qcow2");
     let img = mixed_image(&path).await;
-    let export = ExportConfig {
-        bitmaps: vec!["bm".into()],
-        ..ExportConfig::live("")
+    let export = {
+        let mut o = ExportConfig::live("");
+        o.bitmaps = vec!["bm".into()];
+        o
     };
     let srv = start(&img, vec![export], Some(dir.path())).await;
     let alloc = run_ok(
@@ -372,15 +373,16 @@ async fn snapshot_export_is_read_only_and_listed() {
     img.create_snapshot("before").await.unwrap();
     img.write_at(&vec![0xbb; 1 << 20], 0).await.unwrap();
     let exports = vec![
-        ExportConfig {
-            bitmaps: vec!["bm".into()],
-            ..ExportConfig::live("live")
+        {
+            let mut o = ExportConfig::live("live");
+            o.bitmaps = vec!["bm".into()];
+            o
         },
-        ExportConfig {
-            name: "snap".into(),
-            source: Source::Snapshot("before".into()),
-            read_only: true,
-            bitmaps: Vec::new(),
+        {
+            let mut o = ExportConfig::live("snap");
+            o.source = Source::Snapshot("before".into());
+            o.read_only = true;
+            o
         },
     ];
     let srv = start(&img, exports, Some(dir.path())).await;

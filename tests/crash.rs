@@ -66,10 +66,11 @@ fn workloads() -> Vec<Workload> {
     vec![
         Workload {
             name: "refcount-table-growth-512",
-            create: || CreateOptions {
-                cluster_size: 512,
-                refcount_bits: 64,
-                ..CreateOptions::new(4 << 20)
+            create: || {
+                let mut o = CreateOptions::new(4 << 20);
+                o.cluster_size = 512;
+                o.refcount_bits = 64;
+                o
             },
             backing: false,
             data_file: false,
@@ -77,9 +78,10 @@ fn workloads() -> Vec<Workload> {
         },
         Workload {
             name: "cow-from-backing",
-            create: || CreateOptions {
-                cluster_size: 4096,
-                ..CreateOptions::new(1 << 20)
+            create: || {
+                let mut o = CreateOptions::new(1 << 20);
+                o.cluster_size = 4096;
+                o
             },
             backing: true,
             data_file: false,
@@ -87,9 +89,10 @@ fn workloads() -> Vec<Workload> {
         },
         Workload {
             name: "snapshot-shared-overwrite",
-            create: || CreateOptions {
-                cluster_size: 4096,
-                ..CreateOptions::new(1 << 20)
+            create: || {
+                let mut o = CreateOptions::new(1 << 20);
+                o.cluster_size = 4096;
+                o
             },
             backing: false,
             data_file: false,
@@ -97,9 +100,10 @@ fn workloads() -> Vec<Workload> {
         },
         Workload {
             name: "discard-and-zeroes",
-            create: || CreateOptions {
-                cluster_size: 4096,
-                ..CreateOptions::new(1 << 20)
+            create: || {
+                let mut o = CreateOptions::new(1 << 20);
+                o.cluster_size = 4096;
+                o
             },
             backing: false,
             data_file: false,
@@ -107,10 +111,11 @@ fn workloads() -> Vec<Workload> {
         },
         Workload {
             name: "extended-l2-subclusters",
-            create: || CreateOptions {
-                cluster_size: 16384,
-                extended_l2: true,
-                ..CreateOptions::new(1 << 20)
+            create: || {
+                let mut o = CreateOptions::new(1 << 20);
+                o.cluster_size = 16384;
+                o.extended_l2 = true;
+                o
             },
             backing: true,
             data_file: false,
@@ -118,10 +123,11 @@ fn workloads() -> Vec<Workload> {
         },
         Workload {
             name: "external-data-file",
-            create: || CreateOptions {
-                cluster_size: 4096,
-                data_file: Some("data.raw".into()),
-                ..CreateOptions::new(1 << 20)
+            create: || {
+                let mut o = CreateOptions::new(1 << 20);
+                o.cluster_size = 4096;
+                o.data_file = Some("data.raw".into());
+                o
             },
             backing: false,
             data_file: true,
@@ -129,9 +135,10 @@ fn workloads() -> Vec<Workload> {
         },
         Workload {
             name: "compressed-writes",
-            create: || CreateOptions {
-                cluster_size: 4096,
-                ..CreateOptions::new(1 << 20)
+            create: || {
+                let mut o = CreateOptions::new(1 << 20);
+                o.cluster_size = 4096;
+                o
             },
             backing: false,
             data_file: false,
@@ -139,10 +146,11 @@ fn workloads() -> Vec<Workload> {
         },
         Workload {
             name: "compressed-overwrite",
-            create: || CreateOptions {
-                cluster_size: 4096,
-                zstd: true,
-                ..CreateOptions::new(1 << 20)
+            create: || {
+                let mut o = CreateOptions::new(1 << 20);
+                o.cluster_size = 4096;
+                o.zstd = true;
+                o
             },
             backing: false,
             data_file: false,
@@ -150,9 +158,10 @@ fn workloads() -> Vec<Workload> {
         },
         Workload {
             name: "persistent-bitmaps",
-            create: || CreateOptions {
-                cluster_size: 4096,
-                ..CreateOptions::new(1 << 20)
+            create: || {
+                let mut o = CreateOptions::new(1 << 20);
+                o.cluster_size = 4096;
+                o
             },
             backing: false,
             data_file: false,
@@ -160,13 +169,13 @@ fn workloads() -> Vec<Workload> {
         },
         Workload {
             name: "luks-encrypted",
-            create: || CreateOptions {
-                cluster_size: 4096,
-                encryption: Some(EncryptionOptions {
-                    iterations: KdfIterations::Count(1000),
-                    ..EncryptionOptions::luks(Secret::new(PASSPHRASE))
-                }),
-                ..CreateOptions::new(1 << 20)
+            create: || {
+                let mut e = EncryptionOptions::luks(Secret::new(PASSPHRASE));
+                e.iterations = KdfIterations::Count(1000);
+                let mut o = CreateOptions::new(1 << 20);
+                o.cluster_size = 4096;
+                o.encryption = Some(e);
+                o
             },
             backing: false,
             data_file: false,
@@ -179,9 +188,10 @@ fn workloads() -> Vec<Workload> {
 const PASSPHRASE: &str = "crash-passphrase";
 
 fn open_opts() -> OpenOptions {
-    OpenOptions {
-        secret: Some(Secret::new(PASSPHRASE)),
-        ..OpenOptions::default()
+    {
+        let mut o = OpenOptions::default();
+        o.secret = Some(Secret::new(PASSPHRASE));
+        o
     }
 }
 

@@ -202,9 +202,11 @@ async fn run_model(case: &Case, seed: u64, ops: usize) {
     let tracked = case.v3 && seed % 2 == 0;
     let mut touched = vec![false; case.size.div_ceil(512) as usize];
     if tracked {
-        let o = qcow2_async::BitmapOptions {
-            granularity: Some(512),
-            disabled: false,
+        let o = {
+            let mut o = qcow2_async::BitmapOptions::default();
+            o.granularity = Some(512);
+            o.disabled = false;
+            o
         };
         img.add_bitmap("m", &o).await.unwrap();
     }
@@ -320,9 +322,10 @@ async fn two_writers_on_one_unallocated_cluster_allocate_once() {
     // completes synchronously and would hide the race).
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("race.qcow2");
-    let opts = OpenOptions {
-        aio: Some(Aio::Threads),
-        ..Default::default()
+    let opts = {
+        let mut o = OpenOptions::default();
+        o.aio = Some(Aio::Threads);
+        o
     };
     let img = Image::create(&path, &CreateOptions::new(64 << 20), &opts)
         .await
@@ -424,9 +427,10 @@ async fn model_on_real_files_with_both_backends() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.qcow2");
         let size = 8 << 20;
-        let opts = OpenOptions {
-            aio: Some(aio),
-            ..Default::default()
+        let opts = {
+            let mut o = OpenOptions::default();
+            o.aio = Some(aio);
+            o
         };
         let mut o = CreateOptions::new(size);
         o.cluster_size = 4096;
@@ -498,9 +502,10 @@ async fn stress(aio: Aio, extended: bool) {
     let mut o = CreateOptions::new(size);
     o.cluster_size = 16384;
     o.extended_l2 = extended;
-    let opts = OpenOptions {
-        aio: Some(aio),
-        ..Default::default()
+    let opts = {
+        let mut o = OpenOptions::default();
+        o.aio = Some(aio);
+        o
     };
     let img = Image::create(&path, &o, &opts).await.unwrap();
     let fill = |round: u64, pos: u64| {
@@ -604,10 +609,11 @@ async fn o_direct_images_behave_like_buffered_ones() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     for aio in [Aio::Threads, Aio::IoUring] {
         let path = dir.path().join(format!("direct-{aio:?}.qcow2"));
-        let opts = OpenOptions {
-            direct: true,
-            aio: Some(aio),
-            ..Default::default()
+        let opts = {
+            let mut o = OpenOptions::default();
+            o.direct = true;
+            o.aio = Some(aio);
+            o
         };
         let size = 4u64 << 20;
         let img = Image::create(&path, &CreateOptions::new(size), &opts)
@@ -916,9 +922,11 @@ async fn enabled_bitmaps_record_every_write_and_never_go_stale() {
     img.add_bitmap("on", &BitmapOptions::default())
         .await
         .unwrap();
-    let off = BitmapOptions {
-        granularity: None,
-        disabled: true,
+    let off = {
+        let mut o = BitmapOptions::default();
+        o.granularity = None;
+        o.disabled = true;
+        o
     };
     img.add_bitmap("off", &off).await.unwrap();
     img.write_at(&[1; 10], 65536 * 3 + 7).await.unwrap();
@@ -1374,9 +1382,10 @@ async fn owned_buffers_reach_the_file_without_a_copy() {
     let path = dir.path().join("d.qcow2");
     let mut o = CreateOptions::new(4 << 20);
     o.cluster_size = 65536;
-    let direct = OpenOptions {
-        direct: true,
-        ..OpenOptions::default()
+    let direct = {
+        let mut o = OpenOptions::default();
+        o.direct = true;
+        o
     };
     let img = match Image::create(&path, &o, &direct).await {
         Ok(img) => img,

@@ -31,6 +31,7 @@ use crate::meta::Meta;
 
 /// What [`crate::Image::bitmaps`] reports about one persistent bitmap.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BitmapInfo {
     /// Unique name.
     pub name: String,
@@ -46,6 +47,7 @@ pub struct BitmapInfo {
 
 /// Options for [`crate::Image::add_bitmap`].
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct BitmapOptions {
     /// Bytes per bit, a power of two from 512 B to 2 GiB. Default as QEMU: the cluster
     /// size clamped to 4 KiB..=64 KiB.

@@ -42,6 +42,7 @@ pub enum Verdict {
 
 /// The counts `qemu-img check` reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CheckReport {
     /// Corruptions found (after repair: remaining).
     pub corruptions: u64,

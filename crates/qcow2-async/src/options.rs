@@ -65,6 +65,7 @@ impl std::str::FromStr for BackingFormat {
 
 /// Parameters of a new image (qemu-img `-o` option names in the docs).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct CreateOptions {
     /// Virtual size in bytes (rounded up to 512 as qemu-img does).
     pub size: u64,
@@ -146,6 +147,7 @@ pub enum DataFilePolicy {
 
 /// Parameters for opening an image.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct OpenOptions {
     /// Open without write access.
     pub read_only: bool,

@@ -24,6 +24,7 @@ use crate::meta::{be64, Meta};
 
 /// What `list_snapshots` reports about one snapshot (the columns of `qemu-img snapshot -l`).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SnapshotInfo {
     /// Unique id ("1", "2", ...).
     pub id: String,

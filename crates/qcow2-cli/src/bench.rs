@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use clap::Args;
 use qcow2_async::io::{Aio, IoBuf, RingOptions};
-use qcow2_async::{BackingPolicy, Image, OpenOptions};
+use qcow2_async::{BackingPolicy, Image};
 use serde_json::json;
 
 use crate::opts::{parse_size, Result};
@@ -137,14 +137,15 @@ pub async fn bench(a: BenchArgs) -> Result<u8> {
         "slice" => false,
         o => return Err(format!("invalid buffers '{o}' (owned or slice)").into()),
     };
-    let opts = OpenOptions {
-        read_only: !writes,
-        aio: Some(aio),
-        ring,
-        direct,
-        backing: BackingPolicy::FromImage,
-        cache_clusters: a.cache_clusters.unwrap_or(crate::opts::rw().cache_clusters),
-        ..crate::opts::rw()
+    let opts = {
+        let mut o = crate::opts::rw();
+        o.read_only = !writes;
+        o.aio = Some(aio);
+        o.ring = ring;
+        o.direct = direct;
+        o.backing = BackingPolicy::FromImage;
+        o.cache_clusters = a.cache_clusters.unwrap_or(crate::opts::rw().cache_clusters);
+        o
     };
     let img = Image::open(&a.filename, &opts).await?;
     let size = img.virtual_size();

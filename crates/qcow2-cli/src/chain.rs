@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use qcow2_async::ops::{self, CommitOptions, RebaseOptions};
-use qcow2_async::{AmendOptions, BackingPolicy, Image, OpenOptions, ResizeOptions};
+use qcow2_async::{AmendOptions, BackingPolicy, Image, ResizeOptions};
 
 use crate::opts::{format_of, parse_format, parse_size, Result};
 
@@ -32,13 +32,11 @@ pub async fn resize(a: ResizeArgs) -> Result<u8> {
     if a.format != "qcow2" {
         return Err("only qcow2 images are resized by this tool".into());
     }
-    let img = Image::open(
-        &a.filename,
-        &OpenOptions {
-            backing: BackingPolicy::FromImage,
-            ..crate::opts::rw()
-        },
-    )
+    let img = Image::open(&a.filename, &{
+        let mut o = crate::opts::rw();
+        o.backing = BackingPolicy::FromImage;
+        o
+    })
     .await?;
     let cur = img.virtual_size();
     let new = if let Some(d) = a.size.strip_prefix('+') {
@@ -50,13 +48,12 @@ pub async fn resize(a: ResizeArgs) -> Result<u8> {
         parse_size(&a.size)?
     };
     let r = img
-        .resize(
-            new,
-            ResizeOptions {
-                shrink: a.shrink,
-                discard_data: a.discard_data,
-            },
-        )
+        .resize(new, {
+            let mut o = ResizeOptions::default();
+            o.shrink = a.shrink;
+            o.discard_data = a.discard_data;
+            o
+        })
         .await;
     img.close().await?;
     r?;
@@ -88,11 +85,13 @@ pub async fn commit(a: CommitArgs) -> Result<u8> {
         return Err("only qcow2 images can be committed".into());
     }
     let (bar, cb) = crate::progress::bar(a.progress && !a.quiet);
-    let o = CommitOptions {
-        keep_top: a.keep,
-        parallel: 8,
-        progress: cb,
-        open: crate::opts::rw(),
+    let o = {
+        let mut o = CommitOptions::default();
+        o.keep_top = a.keep;
+        o.parallel = 8;
+        o.progress = cb;
+        o.open = crate::opts::rw();
+        o
     };
     ops::commit(&a.filename, &o).await?;
     if let Some(b) = bar {
@@ -152,10 +151,12 @@ pub async fn rebase(a: RebaseArgs) -> Result<u8> {
         Some((a.backing.as_str(), fmt))
     };
     let (bar, cb) = crate::progress::bar(a.progress && !a.quiet);
-    let o = RebaseOptions {
-        unsafe_names_only: a.unsafe_,
-        open: crate::opts::rw(),
-        progress: cb,
+    let o = {
+        let mut o = RebaseOptions::default();
+        o.unsafe_names_only = a.unsafe_;
+        o.open = crate::opts::rw();
+        o.progress = cb;
+        o
     };
     ops::rebase(&a.filename, backing, &o).await?;
     if let Some(b) = bar {
@@ -205,13 +206,11 @@ pub async fn amend(a: AmendArgs) -> Result<u8> {
             }
         }
     }
-    let img = Image::open(
-        &a.filename,
-        &OpenOptions {
-            backing: BackingPolicy::Ignore,
-            ..crate::opts::rw()
-        },
-    )
+    let img = Image::open(&a.filename, &{
+        let mut o = crate::opts::rw();
+        o.backing = BackingPolicy::Ignore;
+        o
+    })
     .await?;
     let r = img.amend(&o).await;
     img.close().await?;

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use qcow2_async::{BackingPolicy, CheckReport, Image, OpenOptions, RepairMode};
+use qcow2_async::{BackingPolicy, CheckReport, Image, RepairMode};
 use serde_json::{json, Value};
 
 use crate::opts::Result;
@@ -40,11 +40,12 @@ pub async fn check(a: CheckArgs) -> Result<u8> {
             )
         }
     };
-    let opts = OpenOptions {
-        backing: BackingPolicy::Ignore,
-        read_only: repair.is_none(),
-        open_for_repair: repair.is_some(),
-        ..crate::opts::rw()
+    let opts = {
+        let mut o = crate::opts::rw();
+        o.backing = BackingPolicy::Ignore;
+        o.read_only = repair.is_none();
+        o.open_for_repair = repair.is_some();
+        o
     };
     let img = Image::open(&a.filename, &opts).await?;
     let report = img.check(repair).await?;

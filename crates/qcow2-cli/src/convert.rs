@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use qcow2_async::ops::{self, CacheMode, CompareResult, ConvertOptions};
-use qcow2_async::{Backing, BackingFormat, CreateOptions, OpenOptions};
+use qcow2_async::{Backing, BackingFormat, CreateOptions};
 use serde_json::json;
 
 use crate::opts::{apply_create_options, format_of, parse_format, parse_size, Result};
@@ -52,9 +52,10 @@ pub struct ConvertArgs {
 pub async fn convert(a: ConvertArgs) -> Result<u8> {
     let sfmt = format_of(&a.source, a.src_format.as_deref())?;
     let src_cache: CacheMode = a.src_cache.parse()?;
-    let src_opts = OpenOptions {
-        direct: src_cache.direct(),
-        ..crate::opts::ro()
+    let src_opts = {
+        let mut o = crate::opts::ro();
+        o.direct = src_cache.direct();
+        o
     };
     let src = Backing::open(&a.source, sfmt, &src_opts).await?;
     let mut o = ConvertOptions::new(parse_format(&a.format)?);
@@ -182,27 +183,26 @@ pub async fn measure(a: MeasureArgs) -> Result<u8> {
     };
     let mut c = CreateOptions::new(a.size.as_deref().map(parse_size).transpose()?.unwrap_or(0));
     apply_create_options(&mut c, a.options.as_deref().unwrap_or(""))?;
-    let m = match parse_format(&a.format)? {
-        BackingFormat::Qcow2 => ops::measure(src.as_ref(), &c).await?,
+    let (required, fully_allocated, bitmaps) = match parse_format(&a.format)? {
+        BackingFormat::Qcow2 => {
+            let m = ops::measure(src.as_ref(), &c).await?;
+            (m.required, m.fully_allocated, m.bitmaps)
+        }
         BackingFormat::Raw => {
             let n = src.as_ref().map_or(c.size, |s| s.size()).div_ceil(512) * 512;
-            ops::Measure {
-                required: n,
-                fully_allocated: n,
-                bitmaps: None,
-            }
+            (n, n, None)
         }
     };
     if a.output == "json" {
-        let mut v = json!({"required": m.required, "fully-allocated": m.fully_allocated});
-        if let Some(b) = m.bitmaps {
+        let mut v = json!({"required": required, "fully-allocated": fully_allocated});
+        if let Some(b) = bitmaps {
             v["bitmaps"] = json!(b);
         }
         outln!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        outln!("required size: {}", m.required);
-        outln!("fully allocated size: {}", m.fully_allocated);
-        if let Some(b) = m.bitmaps {
+        outln!("required size: {required}");
+        outln!("fully allocated size: {fully_allocated}");
+        if let Some(b) = bitmaps {
             outln!("bitmaps size: {b}");
         }
     }

@@ -6,7 +6,7 @@ use clap::Args;
 use qcow2_async::qcow2_format::{
     CompatibleFeatures, CompressionType, IncompatibleFeatures, Version,
 };
-use qcow2_async::{BackingFormat, CreateOptions, Image, OpenOptions};
+use qcow2_async::{BackingFormat, CreateOptions, Image};
 use serde_json::json;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -27,9 +27,10 @@ pub async fn info(a: InfoArgs) -> Result<u8> {
     if a.format != "qcow2" {
         return Err(format!("unsupported format '{}'", a.format).into());
     }
-    let opts = OpenOptions {
-        backing: qcow2_async::BackingPolicy::Ignore,
-        ..crate::opts::ro()
+    let opts = {
+        let mut o = crate::opts::ro();
+        o.backing = qcow2_async::BackingPolicy::Ignore;
+        o
     };
     let img = Image::open(&a.filename, &opts).await?;
     let h = img.header().await;
@@ -209,10 +210,11 @@ async fn backing_size(image: &std::path::Path, o: &CreateOptions) -> Result<u64>
     } else {
         image.parent().unwrap_or(std::path::Path::new(".")).join(p)
     };
-    let opts = OpenOptions {
-        force_share: true,
-        backing: qcow2_async::BackingPolicy::Ignore,
-        ..crate::opts::ro()
+    let opts = {
+        let mut o = crate::opts::ro();
+        o.force_share = true;
+        o.backing = qcow2_async::BackingPolicy::Ignore;
+        o
     };
     let backing = qcow2_async::Backing::open(&path, format, &opts)
         .await

@@ -134,11 +134,12 @@ fn secret() -> Option<Secret> {
 /// Read-only open options carrying the user's passphrase and sharing flags.
 pub fn ro() -> OpenOptions {
     let (force_share, locking) = share();
-    OpenOptions {
-        secret: secret(),
-        force_share,
-        locking,
-        ..OpenOptions::read_only()
+    {
+        let mut o = OpenOptions::read_only();
+        o.secret = secret();
+        o.force_share = force_share;
+        o.locking = locking;
+        o
     }
 }
 
@@ -146,11 +147,12 @@ pub fn ro() -> OpenOptions {
 /// the open fail, as in qemu-img).
 pub fn rw() -> OpenOptions {
     let (force_share, locking) = share();
-    OpenOptions {
-        secret: secret(),
-        force_share,
-        locking,
-        ..OpenOptions::default()
+    {
+        let mut o = OpenOptions::default();
+        o.secret = secret();
+        o.force_share = force_share;
+        o.locking = locking;
+        o
     }
 }
 

@@ -67,15 +67,12 @@ pub async fn serve(a: ServeArgs) -> Result<u8> {
         o => return Err(format!("invalid aio '{o}' (io_uring or threads)").into()),
     });
     let img = Image::open(&a.filename, &opts).await?;
-    let export = ExportConfig {
-        name: a.export_name.clone(),
-        source: match &a.snapshot {
-            Some(s) => Source::Snapshot(s.clone()),
-            None => Source::Live,
-        },
-        read_only,
-        bitmaps: a.bitmap.clone(),
-    };
+    let mut export = ExportConfig::live(a.export_name.clone());
+    if let Some(s) = &a.snapshot {
+        export.source = Source::Snapshot(s.clone());
+    }
+    export.read_only = read_only;
+    export.bitmaps = a.bitmap.clone();
     let started = async {
         let server = Server::new(img.clone(), vec![export], ServerOptions::default()).await?;
         let listener = match &a.socket {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use qcow2_async::{BackingPolicy, BitmapOptions, Image, OpenOptions, SnapshotInfo};
+use qcow2_async::{BackingPolicy, BitmapOptions, Image, SnapshotInfo};
 use serde_json::json;
 
 use crate::opts::{parse_size, Result};
@@ -39,10 +39,11 @@ pub async fn snapshot(a: SnapshotArgs) -> Result<u8> {
     if a.format != "qcow2" {
         return Err("snapshots need a qcow2 image".into());
     }
-    let opts = OpenOptions {
-        backing: BackingPolicy::Ignore,
-        read_only: a.list,
-        ..crate::opts::rw()
+    let opts = {
+        let mut o = crate::opts::rw();
+        o.backing = BackingPolicy::Ignore;
+        o.read_only = a.list;
+        o
     };
     let img = Image::open(&a.filename, &opts).await?;
     if a.list {
@@ -186,16 +187,19 @@ pub async fn bitmap(a: BitmapArgs) -> Result<u8> {
             return Err("merging from another image is not supported yet".into());
         }
     }
-    let opts = OpenOptions {
-        backing: BackingPolicy::Ignore,
-        ..crate::opts::rw()
+    let opts = {
+        let mut o = crate::opts::rw();
+        o.backing = BackingPolicy::Ignore;
+        o
     };
     let img = Image::open(&a.filename, &opts).await?;
     let run = async {
         if a.add {
-            let o = BitmapOptions {
-                granularity: a.granularity.as_deref().map(parse_size).transpose()?,
-                disabled: a.disable,
+            let o = {
+                let mut o = BitmapOptions::default();
+                o.granularity = a.granularity.as_deref().map(parse_size).transpose()?;
+                o.disabled = a.disable;
+                o
             };
             img.add_bitmap(&a.bitmap, &o).await?;
         }

@@ -34,6 +34,7 @@ pub enum Source {
 
 /// One export of the image.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ExportConfig {
     /// Name clients ask for (`""` is the default export).
     pub name: String,
@@ -59,6 +60,7 @@ impl ExportConfig {
 
 /// Limits of the server.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ServerOptions {
     /// Requests of one connection that may run at once; further requests wait to be read.
     pub max_in_flight: usize,

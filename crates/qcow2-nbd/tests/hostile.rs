@@ -577,9 +577,10 @@ async fn random_request_streams_never_crash_the_server() {
 /// still land, and the image closes cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_cuts_stalled_clients_after_the_grace_period() {
-    let f = fixture_with(ServerOptions {
-        shutdown_grace: Duration::from_millis(300),
-        ..ServerOptions::default()
+    let f = fixture_with({
+        let mut o = ServerOptions::default();
+        o.shutdown_grace = Duration::from_millis(300);
+        o
     })
     .await;
     let mut stalled = connect(&f.addr, 1).await;

@@ -54,6 +54,7 @@ impl Default for KdfIterations {
 
 /// The algorithms of a LUKS volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LuksAlgorithms {
     /// Data cipher.
     pub cipher_alg: CipherAlg,

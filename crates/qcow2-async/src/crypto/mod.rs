@@ -49,6 +49,7 @@ impl std::fmt::Debug for Secret {
 /// Encryption of a new image: LUKS1, the only format QEMU still creates for use (legacy AES
 /// is read-only here).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct EncryptionOptions {
     /// Passphrase for key slot 0 (`encrypt.key-secret`).
     pub secret: Secret,

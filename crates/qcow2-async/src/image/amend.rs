@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 
 /// What [`Image::amend`] changes (like `qemu-img amend -o`); `None` keeps a setting.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct AmendOptions {
     /// `compat`: `true` for 1.1 (v3), `false` for 0.10 (v2).
     pub version3: Option<bool>,

@@ -14,6 +14,7 @@ use crate::io::BlockFile;
 
 /// One run of guest bytes with the same status (the fields of `qemu-img map`'s JSON).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MapExtent {
     /// Guest offset.
     pub start: u64,

@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 
 /// How [`Image::resize`] may change the disk.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ResizeOptions {
     /// Allow a smaller size (`qemu-img resize --shrink`).
     pub shrink: bool,

@@ -63,6 +63,7 @@ impl FromStr for Aio {
 
 /// How to open an image file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FileOptions {
     /// The backend; `None` means io_uring, falling back to threads when the kernel or a seccomp
     /// filter refuses io_uring. An explicit choice never falls back.

@@ -14,6 +14,7 @@ use crate::options::{BackingFormat, OpenOptions};
 
 /// Options for [`commit`].
 #[derive(Clone, Default)]
+#[non_exhaustive]
 pub struct CommitOptions {
     /// Leave the top image as it is (`-d`); by default it is emptied afterwards.
     pub keep_top: bool,

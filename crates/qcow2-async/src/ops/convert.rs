@@ -17,6 +17,7 @@ use crate::options::{BackingFormat, CreateOptions, OpenOptions};
 
 /// How [`convert`] writes the target.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct ConvertOptions {
     /// Target format (`-O`).
     pub format: BackingFormat,

@@ -12,6 +12,7 @@ use crate::options::{CreateOptions, Preallocation};
 
 /// Sizes in bytes, with `qemu-img measure`'s meaning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Measure {
     /// File size a conversion (or a fresh image) needs now.
     pub required: u64,

@@ -11,6 +11,7 @@ use crate::options::{BackingFormat, BackingPolicy, OpenOptions};
 
 /// Options for [`rebase`].
 #[derive(Clone, Default)]
+#[non_exhaustive]
 pub struct RebaseOptions {
     /// Only rewrite the name (`-u`): the caller promises the new backing file has the same
     /// content where it matters.
