@@ -15,7 +15,7 @@ fn image(rt: &tokio::runtime::Runtime) -> Image {
         Image::format_file(file.clone(), &CreateOptions::new(64 << 20))
             .await
             .unwrap();
-        let img = Image::open_handle(file, None, &OpenOptions::default(), None)
+        let img = Image::open_file(file, None, &OpenOptions::default(), None)
             .await
             .unwrap();
         img.write_at(&vec![7u8; 4 << 20], 0).await.unwrap();

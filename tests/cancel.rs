@@ -158,7 +158,7 @@ async fn setup() -> (Arc<MemFile>, Arc<HoldFile>, Image) {
     let mut c = CreateOptions::new(SIZE);
     c.cluster_size = 512;
     Image::format_file(mem.clone(), &c).await.unwrap();
-    let img = Image::open_handle(mem.clone(), None, &OpenOptions::default(), None)
+    let img = Image::open_file(mem.clone(), None, &OpenOptions::default(), None)
         .await
         .unwrap();
     img.write_at(&[0x5a; 64 << 10], 0).await.unwrap();
@@ -167,14 +167,14 @@ async fn setup() -> (Arc<MemFile>, Arc<HoldFile>, Image) {
     // Reopened with nothing cached, so that every operation loads the tables it touches:
     // even one that only changes metadata in memory has I/Os to be dropped at.
     let hold = HoldFile::new(mem.clone());
-    let img = Image::open_handle(hold.clone(), None, &OpenOptions::default(), None)
+    let img = Image::open_file(hold.clone(), None, &OpenOptions::default(), None)
         .await
         .unwrap();
     (mem, hold, img)
 }
 
 async fn verify(mem: Arc<MemFile>, label: &str) {
-    let img = Image::open_handle(mem, None, &OpenOptions::default(), None)
+    let img = Image::open_file(mem, None, &OpenOptions::default(), None)
         .await
         .unwrap();
     let r = img.check(None).await.unwrap();

@@ -41,7 +41,7 @@ use qcow2_async::io::{BlockFile, FaultErrno, FaultFile, MemFile, WriteFailure};
 use qcow2_async::qcow2_format::l2::decode_extended;
 use qcow2_async::qcow2_format::{ImageHeader, L1Entry, L2Entry, L2Format, Limits};
 use qcow2_async::{
-    Backing, BackingFormat, CreateOptions, EncryptionOptions, Error, Image, KdfIterations,
+    BackingFormat, CreateOptions, Disk, EncryptionOptions, Error, Image, KdfIterations,
     OpenOptions, RepairMode, Result, Secret, Verdict,
 };
 use rand::seq::SliceRandom;
@@ -442,10 +442,10 @@ struct Guest {
     durable: Vec<Durable>,
 }
 
-fn backing_of(bytes: &Option<Vec<u8>>) -> Option<Backing> {
+fn backing_of(bytes: &Option<Vec<u8>>) -> Option<Disk> {
     bytes.as_ref().map(|b| {
         let f: Arc<dyn BlockFile> = Arc::new(MemFile::from_bytes(b.clone()));
-        Backing::Raw(f, b.len() as u64)
+        Disk::Raw(f, b.len() as u64)
     })
 }
 
@@ -455,7 +455,7 @@ async fn open_on(
     backing: &Option<Vec<u8>>,
     opts: &OpenOptions,
 ) -> Result<Image> {
-    Image::open_handles(qcow, data, None, opts, backing_of(backing)).await
+    Image::open_with_data_file(qcow, data, None, opts, backing_of(backing)).await
 }
 
 impl Guest {

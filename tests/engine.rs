@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::*;
 use qcow2_async::io::{Aio, BlockFile, IoBuf, MemFile};
-use qcow2_async::{Backing, CreateOptions, Image, OpenOptions};
+use qcow2_async::{CreateOptions, Disk, Image, OpenOptions};
 use rand::Rng;
 
 struct Case {
@@ -64,7 +64,7 @@ fn mem() -> Arc<dyn BlockFile> {
     Arc::new(MemFile::from_bytes(Vec::new()))
 }
 
-async fn make(case: &Case, file: Arc<dyn BlockFile>, backing: Option<&Backing>) -> Image {
+async fn make(case: &Case, file: Arc<dyn BlockFile>, backing: Option<&Disk>) -> Image {
     let mut o = CreateOptions::new(case.size);
     o.cluster_size = case.cluster;
     o.refcount_bits = case.refcount_bits;
@@ -76,7 +76,7 @@ async fn make(case: &Case, file: Arc<dyn BlockFile>, backing: Option<&Backing>) 
         o.backing_format = Some(qcow2_async::BackingFormat::Raw);
     }
     Image::format_file(file.clone(), &o).await.unwrap();
-    Image::open_handle(file, None, &OpenOptions::default(), backing.cloned())
+    Image::open_file(file, None, &OpenOptions::default(), backing.cloned())
         .await
         .unwrap()
 }
@@ -88,7 +88,7 @@ async fn apply(
     op: &Op,
     case: &Case,
     file: &Arc<dyn BlockFile>,
-    backing: Option<&Backing>,
+    backing: Option<&Disk>,
     backing_bytes: &[u8],
 ) {
     let cs = case.cluster;
@@ -165,7 +165,7 @@ async fn apply(
         Op::Flush => img.flush().await.unwrap(),
         Op::Reopen => {
             img.clone().close().await.unwrap();
-            *img = Image::open_handle(
+            *img = Image::open_file(
                 file.clone(),
                 None,
                 &OpenOptions::default(),
@@ -189,7 +189,7 @@ async fn run_model(case: &Case, seed: u64, ops: usize) {
     };
     let backing = case.backing.then(|| {
         let f: Arc<dyn BlockFile> = Arc::new(MemFile::from_bytes(backing_bytes.clone()));
-        Backing::Raw(f, backing_bytes.len() as u64)
+        Disk::Raw(f, backing_bytes.len() as u64)
     });
     let file = mem();
     let mut img = make(case, file.clone(), backing.as_ref()).await;
@@ -411,7 +411,7 @@ async fn out_of_range_and_read_only_are_refused() {
         Err(qcow2_async::Error::OutOfRange { .. })
     ));
     img.close().await.unwrap();
-    let ro = Image::open_handle(file, None, &OpenOptions::read_only(), None)
+    let ro = Image::open_file(file, None, &OpenOptions::read_only(), None)
         .await
         .unwrap();
     assert!(matches!(
@@ -734,7 +734,7 @@ async fn snapshots_are_consistent_under_concurrent_writers() {
     // that did not wait for them would change after it was taken.
     let file = qcow2_async::io::open_file(&path, &Default::default()).unwrap();
     let slow: Arc<dyn BlockFile> = Arc::new(SlowWrites(file));
-    let img = Image::open_handle(slow, None, &OpenOptions::default(), None)
+    let img = Image::open_file(slow, None, &OpenOptions::default(), None)
         .await
         .unwrap();
     let clock = Arc::new(AtomicU64::new(1));
@@ -836,7 +836,7 @@ async fn extended_l2_writes_set_subcluster_bitmaps_not_standard_entries() {
     let mut o = CreateOptions::new(1 << 30);
     o.extended_l2 = true;
     Image::format_file(file.clone(), &o).await.unwrap();
-    let img = Image::open_handle(file.clone(), None, &OpenOptions::default(), None)
+    let img = Image::open_file(file.clone(), None, &OpenOptions::default(), None)
         .await
         .unwrap();
     img.write_at(&[0xee; 4096], 0).await.unwrap();
@@ -874,11 +874,11 @@ async fn extended_l2_small_writes_over_a_backing_file_copy_no_whole_cluster() {
         o.backing_format = Some(qcow2_async::BackingFormat::Raw);
         let dynfile: Arc<dyn BlockFile> = file.clone();
         Image::format_file(dynfile.clone(), &o).await.unwrap();
-        let img = Image::open_handle(
+        let img = Image::open_file(
             dynfile,
             None,
             &OpenOptions::default(),
-            Some(Backing::Raw(backing, 8 << 20)),
+            Some(Disk::Raw(backing, 8 << 20)),
         )
         .await
         .unwrap();
@@ -917,7 +917,7 @@ async fn enabled_bitmaps_record_every_write_and_never_go_stale() {
     o.cluster_size = 65536;
     Image::format_file(file.clone(), &o).await.unwrap();
     let rw = OpenOptions::default();
-    let open = || Image::open_handle(file.clone(), None, &rw, None);
+    let open = || Image::open_file(file.clone(), None, &rw, None);
     let img = open().await.unwrap();
     img.add_bitmap("on", &BitmapOptions::default())
         .await
@@ -950,7 +950,7 @@ async fn enabled_bitmaps_record_every_write_and_never_go_stale() {
     img.write_at(&[2; 1], 65536 * 12).await.unwrap();
     img.flush().await.unwrap();
     drop(img);
-    let img = Image::open_handle(file.clone(), None, &OpenOptions::read_only(), None)
+    let img = Image::open_file(file.clone(), None, &OpenOptions::read_only(), None)
         .await
         .unwrap();
     let list = img.bitmaps().await;
@@ -1142,14 +1142,14 @@ async fn two_tables_behind_a_gate() -> (Arc<dyn BlockFile>, Arc<GateFile>, Image
     Image::format_file(mem.clone(), &CreateOptions::new(4 * GIB))
         .await
         .unwrap();
-    let img = Image::open_handle(mem.clone(), None, &OpenOptions::default(), None)
+    let img = Image::open_file(mem.clone(), None, &OpenOptions::default(), None)
         .await
         .unwrap();
     img.write_at(&[1; 4096], 0).await.unwrap();
     img.write_at(&[2; 4096], 3 * GIB).await.unwrap();
     img.close().await.unwrap();
     let gate = GateFile::new(mem.clone());
-    let img = Image::open_handle(gate.clone(), None, &OpenOptions::default(), None)
+    let img = Image::open_file(gate.clone(), None, &OpenOptions::default(), None)
         .await
         .unwrap();
     (mem, gate, img)
@@ -1225,7 +1225,7 @@ async fn cached_reads_and_overwrites_do_not_wait_for_metadata_io() {
     img.read_at(&mut buf, GIB).await.unwrap();
     assert_eq!(buf, [4; 4096]);
     img.close().await.unwrap();
-    let img = Image::open_handle(mem, None, &OpenOptions::default(), None)
+    let img = Image::open_file(mem, None, &OpenOptions::default(), None)
         .await
         .unwrap();
     let report = img.check(None).await.unwrap();
@@ -1313,7 +1313,7 @@ async fn owned_buffers_reach_the_file_without_a_copy() {
     let mut o = CreateOptions::new(4 << 20);
     o.cluster_size = 65536;
     Image::format_file(file.clone(), &o).await.unwrap();
-    let img = Image::open_handle(file, None, &OpenOptions::default(), None)
+    let img = Image::open_file(file, None, &OpenOptions::default(), None)
         .await
         .unwrap();
     img.write_at(&vec![1u8; 65536], 65536).await.unwrap();

@@ -1,4 +1,5 @@
-//! Backing files: where unallocated clusters read from.
+//! Read-only disks: what an image's unallocated clusters read from (its backing file), and
+//! what `convert`, `compare` and `measure` read.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -8,21 +9,26 @@ use crate::error::{Error, Result};
 use crate::image::Image;
 use crate::io::{BlockFile, IoBuf};
 
-/// An opened backing file.
+/// A read-only guest disk, qcow2 or raw: an image's backing file ([`Image::backing`]), or
+/// a source opened with [`Disk::open`] for [`crate::ops`].
 #[derive(Debug, Clone)]
-pub enum Backing {
+pub enum Disk {
     /// A qcow2 image (itself possibly with a backing file).
     Qcow2(Image),
     /// A raw image of the given size.
     Raw(Arc<dyn BlockFile>, u64),
 }
 
-impl Backing {
+/// The old name of [`Disk`], from when it only meant a backing file.
+#[deprecated(since = "0.2.0", note = "renamed to `Disk`: it is any read-only disk")]
+pub type Backing = Disk;
+
+impl Disk {
     /// Size of the backing image; reads beyond it return zeros.
     pub fn size(&self) -> u64 {
         match self {
-            Backing::Qcow2(i) => i.virtual_size(),
-            Backing::Raw(_, n) => *n,
+            Disk::Qcow2(i) => i.virtual_size(),
+            Disk::Raw(_, n) => *n,
         }
     }
 
@@ -44,8 +50,8 @@ impl Backing {
                 return Ok(());
             }
             match self {
-                Backing::Qcow2(img) => img.read_at(&mut buf[..n], off).await,
-                Backing::Raw(f, _) => {
+                Disk::Qcow2(img) => img.read_at(&mut buf[..n], off).await,
+                Disk::Raw(f, _) => {
                     let b = f
                         .read_at(IoBuf::zeroed(n, f.alignment()), off)
                         .await

@@ -36,7 +36,7 @@ use tokio::sync::Mutex;
 use tracing::instrument;
 
 use crate::alloc::Pool;
-use crate::backing::Backing;
+use crate::backing::Disk;
 use crate::barrier::{Barrier, BarrierMode};
 use crate::bitmaps::{BitmapInfo, BitmapOptions};
 use crate::check::{CheckReport, RepairMode};
@@ -86,7 +86,7 @@ struct Inner {
     /// the metadata lock.
     regions: Arc<crate::overlap::Regions>,
     leases: ClusterLeases,
-    backing: Option<Backing>,
+    backing: Option<Disk>,
     geo: Geometry,
     /// Virtual size; changes only under the exclusive snapshot lock (`resize`).
     size: std::sync::atomic::AtomicU64,
@@ -134,7 +134,7 @@ impl std::fmt::Debug for Image {
 enum Source {
     Data(u64),
     Zero,
-    Backing,
+    Disk,
 }
 
 impl Image {
@@ -484,24 +484,24 @@ impl Image {
 
     /// Opens an image on an already open file (for example an in-memory one), with the
     /// given backing image. The `backing` policy of `opts` is not consulted.
-    pub async fn open_handle(
+    pub async fn open_file(
         file: Arc<dyn BlockFile>,
         path: Option<PathBuf>,
         opts: &OpenOptions,
-        backing: Option<Backing>,
+        backing: Option<Disk>,
     ) -> Result<Image> {
-        Self::open_handles(file, None, path, opts, backing).await
+        Self::open_with_data_file(file, None, path, opts, backing).await
     }
 
-    /// As [`Image::open_handle`], with the external data file for images that have one.
+    /// As [`Image::open_file`], with the external data file for images that have one.
     ///
     /// Nothing is locked: the caller opened the files and answers for who else uses them.
-    pub async fn open_handles(
+    pub async fn open_with_data_file(
         file: Arc<dyn BlockFile>,
         data_file: Option<Arc<dyn BlockFile>>,
         path: Option<PathBuf>,
         opts: &OpenOptions,
-        backing: Option<Backing>,
+        backing: Option<Disk>,
     ) -> Result<Image> {
         Self::open_locked(file, data_file, path, opts, backing, Vec::new()).await
     }
@@ -511,7 +511,7 @@ impl Image {
         data_file: Option<Arc<dyn BlockFile>>,
         path: Option<PathBuf>,
         opts: &OpenOptions,
-        backing: Option<Backing>,
+        backing: Option<Disk>,
         locks: Vec<crate::lock::FileLock>,
     ) -> Result<Image> {
         let written = Arc::new(
@@ -679,7 +679,7 @@ impl Image {
     }
 
     /// The backing image, if any.
-    pub fn backing(&self) -> Option<&Backing> {
+    pub fn backing(&self) -> Option<&Disk> {
         self.inner.backing.as_ref()
     }
 
@@ -832,7 +832,7 @@ impl Image {
                     match bm.state(sub) {
                         SubclusterState::Allocated => Source::Data(host.0 + inc),
                         SubclusterState::Zero => Source::Zero,
-                        SubclusterState::Unallocated => Source::Backing,
+                        SubclusterState::Unallocated => Source::Disk,
                     }
                 } else {
                     Source::Data(host.0 + inc)
@@ -840,7 +840,7 @@ impl Image {
             }
             L2Entry::Zero { .. } => Source::Zero,
             L2Entry::Unallocated if ext && bm.state(sub) == SubclusterState::Zero => Source::Zero,
-            L2Entry::Unallocated => Source::Backing,
+            L2Entry::Unallocated => Source::Disk,
             L2Entry::Compressed(_) => unreachable!("handled by the caller"),
         }
     }
@@ -880,7 +880,7 @@ impl Image {
             let piece = &mut out[done..done + n];
             match src {
                 Source::Zero => piece.fill(0),
-                Source::Backing => match &self.inner.backing {
+                Source::Disk => match &self.inner.backing {
                     Some(b) => {
                         b.read(piece, (gc << self.inner.geo.cluster_bits()) + pos)
                             .await?
@@ -2089,7 +2089,7 @@ async fn open_backing(
     opts: &OpenOptions,
     depth: u32,
     chain: &mut Vec<PathBuf>,
-) -> Result<Option<Backing>> {
+) -> Result<Option<Disk>> {
     let (path, format) = match (&opts.backing, &hdr.backing_file) {
         (BackingPolicy::Ignore, _) | (_, None) => return Ok(None),
         (BackingPolicy::Forbid, Some(name)) => {
@@ -2148,7 +2148,7 @@ async fn open_backing(
     };
     Ok(Some(match format {
         BackingFormat::Qcow2 => {
-            Backing::Qcow2(Box::pin(Image::open_path(&path, &sub, depth + 1, chain)).await?)
+            Disk::Qcow2(Box::pin(Image::open_path(&path, &sub, depth + 1, chain)).await?)
         }
         BackingFormat::Raw => {
             let lock = crate::lock::FileLock::acquire(
@@ -2174,7 +2174,7 @@ async fn open_backing(
                 .len()
                 .await
                 .map_err(Error::io("sizing the backing file"))?;
-            Backing::Raw(f, len)
+            Disk::Raw(f, len)
         }
     }))
 }
@@ -2195,16 +2195,16 @@ pub(crate) fn probe_format(path: &Path) -> Result<BackingFormat> {
     })
 }
 
-impl Backing {
+impl Disk {
     /// Opens a disk read-only for use as a backing file, or as the source of `convert` and
     /// `compare`: a qcow2 image (with its own backing chain, per `opts`) or a raw file.
-    pub async fn open(path: &Path, format: BackingFormat, opts: &OpenOptions) -> Result<Backing> {
+    pub async fn open(path: &Path, format: BackingFormat, opts: &OpenOptions) -> Result<Disk> {
         let ro = OpenOptions {
             read_only: true,
             ..opts.clone()
         };
         match format {
-            BackingFormat::Qcow2 => Ok(Backing::Qcow2(Image::open(path, &ro).await?)),
+            BackingFormat::Qcow2 => Ok(Disk::Qcow2(Image::open(path, &ro).await?)),
             BackingFormat::Raw => {
                 let lock = crate::lock::FileLock::acquire(
                     path,
@@ -2226,7 +2226,7 @@ impl Backing {
                 .map_err(Error::io("opening a raw image"))?;
                 let f = crate::lock::LockedFile::wrap(f, lock);
                 let len = f.len().await.map_err(Error::io("sizing a raw image"))?;
-                Ok(Backing::Raw(f, len))
+                Ok(Disk::Raw(f, len))
             }
         }
     }

@@ -47,7 +47,8 @@ mod refcounts;
 mod sharded;
 mod snapshot;
 
-pub use backing::Backing;
+#[allow(deprecated)]
+pub use backing::{Backing, Disk};
 pub use barrier::BarrierMode;
 pub use bitmaps::{BitmapInfo, BitmapOptions};
 pub use check::{CheckReport, RepairMode, Verdict};

@@ -215,7 +215,7 @@ fn chain_names(img: &Image, top: &std::path::Path) -> Vec<String> {
     let mut cur = img.backing().cloned();
     while let Some(b) = cur {
         match b {
-            qcow2_async::Backing::Qcow2(i) => {
+            qcow2_async::Disk::Qcow2(i) => {
                 names.push(
                     i.path()
                         .map(|p| p.display().to_string())
@@ -223,7 +223,7 @@ fn chain_names(img: &Image, top: &std::path::Path) -> Vec<String> {
                 );
                 cur = i.backing().cloned();
             }
-            qcow2_async::Backing::Raw(..) => {
+            qcow2_async::Disk::Raw(..) => {
                 names.push("(raw backing file)".into());
                 cur = None;
             }

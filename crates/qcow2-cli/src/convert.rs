@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use qcow2_async::ops::{self, CacheMode, CompareResult, ConvertOptions};
-use qcow2_async::{Backing, BackingFormat, CreateOptions};
+use qcow2_async::{BackingFormat, CreateOptions, Disk};
 use serde_json::json;
 
 use crate::opts::{apply_create_options, format_of, parse_format, parse_size, Result};
@@ -57,7 +57,7 @@ pub async fn convert(a: ConvertArgs) -> Result<u8> {
         o.direct = src_cache.direct();
         o
     };
-    let src = Backing::open(&a.source, sfmt, &src_opts).await?;
+    let src = Disk::open(&a.source, sfmt, &src_opts).await?;
     let mut o = ConvertOptions::new(parse_format(&a.format)?);
     o.target_cache = a.cache.parse()?;
     o.compress = a.compress;
@@ -122,7 +122,7 @@ pub async fn compare(a: CompareArgs) -> Result<u8> {
         let f = f.map(str::to_string);
         async move {
             let fmt = format_of(&p, f.as_deref())?;
-            Ok::<_, Box<dyn std::error::Error>>(Backing::open(&p, fmt, &crate::opts::ro()).await?)
+            Ok::<_, Box<dyn std::error::Error>>(Disk::open(&p, fmt, &crate::opts::ro()).await?)
         }
     };
     let (x, y) = match (
@@ -176,7 +176,7 @@ pub async fn measure(a: MeasureArgs) -> Result<u8> {
     let src = match (&a.filename, &a.size) {
         (Some(p), None) => {
             let f = format_of(p, a.src_format.as_deref())?;
-            Some(Backing::open(p, f, &crate::opts::ro()).await?)
+            Some(Disk::open(p, f, &crate::opts::ro()).await?)
         }
         (None, Some(_)) => None,
         _ => return Err("either --size N or a filename must be given (not both)".into()),

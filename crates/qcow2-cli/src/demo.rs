@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use qcow2_async::{ops, Backing, BackingFormat, CreateOptions, Image, OpenOptions};
+use qcow2_async::{ops, BackingFormat, CreateOptions, Disk, Image, OpenOptions};
 use rand::{Rng, SeedableRng};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -137,13 +137,13 @@ async fn run(a: &DemoArgs, dir: &std::path::Path) -> Result<u8> {
     // A compressed copy of the whole chain, compared with it.
     let copy = dir.join("compressed.qcow2");
     let ro = OpenOptions::read_only();
-    let src = Backing::open(&top, BackingFormat::Qcow2, &ro).await?;
+    let src = Disk::open(&top, BackingFormat::Qcow2, &ro).await?;
     let mut co = ops::ConvertOptions::new(BackingFormat::Qcow2);
     co.compress = true;
     let cstart = Instant::now();
     ops::convert(&src, &copy, &co).await?;
     let ctime = cstart.elapsed();
-    let dst = Backing::open(&copy, BackingFormat::Qcow2, &ro).await?;
+    let dst = Disk::open(&copy, BackingFormat::Qcow2, &ro).await?;
     let copy_ok = ops::compare(&src, &dst, true).await? == ops::CompareResult::Identical;
     let csize = std::fs::metadata(&copy)?.len();
     let check = Image::open(&top, &ro).await?.check(None).await?;

@@ -216,7 +216,7 @@ async fn backing_size(image: &std::path::Path, o: &CreateOptions) -> Result<u64>
         o.backing = qcow2_async::BackingPolicy::Ignore;
         o
     };
-    let backing = qcow2_async::Backing::open(&path, format, &opts)
+    let backing = qcow2_async::Disk::open(&path, format, &opts)
         .await
         .map_err(|e| format!("Could not open backing image '{name}': {e}"))?;
     Ok(backing.size())

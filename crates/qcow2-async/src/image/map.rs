@@ -8,7 +8,7 @@ use std::sync::Arc;
 use qcow2_format::{L2Entry, SubclusterState};
 
 use super::Image;
-use crate::backing::Backing;
+use crate::backing::Disk;
 use crate::error::Result;
 use crate::io::BlockFile;
 
@@ -221,20 +221,20 @@ impl Image {
         };
         // QEMU sizes a raw file in whole sectors; the tail past EOF reads as zeros.
         let bsize = match b {
-            Backing::Raw(_, n) => n.div_ceil(512) * 512,
-            Backing::Qcow2(_) => b.size(),
+            Disk::Raw(_, n) => n.div_ceil(512) * 512,
+            Disk::Qcow2(_) => b.size(),
         };
         let inside = bsize.saturating_sub(start).min(len);
         let mut out = Vec::new();
         if inside > 0 {
             match b {
-                Backing::Qcow2(img) => {
+                Disk::Qcow2(img) => {
                     for mut e in img.map(start, inside).await? {
                         e.depth += 1;
                         push(&mut out, e);
                     }
                 }
-                Backing::Raw(file, eof) => {
+                Disk::Raw(file, eof) => {
                     let data = eof.saturating_sub(start).min(inside);
                     let raw = |start, length, data: bool| MapExtent {
                         start,

@@ -3,7 +3,7 @@
 use tracing::instrument;
 
 use super::{disk_map, read_disk};
-use crate::backing::Backing;
+use crate::backing::Disk;
 use crate::error::Result;
 
 /// The outcome of [`compare`], with `qemu-img compare`'s exit codes.
@@ -30,7 +30,7 @@ impl CompareResult {
 /// Compares the guest view of two disks. Without `strict`, a size difference is fine when
 /// the larger disk reads zeros past the smaller one's end, as with `qemu-img compare`.
 #[instrument(skip_all)]
-pub async fn compare(a: &Backing, b: &Backing, strict: bool) -> Result<CompareResult> {
+pub async fn compare(a: &Disk, b: &Disk, strict: bool) -> Result<CompareResult> {
     let (sa, sb) = (a.size(), b.size());
     if strict && sa != sb {
         return Ok(CompareResult::SizeMismatch);
@@ -59,7 +59,7 @@ pub async fn compare(a: &Backing, b: &Backing, strict: bool) -> Result<CompareRe
     Ok(CompareResult::Identical)
 }
 
-async fn zero_ranges(d: &Backing) -> Result<Vec<(u64, u64)>> {
+async fn zero_ranges(d: &Disk) -> Result<Vec<(u64, u64)>> {
     Ok(disk_map(d)
         .await?
         .into_iter()

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tracing::instrument;
 
 use super::{chunks, disk_map, read_disk, run_parallel, Progress};
-use crate::backing::Backing;
+use crate::backing::Disk;
 use crate::barrier::BarrierMode;
 use crate::error::{Error, Result};
 use crate::image::Image;
@@ -128,7 +128,7 @@ enum Target {
 /// 4 KiB or more of zeros inside data (qemu-img's default `-S 4k`). With a backing file
 /// for the target, only what the source's top layer holds is copied.
 #[instrument(skip_all, fields(dst = %dst.display()))]
-pub async fn convert(src: &Backing, dst: &Path, o: &ConvertOptions) -> Result<()> {
+pub async fn convert(src: &Disk, dst: &Path, o: &ConvertOptions) -> Result<()> {
     if o.compress && o.format != BackingFormat::Qcow2 {
         return Err(Error::InvalidArgument(
             "compression needs a qcow2 target".into(),
@@ -153,7 +153,7 @@ fn temp_name(dst: &Path) -> PathBuf {
     dst.with_file_name(format!(".{name}.convert-{}", std::process::id()))
 }
 
-async fn convert_into(src: &Backing, tmp: &Path, o: &ConvertOptions) -> Result<()> {
+async fn convert_into(src: &Disk, tmp: &Path, o: &ConvertOptions) -> Result<()> {
     let size = src.size();
     let with_backing = o.format == BackingFormat::Qcow2 && o.create.backing_file.is_some();
     let target = match o.format {

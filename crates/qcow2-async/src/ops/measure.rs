@@ -6,7 +6,7 @@ use qcow2_format::RefcountOrder;
 use tracing::instrument;
 
 use super::disk_map;
-use crate::backing::Backing;
+use crate::backing::Disk;
 use crate::error::{Error, Result};
 use crate::options::{CreateOptions, Preallocation};
 
@@ -26,7 +26,7 @@ pub struct Measure {
 /// using QEMU's formula (`qcow2_measure`): metadata for a fully allocated disk, and data
 /// for the clusters the source actually holds.
 #[instrument(skip_all)]
-pub async fn measure(src: Option<&Backing>, o: &CreateOptions) -> Result<Measure> {
+pub async fn measure(src: Option<&Disk>, o: &CreateOptions) -> Result<Measure> {
     let cs = o.cluster_size;
     if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
         return Err(Error::InvalidArgument(format!("bad cluster size {cs}")));
@@ -71,7 +71,7 @@ pub async fn measure(src: Option<&Backing>, o: &CreateOptions) -> Result<Measure
                 }
             }
         }
-        if let Backing::Qcow2(img) = src {
+        if let Disk::Qcow2(img) = src {
             if o.version3 {
                 let mut n = 0u64;
                 let mut dir = 0u64;

@@ -19,7 +19,7 @@ pub use convert::{convert, CacheMode, ConvertOptions};
 pub use measure::{measure, Measure};
 pub use rebase::{rebase, RebaseOptions};
 
-use crate::backing::Backing;
+use crate::backing::Disk;
 use crate::error::Result;
 use crate::image::MapExtent;
 use crate::options::{BackingFormat, OpenOptions};
@@ -27,18 +27,18 @@ use crate::options::{BackingFormat, OpenOptions};
 /// Progress reports: `(bytes done, bytes total)`.
 pub type Progress = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
-/// Opens any supported disk read-only as a [`Backing`] (the read interface shared by qcow2
+/// Opens any supported disk read-only as a [`Disk`] (the read interface shared by qcow2
 /// and raw images).
-pub async fn open_disk(path: &Path, format: BackingFormat, opts: &OpenOptions) -> Result<Backing> {
-    Backing::open(path, format, opts).await
+pub async fn open_disk(path: &Path, format: BackingFormat, opts: &OpenOptions) -> Result<Disk> {
+    Disk::open(path, format, opts).await
 }
 
 /// The status of a whole disk; a raw file is data except where it has holes.
-pub(crate) async fn disk_map(d: &Backing) -> Result<Vec<MapExtent>> {
+pub(crate) async fn disk_map(d: &Disk) -> Result<Vec<MapExtent>> {
     match d {
-        Backing::Qcow2(img) => img.map(0, img.virtual_size()).await,
-        Backing::Raw(_, n) if *n == 0 => Ok(vec![]),
-        Backing::Raw(file, n) => {
+        Disk::Qcow2(img) => img.map(0, img.virtual_size()).await,
+        Disk::Raw(_, n) if *n == 0 => Ok(vec![]),
+        Disk::Raw(file, n) => {
             let whole = MapExtent {
                 start: 0,
                 length: *n,
@@ -55,7 +55,7 @@ pub(crate) async fn disk_map(d: &Backing) -> Result<Vec<MapExtent>> {
 }
 
 /// Reads `buf.len()` bytes at `off` from any disk (zeros past its end).
-pub(crate) async fn read_disk(d: &Backing, buf: &mut [u8], off: u64) -> Result<()> {
+pub(crate) async fn read_disk(d: &Disk, buf: &mut [u8], off: u64) -> Result<()> {
     d.read(buf, off).await
 }
 
