@@ -12,11 +12,13 @@
 //!   after a barrier (see [`crate::meta`]) — metadata never points at data that is not there.
 
 mod amend;
+mod cursor;
 mod encrypted;
 mod map;
 mod owned;
 mod resize;
 mod subcluster;
+pub use cursor::Cursor;
 
 pub use amend::AmendOptions;
 pub(crate) use map::refine_by_holes;

@@ -56,7 +56,7 @@ pub use crypto::cipher::{CipherAlg, CipherMode, HashAlg, IvGenAlg};
 pub use crypto::luks::{KdfIterations, LuksAlgorithms};
 pub use crypto::{EncryptionOptions, Secret};
 pub use error::{Error, Result};
-pub use image::{AmendOptions, Image, MapExtent, ResizeOptions};
+pub use image::{AmendOptions, Cursor, Image, MapExtent, ResizeOptions};
 pub use lock::{Locking, Permission};
 pub use options::{
     BackingFormat, BackingPolicy, CreateOptions, DataFilePolicy, OpenOptions, Preallocation,
