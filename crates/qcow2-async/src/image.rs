@@ -52,18 +52,135 @@ use crate::options::{
 use crate::snapshot::SnapshotInfo;
 
 /// An open qcow2 image. Cheap to clone; every clone is the same image, and any number of
-/// tasks may call it at once.
+/// tasks may call it at once. Every future it returns is `Send`; what dropping one does is
+/// stated on each method (writes and metadata changes run to completion, reads stop).
 ///
-/// ```no_run
-/// # async fn demo() -> qcow2_async::Result<()> {
+/// # Common tasks
+///
+/// **Create, open, close.** Options come from their constructors ([`CreateOptions::new`],
+/// [`OpenOptions::default`], [`OpenOptions::read_only`]) with fields set as needed.
+/// [`Image::close`] writes everything back, stores bitmaps and clears the dirty bit;
+/// dropping the last handle without it leaves what a crash would (the image stays
+/// consistent, QEMU's `check` may find leaks).
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// use qcow2_async::{CreateOptions, Image, OpenOptions};
-/// let img = Image::create("disk.qcow2", &CreateOptions::new(1 << 30), &OpenOptions::default()).await?;
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("disk.qcow2");
+/// let mut create = CreateOptions::new(64 << 20);
+/// create.cluster_size = 65536;
+/// let img = Image::create(&path, &create, &OpenOptions::default()).await?;
+/// assert_eq!(img.virtual_size(), 64 << 20);
+/// img.close().await?;
+///
+/// let img = Image::open(&path, &OpenOptions::read_only()).await?;
+/// assert!(img.is_read_only());
+/// img.close().await?;
+/// # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
+/// ```
+///
+/// **Read and write** with slices, or with owned buffers (`Vec<u8>`, `bytes::BytesMut`,
+/// `bytes::Bytes`) that go to the kernel without a copy where the request maps to one run
+/// of data; [`Image::flush`] makes completed writes durable. [`Image::cursor`] is the same
+/// disk as `tokio::io::AsyncRead + AsyncSeek + AsyncWrite`.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// # use qcow2_async::{CreateOptions, Image, OpenOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let img = Image::create(dir.path().join("d.qcow2"), &CreateOptions::new(1 << 20),
+/// #                         &OpenOptions::default()).await?;
+/// use bytes::{Bytes, BytesMut};
 /// img.write_at(b"hello", 4096).await?;
 /// let mut buf = [0u8; 5];
 /// img.read_at(&mut buf, 4096).await?;
 /// assert_eq!(&buf, b"hello");
-/// img.close().await?;
-/// # Ok(()) }
+///
+/// img.write_buf(Bytes::from_static(&[7; 65536]).into(), 65536).await?;
+/// let got = img.read_buf(BytesMut::zeroed(65536).into(), 65536).await?;
+/// let got: Bytes = got.freeze();
+/// assert!(got.iter().all(|&b| b == 7));
+/// img.flush().await?;
+/// # img.close().await?;
+/// # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
+/// ```
+///
+/// **Many tasks at once**: clone the handle into each.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// # use qcow2_async::{CreateOptions, Image, OpenOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let img = Image::create(dir.path().join("d.qcow2"), &CreateOptions::new(1 << 20),
+/// #                         &OpenOptions::default()).await?;
+/// let tasks: Vec<_> = (0..8u64)
+///     .map(|i| {
+///         let img = img.clone();
+///         tokio::spawn(async move { img.write_at(&[i as u8; 4096], i * 65536).await })
+///     })
+///     .collect();
+/// for t in tasks {
+///     t.await??;
+/// }
+/// # img.close().await?;
+/// # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
+/// ```
+///
+/// **Snapshots** are instants: requests that completed before
+/// [`Image::create_snapshot`] are in it, later ones are not.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// # use qcow2_async::{CreateOptions, Image, OpenOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let img = Image::create(dir.path().join("d.qcow2"), &CreateOptions::new(1 << 20),
+/// #                         &OpenOptions::default()).await?;
+/// img.write_at(&[1; 512], 0).await?;
+/// img.create_snapshot("before").await?;
+/// img.write_at(&[2; 512], 0).await?;
+/// let mut old = [0u8; 512];
+/// img.read_snapshot_at("before", &mut old, 0).await?;
+/// assert_eq!(old, [1; 512]);
+/// assert_eq!(img.list_snapshots().await?.len(), 1);
+/// img.apply_snapshot("before").await?;
+/// img.delete_snapshot("before").await?;
+/// # img.close().await?;
+/// # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
+/// ```
+///
+/// **Persistent dirty bitmaps** record what changed since they were added (QEMU reads
+/// them too, e.g. for incremental backups).
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// # use qcow2_async::{CreateOptions, Image, OpenOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let img = Image::create(dir.path().join("d.qcow2"), &CreateOptions::new(1 << 20),
+/// #                         &OpenOptions::default()).await?;
+/// img.add_bitmap("backup", &Default::default()).await?;
+/// img.write_at(&[3; 100], 70000).await?;
+/// // 64 KiB granularity: the whole second block is dirty.
+/// assert_eq!(img.dirty_ranges("backup", 0..1 << 20).await?, vec![65536..131072]);
+/// # img.close().await?;
+/// # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
+/// ```
+///
+/// **Check and repair**, as `qemu-img check [-r]`:
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// # use qcow2_async::{CreateOptions, Image, OpenOptions};
+/// # let dir = tempfile::tempdir()?;
+/// # let img = Image::create(dir.path().join("d.qcow2"), &CreateOptions::new(1 << 20),
+/// #                         &OpenOptions::default()).await?;
+/// use qcow2_async::RepairMode;
+/// let report = img.check(None).await?;
+/// assert_eq!((report.corruptions, report.leaks), (0, 0));
+/// let repaired = img.check(Some(RepairMode::Leaks)).await?;
+/// assert_eq!(repaired.leaks_fixed, 0);
+/// # img.close().await?;
+/// # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
 /// ```
 #[derive(Clone)]
 pub struct Image {
@@ -1718,15 +1835,19 @@ impl Image {
     /// Guest byte ranges that bitmap `name` marks dirty within `range`, merged and clipped.
     /// Fails for an unknown or inconsistent bitmap.
     ///
-    /// ```no_run
-    /// # async fn demo(img: qcow2_async::Image) -> qcow2_async::Result<()> {
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// # use qcow2_async::{CreateOptions, Image, OpenOptions};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let img = Image::create(dir.path().join("d.qcow2"), &CreateOptions::new(4 << 20),
+    /// #                         &OpenOptions::default()).await?;
     /// img.add_bitmap("backup", &Default::default()).await?;
     /// img.write_at(&[1; 4096], 1 << 20).await?;
     /// let size = img.virtual_size();
-    /// for r in img.dirty_ranges("backup", 0..size).await? {
-    ///     println!("changed: {r:?}");
-    /// }
-    /// # Ok(()) }
+    /// let changed = img.dirty_ranges("backup", 0..size).await?;
+    /// assert_eq!(changed, vec![(1 << 20)..(1 << 20) + 65536]);
+    /// # img.close().await?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
     /// ```
     pub async fn dirty_ranges(&self, name: &str, range: Range<u64>) -> Result<Vec<Range<u64>>> {
         self.inner

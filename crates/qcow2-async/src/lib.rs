@@ -1,9 +1,11 @@
 //! qcow2-async: a Tokio-native engine for QEMU's qcow2 image format.
 //!
-//! ```no_run
-//! # async fn demo() -> qcow2_async::Result<()> {
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! use qcow2_async::{CreateOptions, Image, OpenOptions};
-//! let img = Image::create("disk.qcow2", &CreateOptions::new(1 << 30), &OpenOptions::default()).await?;
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("disk.qcow2");
+//! let img = Image::create(&path, &CreateOptions::new(1 << 30), &OpenOptions::default()).await?;
 //! let tasks: Vec<_> = (0..8u64)
 //!     .map(|i| {
 //!         let img = img.clone();
@@ -11,16 +13,26 @@
 //!     })
 //!     .collect();
 //! for t in tasks {
-//!     t.await.unwrap()?;
+//!     t.await??;
 //! }
 //! img.close().await?;
-//! # Ok(()) }
+//! # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
 //! ```
+//!
+//! [`Image`]'s page shows the common tasks (open, read and write with slices and `bytes`
+//! buffers, flush and close, snapshots, bitmaps, check); [`Image::cursor`] is the disk as
+//! `tokio::io` traits. Fault injection for tests of code built on the engine is behind the
+//! `test-util` feature (`io::FaultFile`).
 //!
 //! See `docs/architecture.md` for the data path and the invariants each module enforces.
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
+
+/// The README's example program, compiled with the doctests so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+mod readme {}
 
 mod alloc;
 mod backing;

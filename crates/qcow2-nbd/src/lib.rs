@@ -22,20 +22,24 @@
 //! - Clients must set `NBD_FLAG_C_FIXED_NEWSTYLE`; others are disconnected after the
 //!   greeting. TLS is not offered (`NBD_OPT_STARTTLS` → `NBD_REP_ERR_UNSUP`).
 //!
-//! ```no_run
-//! # async fn demo() -> qcow2_nbd::Result<()> {
-//! use qcow2_async::{Image, OpenOptions};
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use qcow2_async::{CreateOptions, Image, OpenOptions};
 //! use qcow2_nbd::{ExportConfig, Listener, Server, ServerOptions};
-//! let img = Image::open("disk.qcow2", &OpenOptions::default()).await?;
+//! # let dir = tempfile::tempdir()?;
+//! # let path = dir.path().join("disk.qcow2");
+//! # Image::create(&path, &CreateOptions::new(1 << 20), &OpenOptions::default()).await?.close().await?;
+//! let img = Image::open(&path, &OpenOptions::default()).await?;
 //! let server = Server::new(img.clone(), vec![ExportConfig::live("")], ServerOptions::default()).await?;
-//! let listener = Listener::bind_tcp("127.0.0.1:10809").await?;
+//! // Port 0 for the example; qemu-nbd's default is 10809.
+//! let listener = Listener::bind_tcp("127.0.0.1:0").await?;
 //! let s = server.clone();
 //! let task = tokio::spawn(async move { s.serve(listener).await });
 //! // ... later:
 //! server.shutdown();
 //! task.await.unwrap()?;
 //! img.close().await?;
-//! # Ok(()) }
+//! # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
 //! ```
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]

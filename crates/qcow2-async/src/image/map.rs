@@ -83,14 +83,23 @@ impl Image {
     /// The status of every byte of `[offset, offset + len)`, merged into maximal extents,
     /// through the whole backing chain.
     ///
-    /// ```no_run
-    /// # async fn demo(img: qcow2_async::Image) -> qcow2_async::Result<()> {
-    /// for e in img.map(0, img.virtual_size()).await? {
-    ///     if e.data {
-    ///         println!("{} bytes of data at {}", e.length, e.start);
-    ///     }
-    /// }
-    /// # Ok(()) }
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// # use qcow2_async::{CreateOptions, Image, OpenOptions};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let img = Image::create(dir.path().join("d.qcow2"), &CreateOptions::new(4 << 20),
+    /// #                         &OpenOptions::default()).await?;
+    /// img.write_at(&[1; 65536], 1 << 20).await?;
+    /// let data: Vec<_> = img
+    ///     .map(0, img.virtual_size())
+    ///     .await?
+    ///     .into_iter()
+    ///     .filter(|e| e.data)
+    ///     .map(|e| (e.start, e.length))
+    ///     .collect();
+    /// assert_eq!(data, vec![(1 << 20, 65536)]);
+    /// # img.close().await?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(()) }).unwrap();
     /// ```
     pub fn map(
         &self,
