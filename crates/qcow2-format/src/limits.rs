@@ -4,8 +4,10 @@
 //! QEMU refuses as too large is refused too. Every decoder that allocates in proportion to a
 //! number read from the image checks it against these first.
 
-/// Bounds applied while decoding an image.
+/// Bounds applied while decoding an image. Start from [`Limits::QEMU`] and change fields:
+/// the struct is `#[non_exhaustive]`, so that a new bound is not a breaking change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Limits {
     /// Largest active or snapshot L1 table in bytes (QEMU: 32 MiB).
     pub max_l1_bytes: u64,
