@@ -1,4 +1,5 @@
-//! `qcow2 serve`: exports an image over NBD (like `qemu-nbd`), until SIGINT or SIGTERM.
+//! `qcow2 serve`: exports an image over NBD (like `qemu-nbd`) or as a vhost-user-blk device
+//! (like `qemu-storage-daemon --export type=vhost-user-blk`), until SIGINT or SIGTERM.
 
 use std::path::PathBuf;
 
@@ -44,6 +45,16 @@ pub struct ServeArgs {
     /// `io_uring` or `threads` (qemu-nbd's --aio).
     #[arg(long, default_value = "io_uring")]
     aio: String,
+    /// Serve a vhost-user-blk device on this Unix socket instead of NBD (for QEMU's
+    /// vhost-user-blk-pci, cloud-hypervisor, libblkio).
+    #[arg(long, value_name = "SOCKET", conflicts_with_all = ["socket", "bind", "bitmap", "export_name"])]
+    vhost_user_blk: Option<PathBuf>,
+    /// Request queues of the vhost-user-blk device (default: one per CPU).
+    #[arg(long, value_name = "N", requires = "vhost_user_blk")]
+    num_queues: Option<u16>,
+    /// Serial number the vhost-user-blk device reports (up to 20 bytes).
+    #[arg(long, requires = "vhost_user_blk", default_value = "")]
+    serial: String,
 }
 
 pub async fn serve(a: ServeArgs) -> Result<u8> {
@@ -67,6 +78,9 @@ pub async fn serve(a: ServeArgs) -> Result<u8> {
         o => return Err(format!("invalid aio '{o}' (io_uring or threads)").into()),
     });
     let img = Image::open(&a.filename, &opts).await?;
+    if let Some(sock) = &a.vhost_user_blk {
+        return serve_vhost(&a, img, sock, read_only).await;
+    }
     let mut export = ExportConfig::live(a.export_name.clone());
     if let Some(s) = &a.snapshot {
         export.source = Source::Snapshot(s.clone());
@@ -114,6 +128,68 @@ pub async fn serve(a: ServeArgs) -> Result<u8> {
         let _ = std::fs::remove_file(p);
     }
     drop(server);
+    // A clean close stores the bitmaps and clears the dirty bit, whatever happened above.
+    let closed = async {
+        img.flush().await?;
+        img.close().await
+    }
+    .await;
+    served??;
+    closed?;
+    eprintln!("qcow2: image closed cleanly");
+    Ok(0)
+}
+
+/// Waits for SIGINT or SIGTERM.
+async fn terminated() -> std::io::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
+    }
+}
+
+async fn serve_vhost(
+    a: &ServeArgs,
+    img: Image,
+    sock: &std::path::Path,
+    read_only: bool,
+) -> Result<u8> {
+    let mut o = qcow2_vhost::ExportOptions::new();
+    o.read_only = read_only;
+    o.snapshot = a.snapshot.clone();
+    o.serial = a.serial.clone();
+    if let Some(n) = a.num_queues {
+        o.num_queues = n;
+    }
+    let export = match qcow2_vhost::Export::new(img.clone(), o).await {
+        Ok(e) => e,
+        Err(e) => {
+            img.close().await?;
+            return Err(e.into());
+        }
+    };
+    let e = export.clone();
+    let path = sock.to_owned();
+    let mut task = tokio::spawn(async move { e.serve(path).await });
+    eprintln!(
+        "qcow2: serving {} as vhost-user-blk on {}",
+        a.filename.display(),
+        sock.display()
+    );
+    let ended = tokio::select! {
+        r = terminated() => { r?; None }
+        r = &mut task => Some(r),
+    };
+    // Running requests finish and are answered before the frontend is let go.
+    let served = match ended {
+        Some(r) => r,
+        None => {
+            export.shutdown();
+            task.await
+        }
+    };
+    drop(export);
     // A clean close stores the bitmaps and clears the dirty bit, whatever happened above.
     let closed = async {
         img.flush().await?;

@@ -163,3 +163,73 @@ fn serve_exports_a_snapshot_read_only_over_tcp() {
     qemu_ok("qemu-io", &["-c", "read -P 0x22 0 1M", s(&img)]);
     assert_check_clean(&img);
 }
+
+/// Writes `pattern` to `len` bytes at `offset` through libblkio's vhost-user-blk driver,
+/// flushes, and reads them back; returns the client so that it can stay connected.
+fn blkio_write_read(sock: &Path, offset: u64, len: usize, pattern: u8) -> blkio::Blkio {
+    use std::mem::MaybeUninit;
+    let mut b = blkio::Blkio::new("virtio-blk-vhost-user").unwrap();
+    b.set_str("path", s(sock)).unwrap();
+    b.connect().unwrap();
+    b.set_i32("num-queues", 2).unwrap();
+    let mut q = b.start().unwrap().queues.remove(1);
+    let region = b.alloc_mem_region(len).unwrap();
+    b.map_mem_region(&region).unwrap();
+    // SAFETY: the region is mapped until the end of this function and only one request
+    // uses it at a time.
+    let buf = unsafe { std::slice::from_raw_parts_mut(region.addr as *mut u8, len) };
+    let mut wait = |q: &mut blkio::Blkioq| {
+        let mut c = [MaybeUninit::uninit()];
+        let mut t = Duration::from_secs(20);
+        assert_eq!(q.do_io(&mut c, 1, Some(&mut t), None).unwrap(), 1);
+        // SAFETY: do_io initialised one completion.
+        assert_eq!(unsafe { c[0].assume_init_read() }.ret, 0);
+    };
+    buf.fill(pattern);
+    q.write(offset, buf.as_ptr(), len, 0, blkio::ReqFlags::empty());
+    wait(&mut q);
+    q.flush(0, blkio::ReqFlags::empty());
+    wait(&mut q);
+    buf.fill(0);
+    q.read(offset, buf.as_mut_ptr(), len, 0, blkio::ReqFlags::empty());
+    wait(&mut q);
+    assert!(buf.iter().all(|&x| x == pattern));
+    b.unmap_mem_region(&region);
+    b.free_mem_region(&region);
+    b
+}
+
+#[test]
+fn serve_vhost_user_blk_closes_the_image_cleanly_on_sigterm_with_a_frontend_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img.qcow2");
+    let sock = dir.path().join("vhost.sock");
+    qemu_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            s(&img),
+            "8M",
+        ],
+    );
+    qemu_ok("qemu-img", &["bitmap", "--add", s(&img), "bm"]);
+    let child = spawn_serve(&[s(&img), "--vhost-user-blk", s(&sock), "--num-queues", "2"]);
+    wait_for("the socket", || sock.exists());
+    drop(blkio_write_read(&sock, 1 << 20, 128 << 10, 0x4d));
+    // A second frontend after the first one left, still connected at SIGTERM.
+    let _connected = blkio_write_read(&sock, 3 << 20, 64 << 10, 0x4e);
+    terminate(child, "-TERM");
+    assert!(!sock.exists(), "the socket is removed on exit");
+    let v = info(&img);
+    assert_eq!(v["dirty-flag"], false, "{v:#}");
+    let bm = &v["format-specific"]["data"]["bitmaps"][0];
+    assert!(!bm["flags"].to_string().contains("in-use"), "{bm}");
+    assert_check_clean(&img);
+    qemu_ok("qemu-io", &["-c", "read -P 0x4d 1M 128k", s(&img)]);
+    qemu_ok("qemu-io", &["-c", "read -P 0x4e 3M 64k", s(&img)]);
+}

@@ -438,3 +438,228 @@ impl VhostUserBackend for BlkBackend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! `execute` on requests no well-behaved frontend sends: each gets the status QEMU's
+    //! virtio-blk device gives it, and nothing reaches the image.
+
+    use super::*;
+    use crate::request::Piece;
+    use qcow2_async::{CreateOptions, OpenOptions};
+    use vm_memory::{Bytes, GuestAddress};
+
+    const DISK: u64 = 1 << 20;
+
+    struct Bench {
+        device: Device,
+        view: GuestView,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn bench(read_only: bool) -> Bench {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.qcow2");
+        Image::create(&path, &CreateOptions::new(DISK), &OpenOptions::default())
+            .await
+            .unwrap()
+            .close()
+            .await
+            .unwrap();
+        let image = Image::open(&path, &OpenOptions::default()).await.unwrap();
+        image.write_at(&[0xaa; 4096], 0).await.unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut serial = b"disk-7".to_vec();
+        serial.resize(ID_LEN, 0);
+        Bench {
+            device: Device {
+                image,
+                snapshot: None,
+                read_only,
+                config: BlkConfig {
+                    capacity: DISK,
+                    blk_size: 512,
+                    opt_io_size: 65536,
+                    num_queues: 1,
+                },
+                queue_size: 128,
+                serial,
+                runtime: tokio::runtime::Handle::current(),
+            },
+            view: GuestView::new(Arc::new(mem)),
+            _dir: dir,
+        }
+    }
+
+    /// A layout with `readable` data bytes at 0x1000 and `writable` ones at 0x8000.
+    fn layout(readable: u32, writable: u32) -> Layout {
+        let mut d = vec![Desc {
+            addr: 0,
+            len: 16,
+            writable: false,
+        }];
+        if readable > 0 {
+            d.push(Desc {
+                addr: 0x1000,
+                len: readable,
+                writable: false,
+            });
+        }
+        d.push(Desc {
+            addr: 0x8000,
+            len: writable + 1,
+            writable: true,
+        });
+        Layout::parse(d).unwrap()
+    }
+
+    fn h(kind: Kind, sector: u64) -> Header {
+        Header { kind, sector }
+    }
+
+    fn segment(b: &Bench, sector: u64, n: u32, flags: u32) {
+        let mut s = [0u8; 16];
+        s[0..8].copy_from_slice(&sector.to_le_bytes());
+        s[8..12].copy_from_slice(&n.to_le_bytes());
+        s[12..16].copy_from_slice(&flags.to_le_bytes());
+        b.view
+            .write(
+                &[Piece {
+                    addr: 0x1000,
+                    len: 16,
+                }],
+                &s,
+            )
+            .unwrap();
+    }
+
+    async fn first_byte(b: &Bench) -> u8 {
+        let mut x = [0u8; 1];
+        b.device.image.read_at(&mut x, 0).await.unwrap();
+        x[0]
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_qemus_statuses_and_leave_the_image_alone() {
+        let b = bench(false).await;
+        let run = |l: Layout, hd: Header| {
+            let b = &b;
+            async move { execute(&b.device, &b.view, &l, hd).await }
+        };
+        // Past the end, straddling it, and not a whole number of sectors.
+        assert_eq!(
+            run(layout(0, 512), h(Kind::In, DISK / 512)).await.0,
+            Status::IoErr
+        );
+        assert_eq!(
+            run(layout(1024, 0), h(Kind::Out, DISK / 512 - 1)).await.0,
+            Status::IoErr
+        );
+        assert_eq!(run(layout(100, 0), h(Kind::Out, 0)).await.0, Status::IoErr);
+        assert_eq!(
+            run(layout(0, 0), h(Kind::In, u64::MAX)).await.0,
+            Status::IoErr
+        );
+        // Unknown types, and a flag discard does not have.
+        assert_eq!(
+            run(layout(0, 0), h(Kind::Other(2), 0)).await.0,
+            Status::Unsupp
+        );
+        segment(&b, 0, 8, 1);
+        assert_eq!(
+            run(layout(16, 0), h(Kind::Discard, 0)).await.0,
+            Status::Unsupp
+        );
+        segment(&b, 0, 8, 2);
+        assert_eq!(
+            run(layout(16, 0), h(Kind::WriteZeroes, 0)).await.0,
+            Status::Unsupp
+        );
+        // Segment lists of a wrong length, and ranges too long or past the end.
+        assert_eq!(
+            run(layout(8, 0), h(Kind::Discard, 0)).await.0,
+            Status::IoErr
+        );
+        segment(&b, 0, MAX_DISCARD_SECTORS + 1, 0);
+        assert_eq!(
+            run(layout(16, 0), h(Kind::WriteZeroes, 0)).await.0,
+            Status::IoErr
+        );
+        segment(&b, DISK / 512 - 1, 2, 0);
+        assert_eq!(
+            run(layout(16, 0), h(Kind::Discard, 0)).await.0,
+            Status::IoErr
+        );
+        assert_eq!(
+            first_byte(&b).await,
+            0xaa,
+            "nothing refused reached the image"
+        );
+        // A proper write-zeroes does.
+        segment(&b, 0, 8, 1);
+        assert_eq!(
+            run(layout(16, 0), h(Kind::WriteZeroes, 0)).await.0,
+            Status::Ok
+        );
+        assert_eq!(first_byte(&b).await, 0);
+    }
+
+    #[tokio::test]
+    async fn read_only_exports_refuse_every_write_on_the_device_side() {
+        let b = bench(true).await;
+        let run = |l: Layout, hd: Header| {
+            let b = &b;
+            async move { execute(&b.device, &b.view, &l, hd).await }
+        };
+        b.view
+            .mem_for_tests()
+            .write_slice(&[0x11; 512], GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(run(layout(512, 0), h(Kind::Out, 0)).await.0, Status::IoErr);
+        segment(&b, 0, 8, 0);
+        assert_eq!(
+            run(layout(16, 0), h(Kind::Discard, 0)).await.0,
+            Status::IoErr
+        );
+        assert_eq!(
+            run(layout(16, 0), h(Kind::WriteZeroes, 0)).await.0,
+            Status::IoErr
+        );
+        assert_eq!(first_byte(&b).await, 0xaa);
+        // Reads and flushes still work.
+        assert_eq!(run(layout(0, 512), h(Kind::In, 0)).await, (Status::Ok, 512));
+        let mut back = [0u8; 512];
+        b.view
+            .read(
+                &[Piece {
+                    addr: 0x8000,
+                    len: 512,
+                }],
+                &mut back,
+            )
+            .unwrap();
+        assert!(back.iter().all(|&x| x == 0xaa));
+        assert_eq!(run(layout(0, 0), h(Kind::Flush, 0)).await.0, Status::Ok);
+    }
+
+    #[tokio::test]
+    async fn get_id_answers_the_serial_as_far_as_the_buffer_reaches() {
+        let b = bench(false).await;
+        let (s, n) = execute(&b.device, &b.view, &layout(0, 20), h(Kind::GetId, 0)).await;
+        assert_eq!((s, n), (Status::Ok, 20));
+        let mut id = [0xffu8; 20];
+        b.view
+            .read(
+                &[Piece {
+                    addr: 0x8000,
+                    len: 20,
+                }],
+                &mut id,
+            )
+            .unwrap();
+        assert_eq!(&id[..6], b"disk-7");
+        assert!(id[6..].iter().all(|&x| x == 0));
+        let (s, n) = execute(&b.device, &b.view, &layout(0, 4), h(Kind::GetId, 0)).await;
+        assert_eq!((s, n), (Status::Ok, 4));
+    }
+}

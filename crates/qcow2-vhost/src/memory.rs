@@ -137,6 +137,12 @@ impl GuestView {
         Ok(at)
     }
 
+    /// The underlying memory map (tests write guest memory through it).
+    #[cfg(test)]
+    pub(crate) fn mem_for_tests(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
     /// Sets the status byte.
     pub(crate) fn write_status(&self, addr: u64, status: u8) -> Result<(), Unmapped> {
         self.mem
