@@ -178,7 +178,7 @@ fn blkio_write_read(sock: &Path, offset: u64, len: usize, pattern: u8) -> blkio:
     // SAFETY: the region is mapped until the end of this function and only one request
     // uses it at a time.
     let buf = unsafe { std::slice::from_raw_parts_mut(region.addr as *mut u8, len) };
-    let mut wait = |q: &mut blkio::Blkioq| {
+    let wait = |q: &mut blkio::Blkioq| {
         let mut c = [MaybeUninit::uninit()];
         let mut t = Duration::from_secs(20);
         assert_eq!(q.do_io(&mut c, 1, Some(&mut t), None).unwrap(), 1);
