@@ -110,25 +110,37 @@ pub async fn serve(a: ServeArgs) -> Result<u8> {
     );
     let srv = server.clone();
     let mut task = tokio::spawn(async move { srv.serve(listener).await });
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let ended = tokio::select! {
-        _ = tokio::signal::ctrl_c() => None,
-        _ = term.recv() => None,
-        r = &mut task => Some(r),
-    };
     // Running requests finish and are answered before the connections close.
-    let served = match ended {
-        Some(r) => r,
-        None => {
-            server.shutdown();
-            task.await
-        }
-    };
+    let served = until_signal(&mut task, || server.shutdown()).await?;
     if let Some(p) = &a.socket {
         let _ = std::fs::remove_file(p);
     }
     drop(server);
-    // A clean close stores the bitmaps and clears the dirty bit, whatever happened above.
+    close_cleanly(img, served).await
+}
+
+/// Waits for `task` to end, or for SIGINT or SIGTERM; on a signal, calls `shutdown` (which
+/// lets running requests finish) and then waits for `task`.
+async fn until_signal<T>(
+    task: &mut tokio::task::JoinHandle<T>,
+    shutdown: impl FnOnce(),
+) -> std::io::Result<std::result::Result<T, tokio::task::JoinError>> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = &mut *task => return Ok(r),
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    shutdown();
+    Ok(task.await)
+}
+
+/// Closes the image (a clean close stores the bitmaps and clears the dirty bit) whatever
+/// serving returned, then reports serving's error first.
+async fn close_cleanly<E: std::error::Error + 'static>(
+    img: Image,
+    served: std::result::Result<std::result::Result<(), E>, tokio::task::JoinError>,
+) -> Result<u8> {
     let closed = async {
         img.flush().await?;
         img.close().await
@@ -138,15 +150,6 @@ pub async fn serve(a: ServeArgs) -> Result<u8> {
     closed?;
     eprintln!("qcow2: image closed cleanly");
     Ok(0)
-}
-
-/// Waits for SIGINT or SIGTERM.
-async fn terminated() -> std::io::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r,
-        _ = term.recv() => Ok(()),
-    }
 }
 
 async fn serve_vhost(
@@ -177,27 +180,8 @@ async fn serve_vhost(
         a.filename.display(),
         sock.display()
     );
-    let ended = tokio::select! {
-        r = terminated() => { r?; None }
-        r = &mut task => Some(r),
-    };
     // Running requests finish and are answered before the frontend is let go.
-    let served = match ended {
-        Some(r) => r,
-        None => {
-            export.shutdown();
-            task.await
-        }
-    };
+    let served = until_signal(&mut task, || export.shutdown()).await?;
     drop(export);
-    // A clean close stores the bitmaps and clears the dirty bit, whatever happened above.
-    let closed = async {
-        img.flush().await?;
-        img.close().await
-    }
-    .await;
-    served??;
-    closed?;
-    eprintln!("qcow2: image closed cleanly");
-    Ok(0)
+    close_cleanly(img, served).await
 }

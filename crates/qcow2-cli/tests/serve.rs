@@ -59,11 +59,8 @@ fn info(path: &Path) -> serde_json::Value {
     serde_json::from_str(&out).unwrap()
 }
 
-#[test]
-fn serve_shuts_down_on_sigterm_and_sigint_leaving_the_image_clean() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("img.qcow2");
-    let sock = dir.path().join("nbd.sock");
+/// An 8 MiB image with lazy refcounts (so the dirty bit is used) and a bitmap `bm`.
+fn create_with_bitmap(img: &Path) {
     qemu_ok(
         "qemu-img",
         &[
@@ -73,11 +70,30 @@ fn serve_shuts_down_on_sigterm_and_sigint_leaving_the_image_clean() {
             "qcow2",
             "-o",
             "lazy_refcounts=on",
-            s(&img),
+            s(img),
             "8M",
         ],
     );
-    qemu_ok("qemu-img", &["bitmap", "--add", s(&img), "bm"]);
+    qemu_ok("qemu-img", &["bitmap", "--add", s(img), "bm"]);
+}
+
+/// What a clean close leaves: dirty bit clear, bitmap `bm` stored and no longer in use, and
+/// `qemu-img check` clean.
+fn assert_closed_cleanly(img: &Path) {
+    let v = info(img);
+    assert_eq!(v["dirty-flag"], false, "{v:#}");
+    let bm = &v["format-specific"]["data"]["bitmaps"][0];
+    assert_eq!(bm["name"], "bm");
+    assert!(!bm["flags"].to_string().contains("in-use"), "{bm}");
+    assert_check_clean(img);
+}
+
+#[test]
+fn serve_shuts_down_on_sigterm_and_sigint_leaving_the_image_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img.qcow2");
+    let sock = dir.path().join("nbd.sock");
+    create_with_bitmap(&img);
 
     for signal in ["-TERM", "-INT"] {
         let child = spawn_serve(&[s(&img), "--socket", s(&sock), "--bitmap", "bm"]);
@@ -92,12 +108,7 @@ fn serve_shuts_down_on_sigterm_and_sigint_leaving_the_image_clean() {
         assert!(flags.to_string().contains("in-use"), "{flags}");
         terminate(child, signal);
         assert!(!sock.exists(), "the socket is removed on exit");
-        let v = info(&img);
-        assert_eq!(v["dirty-flag"], false, "{v:#}");
-        let bm = &v["format-specific"]["data"]["bitmaps"][0];
-        assert_eq!(bm["name"], "bm");
-        assert!(!bm["flags"].to_string().contains("in-use"), "{bm}");
-        assert_check_clean(&img);
+        assert_closed_cleanly(&img);
     }
     qemu_ok("qemu-io", &["-c", "read -P 0x3c 1M 192k", s(&img)]);
     // The bitmap recorded the write (64 KiB granularity: exactly [1M, 1M+192k)).
@@ -204,20 +215,7 @@ fn serve_vhost_user_blk_closes_the_image_cleanly_on_sigterm_with_a_frontend_conn
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("img.qcow2");
     let sock = dir.path().join("vhost.sock");
-    qemu_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=on",
-            s(&img),
-            "8M",
-        ],
-    );
-    qemu_ok("qemu-img", &["bitmap", "--add", s(&img), "bm"]);
+    create_with_bitmap(&img);
     let child = spawn_serve(&[s(&img), "--vhost-user-blk", s(&sock), "--num-queues", "2"]);
     wait_for("the socket", || sock.exists());
     drop(blkio_write_read(&sock, 1 << 20, 128 << 10, 0x4d));
@@ -225,11 +223,7 @@ fn serve_vhost_user_blk_closes_the_image_cleanly_on_sigterm_with_a_frontend_conn
     let _connected = blkio_write_read(&sock, 3 << 20, 64 << 10, 0x4e);
     terminate(child, "-TERM");
     assert!(!sock.exists(), "the socket is removed on exit");
-    let v = info(&img);
-    assert_eq!(v["dirty-flag"], false, "{v:#}");
-    let bm = &v["format-specific"]["data"]["bitmaps"][0];
-    assert!(!bm["flags"].to_string().contains("in-use"), "{bm}");
-    assert_check_clean(&img);
+    assert_closed_cleanly(&img);
     qemu_ok("qemu-io", &["-c", "read -P 0x4d 1M 128k", s(&img)]);
     qemu_ok("qemu-io", &["-c", "read -P 0x4e 3M 64k", s(&img)]);
 }

@@ -231,12 +231,6 @@ async fn execute(device: &Device, view: &GuestView, layout: &Layout, h: Header) 
     if writes && device.read_only {
         return (Status::IoErr, 0);
     }
-    let engine = |what: &'static str| {
-        move |e: qcow2_async::Error| {
-            warn!(request = what, error = %e, "request failed");
-            Status::IoErr
-        }
-    };
     let result: Result<u32, Status> = match h.kind {
         Kind::In => {
             let len = layout.writable_len();
@@ -260,7 +254,7 @@ async fn execute(device: &Device, view: &GuestView, layout: &Layout, h: Header) 
                             .write_vectored(bufs, offset)
                             .await
                             .map(|_| 0)
-                            .map_err(engine("write")),
+                            .map_err(failed("write")),
                     }
                 }
             }
@@ -270,7 +264,7 @@ async fn execute(device: &Device, view: &GuestView, layout: &Layout, h: Header) 
             .flush()
             .await
             .map(|()| 0)
-            .map_err(engine("flush")),
+            .map_err(failed("flush")),
         Kind::GetId => view
             .write(
                 layout.writable(),
@@ -287,6 +281,14 @@ async fn execute(device: &Device, view: &GuestView, layout: &Layout, h: Header) 
     }
 }
 
+/// An engine error as the driver sees it (virtio-blk has one error status), logged.
+fn failed(request: &'static str) -> impl Fn(qcow2_async::Error) -> Status {
+    move |e| {
+        warn!(request, error = %e, "request failed");
+        Status::IoErr
+    }
+}
+
 async fn read(
     device: &Device,
     view: &GuestView,
@@ -294,10 +296,6 @@ async fn read(
     offset: u64,
     len: u64,
 ) -> Result<u32, Status> {
-    let failed = |e: qcow2_async::Error| {
-        warn!(request = "read", error = %e, "request failed");
-        Status::IoErr
-    };
     if let Some(snapshot) = &device.snapshot {
         // Snapshot reads go through a bounce buffer: the engine reads snapshots into slices.
         let mut buf = vec![0u8; len as usize];
@@ -305,7 +303,7 @@ async fn read(
             .image
             .read_snapshot_at(snapshot, &mut buf, offset)
             .await
-            .map_err(failed)?;
+            .map_err(failed("read"))?;
         view.write(layout.writable(), &buf)
             .map_err(|_| Status::IoErr)?;
         return Ok(len as u32);
@@ -318,7 +316,7 @@ async fn read(
         .image
         .read_vectored(bufs, offset)
         .await
-        .map_err(failed)?;
+        .map_err(failed("read"))?;
     Ok(len as u32)
 }
 
@@ -357,10 +355,11 @@ async fn segments(
         } else {
             device.image.write_zeroes(offset, bytes, seg.unmap()).await
         };
-        r.map_err(|e| {
-            warn!(request = ?kind, error = %e, "request failed");
-            Status::IoErr
-        })?;
+        r.map_err(failed(if kind == Kind::Discard {
+            "discard"
+        } else {
+            "write-zeroes"
+        }))?;
     }
     Ok(0)
 }
