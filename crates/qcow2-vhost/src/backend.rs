@@ -3,8 +3,9 @@
 //!
 //! Threads: `vhost-user-backend` runs the protocol on one thread and each queue's event
 //! loop on a thread of its own (one queue per thread, so queues never wait for each
-//! other). A kick pops every available chain, parses it ([`Layout`]) and spawns one Tokio
-//! task per request on the engine's runtime; the vring lock is held only to pop chains and
+//! other). A kick pops every available chain, parses it ([`Layout`]) and starts one
+//! [`Task`] per request: polled first on the queue's thread (so the I/O is submitted with no
+//! thread hop), continued on the engine's runtime when its I/O wakes it; the vring lock is held only to pop chains and
 //! to add used entries, never across I/O. A completion sets the status byte, adds the used
 //! entry and signals the call eventfd if the driver asked for it (`needs_notification`,
 //! which with `EVENT_IDX` suppresses the signals a busy driver would not look at: the
@@ -36,6 +37,7 @@ use crate::request::{
     byte_range, Desc, Header, Kind, Layout, Segment, Status, HEADER_LEN, ID_LEN, SECTOR,
     SEGMENT_LEN,
 };
+use crate::task::Task;
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 type Vring = VringRwLock<Mem>;
@@ -142,14 +144,18 @@ impl BlkBackend {
 
     /// Pops and starts every available request of queue `q`.
     fn process_queue(&self, q: usize, vring: &Vring) -> io::Result<()> {
-        let Some((mem, view)) = self.view(q) else {
-            return Ok(());
-        };
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
+            // The memory table is read again on every round, right before popping: a
+            // frontend may add a region (libblkio maps its buffers after the queues start)
+            // while this loop runs, and the requests it posts after the region was
+            // acknowledged must see it. A view taken once per kick missed it.
+            let Some((mem, view)) = self.view(q) else {
+                return Ok(());
+            };
             // Pop under the vring lock, start outside it: completions take the same lock.
             let chains: Vec<_> = vring
                 .get_mut()
@@ -193,7 +199,7 @@ impl BlkBackend {
         let device = self.device.clone();
         let view = view.clone();
         let vring = vring.clone();
-        self.device.runtime.spawn(async move {
+        Task::start(&self.device.runtime, async move {
             let (status, written) = execute(&device, &view, &layout, header).await;
             // The used length counts every byte the device wrote, the status included.
             let used = if view.write_status(layout.status(), status as u8).is_ok() {

@@ -39,6 +39,7 @@ mod error;
 mod export;
 mod memory;
 pub mod request;
+mod task;
 
 pub use error::{ConfigError, Error, Result};
 pub use export::{Export, ExportOptions};
