@@ -96,6 +96,19 @@ pub fn qemu_ok(tool: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Polls `ready` every 20 ms until it holds, failing the test after 20 s (a server's socket
+/// appearing, a process exiting).
+pub fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !ready() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// `qemu-img create -q -f qcow2 OPTS PATH SIZE` (`opts` e.g. `["-o", "cluster_size=512"]`).
 pub fn qemu_create(path: &Path, opts: &[&str], size: &str) {
     let mut args = vec!["create", "-q", "-f", "qcow2"];

@@ -9,18 +9,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_check_clean, qemu_ok};
+use common::{assert_check_clean, qemu_ok, wait_for};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !ready() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn spawn_serve(args: &[&str]) -> Child {
