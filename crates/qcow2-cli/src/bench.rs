@@ -65,7 +65,8 @@ pub struct BenchArgs {
     #[arg(short = 'p')]
     progress: bool,
     /// io_uring setup, comma separated: `reactor` or `thread` (who reaps completions),
-    /// `sqpoll[=IDLE_MS]`, `fixed-file`; `default` for the defaults.
+    /// `sqpoll[=IDLE_MS]`, `fixed-file`, `coop-taskrun`, `nowait`/`no-nowait`; `default` for
+    /// the defaults.
     #[arg(long = "ring", default_value = "default")]
     ring: String,
     /// Tokio worker threads (default: one per core).

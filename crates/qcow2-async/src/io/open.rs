@@ -104,9 +104,13 @@ pub enum Completion {
 }
 
 /// io_uring setup options (`qcow2 bench --ring ...`); see `BENCHMARKS.md` for what each
-/// measured. `COOP_TASKRUN`, `DEFER_TASKRUN` and `SINGLE_ISSUER` are not offered: any worker
-/// thread may submit and another one reaps, and with those flags a completion would wait for
-/// the submitting thread's next system call (or be refused outright).
+/// measured.
+///
+/// `SINGLE_ISSUER` and `DEFER_TASKRUN` (which needs it) are not offered: a ring belongs to a
+/// file, any worker thread of the runtime submits to it, and the kernel refuses submissions
+/// from a second thread of a single-issuer ring. Registered buffers are not offered either:
+/// every buffer is the caller's (slices, `bytes` buffers, mapped guest memory), and a
+/// registered pool would need the copy that the owned-buffer API exists to avoid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub struct RingOptions {
@@ -119,6 +123,12 @@ pub struct RingOptions {
     /// Registers the file with the ring (`IORING_REGISTER_FILES`) and submits with a fixed
     /// file index, which saves the kernel a descriptor lookup and reference per request.
     pub register_file: bool,
+    /// `IORING_SETUP_COOP_TASKRUN` (with `TASKRUN_FLAG`): a completion that needs the
+    /// submitting thread's context (every O_DIRECT read and write does) no longer interrupts
+    /// that thread with an IPI while it runs in user space; it is finished at the thread's
+    /// next system call, when it sleeps, or at its next interrupt at the latest (a few
+    /// milliseconds). Fewer interrupts under load, at the price of that possible delay.
+    pub coop_taskrun: bool,
     /// Buffered (not O_DIRECT) reads first try the page cache with `preadv2(RWF_NOWAIT)`,
     /// which never blocks, and only go through the ring when that cannot serve all of the
     /// read. On by default; after a run of misses the attempts become rare.
@@ -131,6 +141,7 @@ impl Default for RingOptions {
             completion: Completion::Auto,
             sqpoll_idle_ms: None,
             register_file: false,
+            coop_taskrun: false,
             nowait_reads: true,
         }
     }
@@ -160,6 +171,12 @@ impl RingOptions {
         self
     }
 
+    /// Sets `IORING_SETUP_COOP_TASKRUN` (see [`RingOptions::coop_taskrun`]).
+    pub fn coop_taskrun(mut self, yes: bool) -> RingOptions {
+        self.coop_taskrun = yes;
+        self
+    }
+
     /// Whether buffered reads try the page cache first.
     pub fn nowait_reads(mut self, yes: bool) -> RingOptions {
         self.nowait_reads = yes;
@@ -171,7 +188,8 @@ impl FromStr for RingOptions {
     type Err = ParseRingError;
 
     /// Parses a comma-separated list as `qcow2 bench --ring` takes it: `reactor`, `thread`,
-    /// `sqpoll` (1000 ms idle) or `sqpoll=MS`, `fixed-file`, `nowait` / `no-nowait`;
+    /// `sqpoll` (1000 ms idle) or `sqpoll=MS`, `fixed-file`, `coop-taskrun`, `nowait` /
+    /// `no-nowait`;
     /// `default` for the defaults.
     fn from_str(s: &str) -> Result<RingOptions, ParseRingError> {
         let mut opts = RingOptions::default();
@@ -182,6 +200,7 @@ impl FromStr for RingOptions {
                 "thread" => opts.completion = Completion::Thread,
                 "sqpoll" => opts.sqpoll_idle_ms = Some(1000),
                 "fixed-file" => opts.register_file = true,
+                "coop-taskrun" => opts.coop_taskrun = true,
                 "nowait" => opts.nowait_reads = true,
                 "no-nowait" => opts.nowait_reads = false,
                 other => match other.strip_prefix("sqpoll=").map(str::parse::<u32>) {
@@ -197,7 +216,7 @@ impl FromStr for RingOptions {
 /// A `--ring` word this crate does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown ring option {0:?} (expected reactor, thread, sqpoll, sqpoll=MS, fixed-file, nowait, no-nowait or default)"
+    "unknown ring option {0:?} (expected reactor, thread, sqpoll, sqpoll=MS, fixed-file, coop-taskrun, nowait, no-nowait or default)"
 )]
 pub struct ParseRingError(String);
 
@@ -302,6 +321,36 @@ mod tests {
         assert_eq!(Aio::default(), Aio::IoUring);
         for aio in [Aio::IoUring, Aio::Threads] {
             assert_eq!(aio.to_string().parse::<Aio>(), Ok(aio));
+        }
+    }
+
+    #[test]
+    fn ring_options_parse_as_bench_takes_them() {
+        assert_eq!("default".parse::<RingOptions>(), Ok(RingOptions::new()));
+        assert_eq!("".parse::<RingOptions>(), Ok(RingOptions::new()));
+        let all: RingOptions = "thread, sqpoll=5,fixed-file,coop-taskrun,no-nowait"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            all,
+            RingOptions::new()
+                .completion(Completion::Thread)
+                .sqpoll(Some(5))
+                .register_file(true)
+                .coop_taskrun(true)
+                .nowait_reads(false)
+        );
+        assert_eq!(
+            "sqpoll".parse::<RingOptions>().unwrap().sqpoll_idle_ms,
+            Some(1000)
+        );
+        assert_eq!(
+            "reactor".parse::<RingOptions>().unwrap().completion,
+            Completion::Reactor
+        );
+        for bad in ["sqpoll=x", "single-issuer", "defer-taskrun", "coop"] {
+            let err = bad.parse::<RingOptions>().unwrap_err();
+            assert!(err.to_string().contains(bad), "{err}");
         }
     }
 

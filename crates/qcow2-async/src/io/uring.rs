@@ -14,9 +14,13 @@
 //!   (the thread design before it paid one per request, see `BENCHMARKS.md`). Each task
 //!   submits its own request and then reaps whatever has completed already, so a read served
 //!   from the page cache is answered before its future first returns. While the reaper task
-//!   is answering, arriving requests are left for it: after answering it yields once, so the
-//!   tasks it woke on its worker queue their next requests, and then submits them all in one
-//!   call. Completions are only ever drained under the ring's lock, so the reaper task and
+//!   is answering, arriving requests are left for it: after answering it yields until the
+//!   tasks it woke have queued their next requests (a few scheduler passes at most), and then
+//!   submits them all in one call; a task that answers others while reaping inline hands that
+//!   batch to the reaper task the same way. At queue depth 32 that is one `io_uring_enter`
+//!   per round of completions, as QEMU's submission batching, instead of one per request
+//!   (each also a doorbell exit on a virtual disk). Completions are only ever drained under
+//!   the ring's lock, so the reaper task and
 //!   inline reaping cannot both hold the completion queue. Should the runtime shut down while
 //!   the file is still in use, the task's drop hands the ring to a thread (below).
 //! * **Thread**. A thread of the ring's own sleeps in `io_uring_enter(GETEVENTS)` without the
@@ -124,8 +128,10 @@ struct Ring {
     max_in_flight: usize,
     /// The file is registered with the ring at index 0 (`IORING_REGISTER_FILES`).
     fixed_file: bool,
-    /// Tells the reaper task that the last handle is gone (the thread uses `wake_fd`).
-    disconnect: Notify,
+    /// Wakes the reaper task without a completion: the last handle is gone, a task's own
+    /// submission failed, or a submitting task answered requests and left the submission of
+    /// their successors to the reaper (see [`Ring::reap_inline`]). The thread uses `wake_fd`.
+    nudge: Notify,
     /// Reads try the page cache first (`preadv2(RWF_NOWAIT)`); see [`Ring::try_inline`].
     nowait_reads: bool,
     /// The file lives on a memory file system; see [`Ring::try_inline`].
@@ -169,6 +175,8 @@ struct Core {
     reaper_awake: bool,
     /// Who reaps.
     reaper: Reaper,
+    /// Requests queued since `reaper_awake` was last cleared, left for the reaper to submit.
+    left_for_reaper: usize,
     /// All handles are gone: finish what is in flight, then exit.
     disconnected: bool,
     /// The completion thread has stopped (why, when it failed): nothing is accepted.
@@ -407,6 +415,11 @@ impl UringFile {
         if let Some(idle) = opts.sqpoll_idle_ms {
             builder.setup_sqpoll(idle);
         }
+        if opts.coop_taskrun {
+            // COOP_TASKRUN came with Linux 5.19; an older kernel refuses the setup with
+            // EINVAL, which the caller sees (and `open_file` falls back from).
+            builder.setup_coop_taskrun().setup_taskrun_flag();
+        }
         let uring = builder.build(RING_ENTRIES)?;
         check_opcodes(&uring)?;
         if opts.register_file {
@@ -447,6 +460,7 @@ impl UringFile {
                 } else {
                     Reaper::Thread
                 },
+                left_for_reaper: 0,
                 disconnected: false,
                 stopped: None,
             }),
@@ -456,7 +470,7 @@ impl UringFile {
             align,
             max_in_flight,
             fixed_file: opts.register_file,
-            disconnect: Notify::new(),
+            nudge: Notify::new(),
             nowait_reads: opts.nowait_reads && align == 1,
             memory_backed: opts.nowait_reads && align == 1 && is_memory_backed(&file),
             inline_fds: (0..crate::sharded::SHARDS)
@@ -576,7 +590,7 @@ impl Drop for Handle {
     fn drop(&mut self) {
         // Mark first, then wake the reaper so that it observes the disconnection.
         self.ring.lock().disconnected = true;
-        self.ring.disconnect.notify_one();
+        self.ring.nudge.notify_one();
         wake(&self.ring.wake_fd);
     }
 }
@@ -682,6 +696,7 @@ impl Drop for HandOver {
             let mut core = self.ring.lock();
             core.reaper = Reaper::Thread;
             core.reaper_awake = false;
+            core.left_for_reaper = 0;
             if core.disconnected && core.in_flight == 0 && core.queued.is_empty() {
                 return;
             }
@@ -1013,6 +1028,7 @@ impl Ring {
         // others in flight wakes the thread, which submits everything that arrives meanwhile
         // in one call (one doorbell for many requests, as a dedicated submitter).
         let then = if core.reaper_awake {
+            core.left_for_reaper += 1;
             Then::Nothing
         } else if core.reaper == Reaper::Task {
             Then::SubmitAndReap
@@ -1039,7 +1055,7 @@ impl Ring {
             // fails every request if the ring is broken).
             tracing::debug!("io_uring submission from a task failed ({e}); handing over");
             self.lock().reaper_awake = true;
-            self.disconnect.notify_one();
+            self.nudge.notify_one();
             wake(&self.wake_fd);
         }
         Ok(())
@@ -1047,17 +1063,32 @@ impl Ring {
 
     /// Reaps what has completed already, from a submitting task (reaper-task mode): a read the
     /// page cache served is answered before its task waits, with no reactor round trip.
+    ///
+    /// The tasks answered here usually queue their next request at once. Were each to submit
+    /// its own, a queue depth of 32 would cost a system call (and, on a virtual disk, a
+    /// doorbell exit) per request instead of one per batch: so the answering task marks the
+    /// reaper awake and nudges the reaper task, which yields until the woken tasks have
+    /// queued their requests and then submits them together, exactly as after a completion
+    /// it reaped itself.
     fn reap_inline(&self) -> io::Result<()> {
         let mut answers = Vec::new();
-        let pushed = {
+        let (pushed, batch) = {
             let mut core = self.lock();
             if core.reaper != Reaper::Task {
                 return Ok(());
             }
-            self.reap_locked(&mut core, &mut answers)?
+            let pushed = self.reap_locked(&mut core, &mut answers)?;
+            let batch = !answers.is_empty() && !core.reaper_awake;
+            if batch {
+                core.reaper_awake = true;
+            }
+            (pushed, batch)
         };
         for (op, result) in answers {
             op.finish(result);
+        }
+        if batch {
+            self.nudge.notify_one();
         }
         if pushed {
             self.submit()?;
@@ -1114,10 +1145,10 @@ impl Ring {
         loop {
             let ready = tokio::select! {
                 ready = fd.readable() => Some(ready?),
-                () = self.disconnect.notified() => None,
+                () = self.nudge.notified() => None,
             };
             loop {
-                let pushed = {
+                let (pushed, left_before) = {
                     let mut core = self.lock();
                     let pushed = self.reap_locked(&mut core, &mut answers)?;
                     if answers.is_empty() && !pushed && !core.reaper_awake {
@@ -1127,18 +1158,20 @@ impl Ring {
                         break;
                     }
                     core.reaper_awake = true;
-                    pushed
+                    (pushed, core.left_for_reaper)
                 };
+                let answered = answers.len();
                 for (op, result) in answers.drain(..) {
                     op.finish(result);
                 }
                 if !pushed {
-                    // The tasks just woken on this worker run now and queue their next
-                    // requests without submitting (`reaper_awake`), so that the one call
-                    // below starts them together.
-                    tokio::task::yield_now().await;
+                    self.let_woken_tasks_queue(answered, left_before).await;
                 }
-                self.lock().reaper_awake = false;
+                {
+                    let mut core = self.lock();
+                    core.reaper_awake = false;
+                    core.left_for_reaper = 0;
+                }
                 loop {
                     match self.submit() {
                         Ok(()) => break,
@@ -1152,6 +1185,30 @@ impl Ring {
             if let Some(mut ready) = ready {
                 ready.clear_ready();
             }
+        }
+    }
+
+    /// Yields until the `answered` tasks just woken have queued their next requests (which
+    /// they leave to the reaper while `reaper_awake` is set), so that one submission starts
+    /// them together.
+    ///
+    /// One yield is not always enough: the scheduler resumes a yielded task at its next
+    /// driver poll, which a busy worker makes every few dozen tasks, so the reaper may run
+    /// again while some of the tasks it woke still wait in the run queue; each of those would
+    /// then submit alone (measured: a quarter of all requests at queue depth 32, each a system
+    /// call and a doorbell of its own). So it yields again while the last pass brought new
+    /// requests and not all of the woken tasks have been heard from, a few times at most
+    /// (a woken task need not issue another request at all).
+    async fn let_woken_tasks_queue(&self, answered: usize, left_before: usize) {
+        const MAX_PASSES: usize = 4;
+        let mut seen = left_before;
+        for _ in 0..MAX_PASSES {
+            tokio::task::yield_now().await;
+            let now = self.lock().left_for_reaper;
+            if now.saturating_sub(left_before) >= answered || now == seen {
+                break;
+            }
+            seen = now;
         }
     }
 
@@ -1277,6 +1334,7 @@ impl Ring {
                 // From here on tasks submit (or wake this thread) themselves; everything
                 // pushed before is covered by the submission below.
                 core.reaper_awake = false;
+                core.left_for_reaper = 0;
             }
             // Continuations, started queued requests, a re-armed poll, requests that
             // arrived while this thread was awake, or what a task could not submit.
@@ -1478,6 +1536,8 @@ pub(crate) mod tests {
             .register_file(true)
     );
     suite_with!(sqpoll, RingOptions::new().sqpoll(Some(10)));
+    // Completions wait for the submitting thread's next kernel entry instead of an IPI.
+    suite_with!(coop_taskrun, RingOptions::new().coop_taskrun(true));
     // Every request through the ring, none served inline from the page cache.
     suite_with!(ring_only, RingOptions::new().nowait_reads(false));
 
