@@ -16,8 +16,7 @@
 //!   from the page cache is answered before its future first returns. While the reaper task
 //!   is answering, arriving requests are left for it: after answering it yields until the
 //!   tasks it woke have queued their next requests (a few scheduler passes at most), and then
-//!   submits them all in one call; a task that answers others while reaping inline hands that
-//!   batch to the reaper task the same way. At queue depth 32 that is one `io_uring_enter`
+//!   submits them all in one call. At queue depth 32 that is one `io_uring_enter`
 //!   per round of completions, as QEMU's submission batching, instead of one per request
 //!   (each also a doorbell exit on a virtual disk). Completions are only ever drained under
 //!   the ring's lock, so the reaper task and
@@ -128,9 +127,8 @@ struct Ring {
     max_in_flight: usize,
     /// The file is registered with the ring at index 0 (`IORING_REGISTER_FILES`).
     fixed_file: bool,
-    /// Wakes the reaper task without a completion: the last handle is gone, a task's own
-    /// submission failed, or a submitting task answered requests and left the submission of
-    /// their successors to the reaper (see [`Ring::reap_inline`]). The thread uses `wake_fd`.
+    /// Wakes the reaper task without a completion: the last handle is gone, or a task's own
+    /// submission failed. The thread uses `wake_fd`.
     nudge: Notify,
     /// Reads try the page cache first (`preadv2(RWF_NOWAIT)`); see [`Ring::try_inline`].
     nowait_reads: bool,
@@ -901,6 +899,114 @@ enum Then {
     Wake,
     /// The task, right away, and then it reaps what is ready (reaper-task mode).
     SubmitAndReap,
+    /// Whoever drops the calling thread's [`plug::Plug`], together with what else it held.
+    Plugged,
+}
+
+pub use plug::{plug, Plug};
+
+/// Holding submissions back on a thread, so that requests started together reach the kernel
+/// in one `io_uring_enter` (QEMU's `blk_io_plug`).
+mod plug {
+    use std::cell::RefCell;
+    use std::marker::PhantomData;
+    use std::sync::Arc;
+
+    use super::Ring;
+
+    /// The rings with SQEs held back by a thread's plug, each once, with how many it holds.
+    type Held = Vec<(Arc<Ring>, usize)>;
+
+    thread_local! {
+        /// `Some` while this thread holds a plug.
+        static HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
+    }
+
+    /// A plug submits a ring's held requests once it holds this many, and goes on holding.
+    /// Requests wait for the ones started after them in the same submission, so an unbounded
+    /// batch trades latency (and, at a fixed queue depth, IOPS) for system calls; see
+    /// `BENCHMARKS.md` for what this bound measured.
+    pub(super) const FLUSH_AT: usize = 8;
+
+    /// Holds back the io_uring submissions of requests started on this thread until it is
+    /// dropped, and then submits each ring's requests with one system call. A server that
+    /// takes several requests off a queue at once starts them under a plug (the vhost-user-blk
+    /// export does so for every round of popped descriptor chains): instead of a system call
+    /// and a doorbell per request, one per round.
+    ///
+    /// Only requests whose futures are first polled on this thread while the plug lives are
+    /// held; a plug taken while another is held is a no-op (the outer one submits). Files
+    /// that do not use io_uring ignore it. Do not hold a plug across an `.await` of those
+    /// requests: they would wait for their own submission. It is not `Send`, so an async
+    /// block holding it across an await point is not `Send` either, which catches most such
+    /// mistakes at compile time.
+    #[must_use = "the plug submits when dropped; dropping it at once holds nothing back"]
+    pub struct Plug {
+        outer: bool,
+        _not_send: PhantomData<*const ()>,
+    }
+
+    impl std::fmt::Debug for Plug {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Plug").field("outer", &self.outer).finish()
+        }
+    }
+
+    /// Starts holding back this thread's io_uring submissions; see [`Plug`].
+    pub fn plug() -> Plug {
+        let outer = HELD.with(|held| {
+            let mut held = held.borrow_mut();
+            if held.is_some() {
+                return false;
+            }
+            *held = Some(Vec::new());
+            true
+        });
+        Plug {
+            outer,
+            _not_send: PhantomData,
+        }
+    }
+
+    pub(super) fn is_plugged() -> bool {
+        HELD.with(|held| held.borrow().is_some())
+    }
+
+    /// Remembers that `ring` has SQEs held back by this thread's plug.
+    pub(super) fn defer(ring: &Arc<Ring>) {
+        HELD.with(|held| {
+            if let Some(rings) = held.borrow_mut().as_mut() {
+                match rings.iter_mut().find(|(r, _)| Arc::ptr_eq(r, ring)) {
+                    Some((_, n)) if *n + 1 >= FLUSH_AT => {
+                        *n = 0;
+                        ring.unplug();
+                    }
+                    Some((_, n)) => *n += 1,
+                    None => rings.push((Arc::clone(ring), 1)),
+                }
+                return;
+            }
+            // Unreachable (the plug was seen a moment ago on this same thread), but a lost
+            // submission would hang its caller: submit now.
+            ring.unplug();
+        });
+    }
+
+    impl Drop for Plug {
+        fn drop(&mut self) {
+            if !self.outer {
+                return;
+            }
+            let rings = HELD
+                .with(|held| held.borrow_mut().take())
+                .unwrap_or_default();
+            for (ring, n) in rings {
+                if n > 0 {
+                    ring.unplug();
+                }
+            }
+        }
+    }
 }
 
 /// `IORING_ENTER_GETEVENTS` (linux/io_uring.h): wait for completions.
@@ -1010,7 +1116,7 @@ impl Ring {
 
     /// Takes a request from a task: submits it at once when there is room in the ring,
     /// otherwise queues it for the completion thread.
-    fn accept(&self, op: Op) -> io::Result<()> {
+    fn accept(self: &Arc<Self>, op: Op) -> io::Result<()> {
         let mut core = self.lock();
         if let Some(reason) = &core.stopped {
             // Dropping `op` here is fine: it never reached the kernel.
@@ -1027,7 +1133,13 @@ impl Ring {
         // submitted by its own task (no thread hop before the I/O starts), and one that joins
         // others in flight wakes the thread, which submits everything that arrives meanwhile
         // in one call (one doorbell for many requests, as a dedicated submitter).
-        let then = if core.reaper_awake {
+        // A plugged thread submits its requests itself when it unplugs, even while the reaper
+        // is awake: waiting for the reaper would hold them up until the tasks it woke have
+        // run, which have nothing to do with them (a second submission of an entry is
+        // harmless: the kernel takes each published entry once).
+        let then = if plug::is_plugged() {
+            Then::Plugged
+        } else if core.reaper_awake {
             core.left_for_reaper += 1;
             Then::Nothing
         } else if core.reaper == Reaper::Task {
@@ -1049,46 +1161,47 @@ impl Ring {
                 Ok(())
             }
             (Ok(()), Then::Nothing) => Ok(()),
+            (Ok(()), Then::Plugged) => {
+                plug::defer(self);
+                Ok(())
+            }
         };
         if let Err(e) = submitted {
-            // The request is in its slot either way; the reaper retries the submission (and
-            // fails every request if the ring is broken).
-            tracing::debug!("io_uring submission from a task failed ({e}); handing over");
-            self.lock().reaper_awake = true;
-            self.nudge.notify_one();
-            wake(&self.wake_fd);
+            self.hand_over_submission(&e);
         }
         Ok(())
     }
 
+    /// A task could not submit (`e`): the request is in its slot either way, so the reaper
+    /// retries the submission (and fails every request if the ring is broken).
+    fn hand_over_submission(&self, e: &io::Error) {
+        tracing::debug!("io_uring submission from a task failed ({e}); handing over");
+        self.lock().reaper_awake = true;
+        self.nudge.notify_one();
+        wake(&self.wake_fd);
+    }
+
+    /// Submits what a [`plug::Plug`] held back, and reaps what is ready (as a task that
+    /// submits its own request does).
+    fn unplug(&self) {
+        if let Err(e) = self.submit().and_then(|()| self.reap_inline()) {
+            self.hand_over_submission(&e);
+        }
+    }
+
     /// Reaps what has completed already, from a submitting task (reaper-task mode): a read the
     /// page cache served is answered before its task waits, with no reactor round trip.
-    ///
-    /// The tasks answered here usually queue their next request at once. Were each to submit
-    /// its own, a queue depth of 32 would cost a system call (and, on a virtual disk, a
-    /// doorbell exit) per request instead of one per batch: so the answering task marks the
-    /// reaper awake and nudges the reaper task, which yields until the woken tasks have
-    /// queued their requests and then submits them together, exactly as after a completion
-    /// it reaped itself.
     fn reap_inline(&self) -> io::Result<()> {
         let mut answers = Vec::new();
-        let (pushed, batch) = {
+        let pushed = {
             let mut core = self.lock();
             if core.reaper != Reaper::Task {
                 return Ok(());
             }
-            let pushed = self.reap_locked(&mut core, &mut answers)?;
-            let batch = !answers.is_empty() && !core.reaper_awake;
-            if batch {
-                core.reaper_awake = true;
-            }
-            (pushed, batch)
+            self.reap_locked(&mut core, &mut answers)?
         };
         for (op, result) in answers {
             op.finish(result);
-        }
-        if batch {
-            self.nudge.notify_one();
         }
         if pushed {
             self.submit()?;
@@ -1167,16 +1280,21 @@ impl Ring {
                 if !pushed {
                     self.let_woken_tasks_queue(answered, left_before).await;
                 }
-                {
+                let unsubmitted = {
                     let mut core = self.lock();
                     core.reaper_awake = false;
                     core.left_for_reaper = 0;
-                }
-                loop {
-                    match self.submit() {
-                        Ok(()) => break,
-                        Err(e) if is_transient(&e) => tokio::task::yield_now().await,
-                        Err(e) => return Err(e),
+                    self.unsubmitted(&mut core)
+                };
+                // The tasks woken need not have started anything (a server's requests end
+                // with their answer): then there is no system call to make.
+                if unsubmitted {
+                    loop {
+                        match self.submit() {
+                            Ok(()) => break,
+                            Err(e) if is_transient(&e) => tokio::task::yield_now().await,
+                            Err(e) => return Err(e),
+                        }
                     }
                 }
             }
@@ -1284,6 +1402,12 @@ impl Ring {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Whether SQEs wait in the submission queue. `_core` proves the lock is held.
+    fn unsubmitted(&self, _core: &mut Core) -> bool {
+        // SAFETY: the lock is held, so no other `SubmissionQueue` exists (see `push`).
+        !unsafe { self.uring.submission_shared() }.is_empty()
     }
 
     /// Hands every queued SQE to the kernel. Needs no lock: `io_uring_enter` may be called
@@ -1730,5 +1854,56 @@ pub(crate) mod tests {
         assert_eq!(err.raw_os_error(), Some(libc::EBADF), "{err}");
         // And the ring keeps working.
         assert_eq!(file.read_at(IoBuf::zeroed(4, 1), 0).await.unwrap().len(), 4);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_plug_holds_submissions_until_the_outer_one_is_dropped() {
+        // Writes (and reads without the page-cache attempt) always go through the ring.
+        let opts = RingOptions::new().nowait_reads(false);
+        let open = || UringFile::with_options(tempfile::tempfile().unwrap(), &opts);
+        let (Ok(a), Ok(b)) = (open(), open()) else {
+            return println!("skipping: io_uring unavailable");
+        };
+        let outer = plug();
+        let mut wa = a.write_at(IoBuf::from(vec![0xa1; 4096]), 0);
+        let mut wb = b.write_at(IoBuf::from(vec![0xb2; 4096]), 4096);
+        assert!(!poll_once(&mut wa).await);
+        let inner = plug();
+        assert!(!poll_once(&mut wb).await);
+        drop(inner);
+        // Neither request reached the kernel: a 4 KiB write would long be done.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!poll_once(&mut wa).await, "submitted under a plug");
+        assert!(!poll_once(&mut wb).await, "the inner plug submitted");
+        drop(outer);
+        assert_eq!(wa.await.unwrap().len(), 4096);
+        assert_eq!(wb.await.unwrap().len(), 4096);
+        let ra = a.read_at(IoBuf::zeroed(4096, 1), 0).await.unwrap();
+        let rb = b.read_at(IoBuf::zeroed(4096, 1), 4096).await.unwrap();
+        assert!(ra.iter().all(|&x| x == 0xa1) && rb.iter().all(|&x| x == 0xb2));
+        // A plug holding `FLUSH_AT` requests of one ring submits them and goes on holding.
+        // (What it holds after that is not observable here: the reaper, answering the flushed
+        // requests, submits whatever the shared queue holds, held entries included.)
+        let outer = plug();
+        let mut pending = Vec::new();
+        for i in 0..2 * plug::FLUSH_AT + 3 {
+            let mut w = a.write_at(IoBuf::from(vec![i as u8; 512]), 512 * i as u64);
+            // A flush reaps what is ready, so the request that triggers one (a buffered
+            // write may complete during its submission) can be answered at once.
+            if !poll_once(&mut w).await {
+                pending.push(w);
+            }
+        }
+        wait_until("the flushed batches", || a.in_flight() <= 3).await;
+        drop(outer);
+        for w in pending {
+            assert_eq!(w.await.unwrap().len(), 512);
+        }
+        // Without a plug a request goes at once.
+        let mut w = a.write_at(IoBuf::from(vec![1; 512]), 0);
+        if !poll_once(&mut w).await {
+            wait_until("an unplugged write", || a.in_flight() == 0).await;
+            assert!(poll_once(&mut w).await);
+        }
     }
 }
