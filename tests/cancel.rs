@@ -98,8 +98,50 @@ impl BlockFile for HoldFile {
 
 type Op = fn(Image) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// Each kind of operation that allocates, frees or rewrites metadata.
-fn ops() -> Vec<(&'static str, Op)> {
+/// Each kind of operation that allocates, frees or rewrites metadata, and the image it runs
+/// on.
+fn ops() -> Vec<(&'static str, Layout, Op)> {
+    let mut v: Vec<(&'static str, Layout, Op)> = small_cluster_ops()
+        .into_iter()
+        .map(|(label, op)| (label, Layout::SmallClusters, op))
+        .collect();
+    v.extend(
+        subcluster_ops()
+            .into_iter()
+            .map(|(label, op)| (label, Layout::Subclusters, op)),
+    );
+    v
+}
+
+/// Subclusters (extended L2 entries): partial writes set allocation bits, zeroes set zero
+/// bits, without touching the rest of the cluster. (A partial discard does nothing, as in
+/// QEMU, so it has no I/O to drop at.)
+fn subcluster_ops() -> Vec<(&'static str, Op)> {
+    vec![
+        ("subcluster write into an unallocated cluster", |i| {
+            Box::pin(async move { i.write_at(&[7; 4096], 3 << 20).await.unwrap() })
+        }),
+        ("subcluster write-zeroes in an allocated cluster", |i| {
+            Box::pin(async move { i.write_zeroes(4 << 10, 8 << 10, false).await.unwrap() })
+        }),
+        ("subcluster write beside allocated subclusters", |i| {
+            Box::pin(async move {
+                i.write_at(&[7; 4096], 3 << 20).await.unwrap();
+                i.write_at(&[8; 2048], (3 << 20) + (8 << 10)).await.unwrap();
+            })
+        }),
+        (
+            "subcluster write-zeroes with unmap in an allocated cluster",
+            |i| Box::pin(async move { i.write_zeroes(36 << 10, 4 << 10, true).await.unwrap() }),
+        ),
+        (
+            "write-zeroes with unmap over whole and partial clusters",
+            |i| Box::pin(async move { i.write_zeroes(0, 40 << 10, true).await.unwrap() }),
+        ),
+    ]
+}
+
+fn small_cluster_ops() -> Vec<(&'static str, Op)> {
     vec![
         ("allocating 4 KiB write", |i| {
             Box::pin(async move { i.write_at(&[7; 4096], 3 << 20).await.unwrap() })
@@ -146,23 +188,60 @@ fn ops() -> Vec<(&'static str, Op)> {
         ("resize", |i| {
             Box::pin(async move { i.resize(32 << 20, ResizeOptions::default()).await.unwrap() })
         }),
+        ("delete snapshot (after creating it)", |i| {
+            Box::pin(async move {
+                i.create_snapshot("s").await.unwrap();
+                i.delete_snapshot("s").await.unwrap();
+            })
+        }),
+        ("apply snapshot (after creating it and writing)", |i| {
+            Box::pin(async move {
+                i.create_snapshot("s").await.unwrap();
+                i.write_at(&[5; 4096], 3 << 20).await.unwrap();
+                i.apply_snapshot("s").await.unwrap();
+            })
+        }),
+        ("remove bitmap (after adding it)", |i| {
+            Box::pin(async move {
+                i.add_bitmap("b", &BitmapOptions::default()).await.unwrap();
+                i.write_at(&[6; 4096], 4 << 20).await.unwrap();
+                i.remove_bitmap("b").await.unwrap();
+            })
+        }),
     ]
+}
+
+/// The image an operation is enumerated on.
+#[derive(Debug, Clone, Copy)]
+enum Layout {
+    /// 512-byte clusters: refcount blocks cover 128 KiB, so writes create blocks and grow
+    /// the table.
+    SmallClusters,
+    /// 16 KiB clusters with extended L2 entries (2 KiB subclusters).
+    Subclusters,
 }
 
 const SIZE: u64 = 16 << 20;
 
-/// A small-cluster image (refcount blocks cover 128 KiB, so writes create blocks and grow
-/// the table) with flushed data, on a `HoldFile`.
-async fn setup() -> (Arc<MemFile>, Arc<HoldFile>, Image) {
+/// An image of `layout` with flushed data (and a compressed cluster), on a `HoldFile`.
+async fn setup(layout: Layout) -> (Arc<MemFile>, Arc<HoldFile>, Image) {
     let mem = Arc::new(MemFile::from_bytes(Vec::new()));
     let mut c = CreateOptions::new(SIZE);
-    c.cluster_size = 512;
+    match layout {
+        Layout::SmallClusters => c.cluster_size = 512,
+        Layout::Subclusters => {
+            c.cluster_size = 16 << 10;
+            c.extended_l2 = true;
+        }
+    }
     Image::format_file(mem.clone(), &c).await.unwrap();
     let img = Image::open_file(mem.clone(), None, &OpenOptions::default(), None)
         .await
         .unwrap();
     img.write_at(&[0x5a; 64 << 10], 0).await.unwrap();
-    img.write_compressed(1 << 20, &[6; 512]).await.unwrap();
+    img.write_compressed(1 << 20, &vec![6; c.cluster_size as usize])
+        .await
+        .unwrap();
     img.close().await.unwrap();
     // Reopened with nothing cached, so that every operation loads the tables it touches:
     // even one that only changes metadata in memory has I/Os to be dropped at.
@@ -193,16 +272,16 @@ async fn verify(mem: Arc<MemFile>, label: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_operation_dropped_at_every_io_leaves_a_clean_image() {
     let mut cases = 0;
-    for (label, op) in ops() {
+    for (label, layout, op) in ops() {
         // Count the operation's I/Os when it runs to the end.
-        let (_, hold, img) = setup().await;
+        let (_, hold, img) = setup(layout).await;
         let before = hold.count.load(Ordering::SeqCst);
         op(img.clone()).await;
         let n = hold.count.load(Ordering::SeqCst) - before;
         img.close().await.unwrap();
         assert!(n > 0, "{label} does no I/O?");
         for k in 1..=n {
-            let (mem, hold, img) = setup().await;
+            let (mem, hold, img) = setup(layout).await;
             let at = hold.count.load(Ordering::SeqCst) + k;
             hold.hold_at.store(at, Ordering::SeqCst);
             let held = hold.held.notified();
