@@ -367,3 +367,64 @@ async fn writers_abandoned_by_timeouts_leak_nothing() {
     assert_eq!(report["leaks"].as_u64().unwrap_or(0), 0, "{report}");
     assert_eq!(report["corruptions"].as_u64().unwrap_or(0), 0, "{report}");
 }
+
+/// `ops::convert` dropped part-way (as a timeout would) removes the target it was writing
+/// under a temporary name, and leaves nothing at the destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_convert_leaves_no_file_behind() {
+    use qcow2_async::ops::{convert, open_disk, ConvertOptions};
+    use qcow2_async::BackingFormat;
+    let dir = tempfile::tempdir().unwrap();
+    let src_path = dir.path().join("src.qcow2");
+    let src = Image::create(
+        &src_path,
+        &CreateOptions::new(64 << 20),
+        &OpenOptions::default(),
+    )
+    .await
+    .unwrap();
+    for i in 0..16u64 {
+        src.write_at(&vec![i as u8 + 1; 1 << 20], i << 20)
+            .await
+            .unwrap();
+    }
+    src.close().await.unwrap();
+    let disk = open_disk(&src_path, BackingFormat::Qcow2, &OpenOptions::read_only())
+        .await
+        .unwrap();
+    let listing = {
+        let dir = dir.path().to_path_buf();
+        move || {
+            let mut v: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        }
+    };
+    let started = Arc::new(tokio::sync::Notify::new());
+    let saw_temp = Arc::new(AtomicBool::new(false));
+    let mut o = ConvertOptions::new(BackingFormat::Qcow2);
+    o.parallel = 1;
+    o.progress = Some({
+        let (started, saw_temp, listing) = (started.clone(), saw_temp.clone(), listing.clone());
+        Arc::new(move |_, _| {
+            if listing().iter().any(|n| n.contains(".convert-")) {
+                saw_temp.store(true, Ordering::SeqCst);
+            }
+            started.notify_one();
+        })
+    });
+    let dst = dir.path().join("dst.qcow2");
+    tokio::select! {
+        biased;
+        _ = started.notified() => {}
+        r = convert(&disk, &dst, &o) => panic!("finished before its first progress report: {r:?}"),
+    }
+    assert!(
+        saw_temp.load(Ordering::SeqCst),
+        "no temporary file while converting"
+    );
+    assert_eq!(listing(), vec!["src.qcow2".to_string()]);
+}
