@@ -428,3 +428,55 @@ async fn a_dropped_convert_leaves_no_file_behind() {
     );
     assert_eq!(listing(), vec!["src.qcow2".to_string()]);
 }
+
+/// Every public async function of the crate states its cancellation contract in its rustdoc
+/// (a paragraph starting "Cancellation:"), so that a new one cannot be added without one.
+#[test]
+fn every_public_async_fn_documents_its_cancellation() {
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut files,
+    );
+    let (mut seen, mut missing) = (0, Vec::new());
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let Some(rest) = line.trim_start().strip_prefix("pub async fn ") else {
+                continue;
+            };
+            seen += 1;
+            let documented = lines[..i]
+                .iter()
+                .rev()
+                .map(|l| l.trim_start())
+                .skip_while(|l| l.starts_with("#["))
+                .take_while(|l| l.starts_with("///"))
+                .any(|l| l.starts_with("/// Cancellation:"));
+            if !documented {
+                let name = rest.split(['(', '<']).next().unwrap_or(rest);
+                missing.push(format!("{}:{} {name}", f.display(), i + 1));
+            }
+        }
+    }
+    assert!(
+        seen >= 40,
+        "only {seen} public async fns found: is the scan broken?"
+    );
+    assert!(
+        missing.is_empty(),
+        "no Cancellation paragraph:\n{}",
+        missing.join("\n")
+    );
+}
