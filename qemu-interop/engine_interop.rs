@@ -1091,6 +1091,64 @@ async fn snapshots_interoperate_with_qemu_img_both_ways() {
     assert_check_clean(&r);
 }
 
+/// A snapshot table entry with less extra data than QEMU writes (v2 allows none; QEMU
+/// before 5.0 wrote 16 bytes) grows when the table is rewritten. Replacing the table must
+/// free the clusters the old one takes on disk: here it fills its cluster exactly and the
+/// next cluster is an L2 table in use. Sized by its rewrite, the old table was leaked when an
+/// entry lacked the disk size (its rewrite could not be sized), and with 16 bytes of extra
+/// data it took the L2 table's refcount with it.
+#[tokio::test]
+async fn a_rewritten_snapshot_table_frees_only_the_old_tables_clusters() {
+    for extra in [0usize, 16] {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("v2.qcow2");
+        qemu_create(&p, &["-o", "compat=0.10"], "64M");
+        qemu_ok("qemu-img", &["snapshot", "-c", "s1", s(&p)]);
+        qemu_ok(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 0x5a 0 64k", s(&p)],
+        );
+        let b = std::fs::read(&p).unwrap();
+        let be = |at: usize, n: usize| {
+            b[at..at + n]
+                .iter()
+                .fold(0u64, |v, &x| v << 8 | u64::from(x))
+        };
+        let table = be(64, 8) as usize;
+        let l2 = be(be(40, 8) as usize, 8) & 0x00ff_ffff_ffff_fe00;
+        assert_eq!(
+            l2 as usize,
+            table + 65536,
+            "layout: the L2 table follows the snapshot table"
+        );
+        // One entry of exactly 65536 bytes: the fixed part, `extra` bytes of extra data
+        // (the VM state and disk sizes qemu-img wrote), ID "1", a long name.
+        let mut entry = b[table..table + 40 + extra].to_vec();
+        entry[12..14].copy_from_slice(&1u16.to_be_bytes());
+        let name_len = 65536 - 40 - extra - 1;
+        entry[14..16].copy_from_slice(&(name_len as u16).to_be_bytes());
+        entry[36..40].copy_from_slice(&(extra as u32).to_be_bytes());
+        entry.push(b'1');
+        entry.resize(65536, b'n');
+        patch(&p, table as u64, &entry);
+        assert_check_clean(&p);
+
+        let img = Image::open(&p, &OpenOptions::default()).await.unwrap();
+        img.create_snapshot("s2").await.unwrap();
+        img.close().await.unwrap();
+        assert_check_clean(&p);
+        let list = qemu_ok("qemu-img", &["snapshot", "-l", s(&p)]);
+        assert!(
+            list.contains("s2") && list.contains(&"n".repeat(100)),
+            "{list}"
+        );
+        qemu_ok(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "read -P 0x5a 0 64k", s(&p)],
+        );
+    }
+}
+
 /// External data files, with and without data_file_raw: metadata only in the qcow2 file,
 /// guest data at guest offsets in the data file, QEMU reads what we write and we read what
 /// QEMU writes; with raw, the data file *is* the guest disk.

@@ -98,8 +98,50 @@ impl BlockFile for HoldFile {
 
 type Op = fn(Image) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// Each kind of operation that allocates, frees or rewrites metadata.
-fn ops() -> Vec<(&'static str, Op)> {
+/// Each kind of operation that allocates, frees or rewrites metadata, and the image it runs
+/// on.
+fn ops() -> Vec<(&'static str, Layout, Op)> {
+    let mut v: Vec<(&'static str, Layout, Op)> = small_cluster_ops()
+        .into_iter()
+        .map(|(label, op)| (label, Layout::SmallClusters, op))
+        .collect();
+    v.extend(
+        subcluster_ops()
+            .into_iter()
+            .map(|(label, op)| (label, Layout::Subclusters, op)),
+    );
+    v
+}
+
+/// Subclusters (extended L2 entries): partial writes set allocation bits, zeroes set zero
+/// bits, without touching the rest of the cluster. (A partial discard does nothing, as in
+/// QEMU, so it has no I/O to drop at.)
+fn subcluster_ops() -> Vec<(&'static str, Op)> {
+    vec![
+        ("subcluster write into an unallocated cluster", |i| {
+            Box::pin(async move { i.write_at(&[7; 4096], 3 << 20).await.unwrap() })
+        }),
+        ("subcluster write-zeroes in an allocated cluster", |i| {
+            Box::pin(async move { i.write_zeroes(4 << 10, 8 << 10, false).await.unwrap() })
+        }),
+        ("subcluster write beside allocated subclusters", |i| {
+            Box::pin(async move {
+                i.write_at(&[7; 4096], 3 << 20).await.unwrap();
+                i.write_at(&[8; 2048], (3 << 20) + (8 << 10)).await.unwrap();
+            })
+        }),
+        (
+            "subcluster write-zeroes with unmap in an allocated cluster",
+            |i| Box::pin(async move { i.write_zeroes(36 << 10, 4 << 10, true).await.unwrap() }),
+        ),
+        (
+            "write-zeroes with unmap over whole and partial clusters",
+            |i| Box::pin(async move { i.write_zeroes(0, 40 << 10, true).await.unwrap() }),
+        ),
+    ]
+}
+
+fn small_cluster_ops() -> Vec<(&'static str, Op)> {
     vec![
         ("allocating 4 KiB write", |i| {
             Box::pin(async move { i.write_at(&[7; 4096], 3 << 20).await.unwrap() })
@@ -146,23 +188,60 @@ fn ops() -> Vec<(&'static str, Op)> {
         ("resize", |i| {
             Box::pin(async move { i.resize(32 << 20, ResizeOptions::default()).await.unwrap() })
         }),
+        ("delete snapshot (after creating it)", |i| {
+            Box::pin(async move {
+                i.create_snapshot("s").await.unwrap();
+                i.delete_snapshot("s").await.unwrap();
+            })
+        }),
+        ("apply snapshot (after creating it and writing)", |i| {
+            Box::pin(async move {
+                i.create_snapshot("s").await.unwrap();
+                i.write_at(&[5; 4096], 3 << 20).await.unwrap();
+                i.apply_snapshot("s").await.unwrap();
+            })
+        }),
+        ("remove bitmap (after adding it)", |i| {
+            Box::pin(async move {
+                i.add_bitmap("b", &BitmapOptions::default()).await.unwrap();
+                i.write_at(&[6; 4096], 4 << 20).await.unwrap();
+                i.remove_bitmap("b").await.unwrap();
+            })
+        }),
     ]
+}
+
+/// The image an operation is enumerated on.
+#[derive(Debug, Clone, Copy)]
+enum Layout {
+    /// 512-byte clusters: refcount blocks cover 128 KiB, so writes create blocks and grow
+    /// the table.
+    SmallClusters,
+    /// 16 KiB clusters with extended L2 entries (2 KiB subclusters).
+    Subclusters,
 }
 
 const SIZE: u64 = 16 << 20;
 
-/// A small-cluster image (refcount blocks cover 128 KiB, so writes create blocks and grow
-/// the table) with flushed data, on a `HoldFile`.
-async fn setup() -> (Arc<MemFile>, Arc<HoldFile>, Image) {
+/// An image of `layout` with flushed data (and a compressed cluster), on a `HoldFile`.
+async fn setup(layout: Layout) -> (Arc<MemFile>, Arc<HoldFile>, Image) {
     let mem = Arc::new(MemFile::from_bytes(Vec::new()));
     let mut c = CreateOptions::new(SIZE);
-    c.cluster_size = 512;
+    match layout {
+        Layout::SmallClusters => c.cluster_size = 512,
+        Layout::Subclusters => {
+            c.cluster_size = 16 << 10;
+            c.extended_l2 = true;
+        }
+    }
     Image::format_file(mem.clone(), &c).await.unwrap();
     let img = Image::open_file(mem.clone(), None, &OpenOptions::default(), None)
         .await
         .unwrap();
     img.write_at(&[0x5a; 64 << 10], 0).await.unwrap();
-    img.write_compressed(1 << 20, &[6; 512]).await.unwrap();
+    img.write_compressed(1 << 20, &vec![6; c.cluster_size as usize])
+        .await
+        .unwrap();
     img.close().await.unwrap();
     // Reopened with nothing cached, so that every operation loads the tables it touches:
     // even one that only changes metadata in memory has I/Os to be dropped at.
@@ -193,16 +272,16 @@ async fn verify(mem: Arc<MemFile>, label: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_operation_dropped_at_every_io_leaves_a_clean_image() {
     let mut cases = 0;
-    for (label, op) in ops() {
+    for (label, layout, op) in ops() {
         // Count the operation's I/Os when it runs to the end.
-        let (_, hold, img) = setup().await;
+        let (_, hold, img) = setup(layout).await;
         let before = hold.count.load(Ordering::SeqCst);
         op(img.clone()).await;
         let n = hold.count.load(Ordering::SeqCst) - before;
         img.close().await.unwrap();
         assert!(n > 0, "{label} does no I/O?");
         for k in 1..=n {
-            let (mem, hold, img) = setup().await;
+            let (mem, hold, img) = setup(layout).await;
             let at = hold.count.load(Ordering::SeqCst) + k;
             hold.hold_at.store(at, Ordering::SeqCst);
             let held = hold.held.notified();
@@ -287,4 +366,117 @@ async fn writers_abandoned_by_timeouts_leak_nothing() {
     assert_eq!(code, 0, "qemu-img check: {report}");
     assert_eq!(report["leaks"].as_u64().unwrap_or(0), 0, "{report}");
     assert_eq!(report["corruptions"].as_u64().unwrap_or(0), 0, "{report}");
+}
+
+/// `ops::convert` dropped part-way (as a timeout would) removes the target it was writing
+/// under a temporary name, and leaves nothing at the destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_convert_leaves_no_file_behind() {
+    use qcow2_async::ops::{convert, open_disk, ConvertOptions};
+    use qcow2_async::BackingFormat;
+    let dir = tempfile::tempdir().unwrap();
+    let src_path = dir.path().join("src.qcow2");
+    let src = Image::create(
+        &src_path,
+        &CreateOptions::new(64 << 20),
+        &OpenOptions::default(),
+    )
+    .await
+    .unwrap();
+    for i in 0..16u64 {
+        src.write_at(&vec![i as u8 + 1; 1 << 20], i << 20)
+            .await
+            .unwrap();
+    }
+    src.close().await.unwrap();
+    let disk = open_disk(&src_path, BackingFormat::Qcow2, &OpenOptions::read_only())
+        .await
+        .unwrap();
+    let listing = {
+        let dir = dir.path().to_path_buf();
+        move || {
+            let mut v: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        }
+    };
+    let started = Arc::new(tokio::sync::Notify::new());
+    let saw_temp = Arc::new(AtomicBool::new(false));
+    let mut o = ConvertOptions::new(BackingFormat::Qcow2);
+    o.parallel = 1;
+    o.progress = Some({
+        let (started, saw_temp, listing) = (started.clone(), saw_temp.clone(), listing.clone());
+        Arc::new(move |_, _| {
+            if listing().iter().any(|n| n.contains(".convert-")) {
+                saw_temp.store(true, Ordering::SeqCst);
+            }
+            started.notify_one();
+        })
+    });
+    let dst = dir.path().join("dst.qcow2");
+    tokio::select! {
+        biased;
+        _ = started.notified() => {}
+        r = convert(&disk, &dst, &o) => panic!("finished before its first progress report: {r:?}"),
+    }
+    assert!(
+        saw_temp.load(Ordering::SeqCst),
+        "no temporary file while converting"
+    );
+    assert_eq!(listing(), vec!["src.qcow2".to_string()]);
+}
+
+/// Every public async function of the crate states its cancellation contract in its rustdoc
+/// (a paragraph starting "Cancellation:"), so that a new one cannot be added without one.
+#[test]
+fn every_public_async_fn_documents_its_cancellation() {
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut files,
+    );
+    let (mut seen, mut missing) = (0, Vec::new());
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let Some(rest) = line.trim_start().strip_prefix("pub async fn ") else {
+                continue;
+            };
+            seen += 1;
+            let documented = lines[..i]
+                .iter()
+                .rev()
+                .map(|l| l.trim_start())
+                .skip_while(|l| l.starts_with("#["))
+                .take_while(|l| l.starts_with("///"))
+                .any(|l| l.starts_with("/// Cancellation:"));
+            if !documented {
+                let name = rest.split(['(', '<']).next().unwrap_or(rest);
+                missing.push(format!("{}:{} {name}", f.display(), i + 1));
+            }
+        }
+    }
+    assert!(
+        seen >= 40,
+        "only {seen} public async fns found: is the scan broken?"
+    );
+    assert!(
+        missing.is_empty(),
+        "no Cancellation paragraph:\n{}",
+        missing.join("\n")
+    );
 }

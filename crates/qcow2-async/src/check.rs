@@ -106,6 +106,10 @@ struct CopiedFix {
     fixed: u64,
 }
 
+/// What one pass of [`Meta::check_once`] returns: the report, the references without the
+/// refcount structures, the COPIED candidates, and the incomplete snapshot entries counted.
+type CheckPass = (CheckReport, RefcountAccumulator, Vec<(u64, u64, u64)>, u64);
+
 struct Scan {
     acc: RefcountAccumulator,
     report: CheckReport,
@@ -131,15 +135,17 @@ impl Meta {
         let Some(mode) = fix else {
             return Ok(first.0);
         };
-        let (report, scan_without_refcounts, copied_fixes) = first;
+        let (report, scan_without_refcounts, copied_fixes, incomplete) = first;
         let mut fixed_leaks = 0;
         let mut fixed_corruptions = 0;
         if report.check_errors > 0 {
             return Ok(report);
         }
-        if mode == RepairMode::All && report.corruptions > 0 {
+        // Incomplete snapshot entries are fixed by rewriting the table, not the refcounts.
+        let refcount_corruptions = report.corruptions - incomplete;
+        if mode == RepairMode::All && refcount_corruptions > 0 {
             self.rebuild_refcounts(&scan_without_refcounts).await?;
-            fixed_corruptions = report.corruptions;
+            fixed_corruptions = refcount_corruptions;
             fixed_leaks = report.leaks;
         } else if report.leaks > 0 {
             // Lower leaked refcounts in place: the structures themselves are sound.
@@ -177,6 +183,13 @@ impl Meta {
             fixed_corruptions += fixes.len() as u64;
             self.drop_l2_cache();
         }
+        if mode == RepairMode::All && incomplete > 0 {
+            // As QEMU: once the refcounts can be trusted to allocate from, rewrite the table,
+            // which gives every entry the extra data a v3 image requires.
+            let table = self.read_snapshot_table().await?.0;
+            self.replace_snapshot_table(table).await?;
+            fixed_corruptions += incomplete;
+        }
         self.barrier.sync().await?;
         let mut after = self.check_once(virtual_size).await?.0;
         if after.verdict() == Verdict::Clean {
@@ -212,11 +225,9 @@ impl Meta {
     }
 
     /// One pass: returns the report, the references without the refcount structures (for a
-    /// rebuild), and the COPIED candidates.
-    async fn check_once(
-        &mut self,
-        virtual_size: u64,
-    ) -> Result<(CheckReport, RefcountAccumulator, Vec<(u64, u64, u64)>)> {
+    /// rebuild), the COPIED candidates, and how many of the corruptions are incomplete
+    /// snapshot table entries (which a rewrite of the table fixes).
+    async fn check_once(&mut self, virtual_size: u64) -> Result<CheckPass> {
         let cs = self.cs();
         let bits = self.geo.cluster_bits();
         let nb = self.file_clusters().await?;
@@ -247,8 +258,14 @@ impl Meta {
         );
         let l1 = self.l1.entries().to_vec();
         self.scan_l1(&l1, h.l1_table_offset, true, &mut s).await;
+        let mut incomplete = 0;
         if h.nb_snapshots > 0 {
-            self.scan_snapshots(&mut s).await;
+            match self.scan_snapshots(&mut s).await {
+                Some(n) => incomplete = n,
+                // As QEMU: without the snapshot table the refcounts cannot be judged (its
+                // trees would all look leaked), and nothing may be repaired from that view.
+                None => return Ok((s.report, s.acc, Vec::new(), 0)),
+            }
         }
         if let (Some(b), true) = (
             self.hdr.bitmaps,
@@ -330,7 +347,7 @@ impl Meta {
         }
         let mut report = s.report;
         report.messages.dedup();
-        Ok((report, without_refcounts, copied))
+        Ok((report, without_refcounts, copied, incomplete))
     }
 
     /// The recount plus the refcount table and every refcount block.
@@ -462,25 +479,33 @@ impl Meta {
         }
     }
 
-    async fn scan_snapshots(&mut self, s: &mut Scan) {
+    /// Counts the snapshot table and every snapshot's tree. Returns how many entries are
+    /// incomplete (each also counted as a corruption), or `None` when the table cannot be
+    /// read: unreadable, or beyond QEMU's limits (too many entries, too much extra data, too
+    /// big). QEMU's check fails there too, and only its `-r all` (dropping snapshots or
+    /// extra data) goes on; we stop.
+    async fn scan_snapshots(&mut self, s: &mut Scan) -> Option<u64> {
         let at = self.hdr.header.snapshots_offset;
+        let version = self.hdr.header.version.number();
         let table = match self.read_snapshot_table().await {
             Ok((t, used)) => {
                 s.add(at, used as u64, "snapshot table");
                 t
             }
-            Err(Error::Format { source, .. }) => {
-                s.report.corrupt(format!("snapshot table: {source}"));
-                return;
-            }
             Err(e) => {
                 s.report.check_errors += 1;
                 s.report
                     .messages
-                    .push(format!("ERROR reading snapshot table: {e}"));
-                return;
+                    .push(format!("ERROR failed to read the snapshot table: {e}"));
+                return None;
             }
         };
+        // v3 requires every entry to carry the disk size in its extra data.
+        let incomplete = table.incomplete_entries(version);
+        for i in &incomplete {
+            s.report
+                .corrupt(format!("snapshot table entry {i} is incomplete"));
+        }
         for snap in &table.entries {
             if let Err(e) = snap.validate(self.cs(), &self.limits) {
                 s.report.corrupt(format!("snapshot {}: {e}", snap.id));
@@ -503,6 +528,7 @@ impl Meta {
                 }
             }
         }
+        Some(incomplete.len() as u64)
     }
 
     async fn scan_bitmaps(&mut self, off: u64, size: u64, nb: u32, s: &mut Scan) {

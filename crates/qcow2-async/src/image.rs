@@ -258,6 +258,10 @@ enum Source {
 
 impl Image {
     /// Creates an image at `path` (replacing any file there) and opens it.
+    ///
+    /// Cancellation: dropped before the image is formatted, `path` may hold an empty or
+    /// partly written file that is not an image (create it again); after that, the rest is
+    /// [`Image::open`]'s.
     #[instrument(skip_all, fields(path = %path.as_ref().display(), size = create.size))]
     pub async fn create(
         path: impl AsRef<Path>,
@@ -317,6 +321,9 @@ impl Image {
 
     /// Writes a fresh image into `file` exactly as `qemu-img create` lays it out (reference
     /// §1.4): header, refcount table, one refcount block, L1 table.
+    ///
+    /// Cancellation: dropped before it returns, `file` may hold part of an image; format it
+    /// again.
     pub async fn format_file(file: Arc<dyn BlockFile>, o: &CreateOptions) -> Result<()> {
         let cs = o.cluster_size;
         if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
@@ -525,6 +532,13 @@ impl Image {
     }
 
     /// Opens the image at `path`.
+    ///
+    /// Cancellation: dropped before it returns, every file it opened is closed and its lock
+    /// released. A read-only open writes nothing. A read-write open may have started what
+    /// it writes before returning (clearing autoclear bits it does not know, repairing a
+    /// dirty image, flagging persistent bitmaps in use); stopped anywhere in that, the image
+    /// is as a crash of a writer there leaves it: an unfinished repair is done again by the
+    /// next read-write open, and bitmaps already flagged in use are inconsistent.
     #[instrument(skip_all, fields(path = %path.as_ref().display(), read_only = opts.read_only))]
     pub async fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         Self::open_path(path.as_ref(), opts, 0, &mut Vec::new()).await
@@ -603,6 +617,8 @@ impl Image {
 
     /// Opens an image on an already open file (for example an in-memory one), with the
     /// given backing image. The `backing` policy of `opts` is not consulted.
+    ///
+    /// Cancellation: as [`Image::open`].
     pub async fn open_file(
         file: Arc<dyn BlockFile>,
         path: Option<PathBuf>,
@@ -615,6 +631,8 @@ impl Image {
     /// As [`Image::open_file`], with the external data file for images that have one.
     ///
     /// Nothing is locked: the caller opened the files and answers for who else uses them.
+    ///
+    /// Cancellation: as [`Image::open`].
     pub async fn open_with_data_file(
         file: Arc<dyn BlockFile>,
         data_file: Option<Arc<dyn BlockFile>>,
@@ -803,12 +821,16 @@ impl Image {
     }
 
     /// A copy of the current header (fields, extensions, backing name).
+    ///
+    /// Cancellation: safe to drop at any point; it only reads (see [`Image::read_at`]).
     pub async fn header(&self) -> ImageHeader {
         self.inner.meta.lock().await.hdr.clone()
     }
 
     /// The on-disk refcount of host cluster `index` as the engine sees it (for tests and
     /// diagnostics).
+    ///
+    /// Cancellation: safe to drop at any point; it only reads (see [`Image::read_at`]).
     pub async fn refcount(&self, index: u64) -> Result<u64> {
         self.inner.meta.lock().await.refcount(index).await
     }
@@ -1624,6 +1646,8 @@ impl Image {
     }
 
     /// Lists internal snapshots (like `qemu-img snapshot -l`).
+    ///
+    /// Cancellation: safe to drop at any point; it only reads (see [`Image::read_at`]).
     #[instrument(skip(self))]
     pub async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
         self.inner.meta.lock().await.list_snapshots().await
@@ -1686,6 +1710,8 @@ impl Image {
 
     /// Reads a snapshot's contents without applying it. Unallocated clusters read from the
     /// backing file, as they did when the snapshot was taken.
+    ///
+    /// Cancellation: safe to drop at any point; it only reads (see [`Image::read_at`]).
     #[instrument(level = "debug", skip(self, buf), fields(len = buf.len()))]
     pub async fn read_snapshot_at(
         &self,
@@ -1828,12 +1854,16 @@ impl Image {
     }
 
     /// The image's persistent dirty bitmaps (like the bitmap list of `qemu-img info`).
+    ///
+    /// Cancellation: safe to drop at any point; it only reads (see [`Image::read_at`]).
     pub async fn bitmaps(&self) -> Vec<BitmapInfo> {
         self.inner.meta.lock().await.bitmap_infos()
     }
 
     /// Guest byte ranges that bitmap `name` marks dirty within `range`, merged and clipped.
     /// Fails for an unknown or inconsistent bitmap.
+    ///
+    /// Cancellation: safe to drop at any point; it only reads (see [`Image::read_at`]).
     ///
     /// ```
     /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -2321,6 +2351,8 @@ pub(crate) fn probe_format(path: &Path) -> Result<BackingFormat> {
 impl Disk {
     /// Opens a disk read-only for use as a backing file, or as the source of `convert` and
     /// `compare`: a qcow2 image (with its own backing chain, per `opts`) or a raw file.
+    ///
+    /// Cancellation: safe to drop at any point; it only reads, and drops the locks it took.
     pub async fn open(path: &Path, format: BackingFormat, opts: &OpenOptions) -> Result<Disk> {
         let ro = OpenOptions {
             read_only: true,

@@ -99,7 +99,7 @@ impl Meta {
     }
 
     /// Writes `table` into fresh clusters, points the header at it, frees the old one.
-    async fn replace_snapshot_table(&mut self, mut table: SnapshotTable) -> Result<()> {
+    pub(crate) async fn replace_snapshot_table(&mut self, mut table: SnapshotTable) -> Result<()> {
         let size = self.hdr.header.size;
         table.resolve_defaults(size);
         let version = self.hdr.header.version.number();
@@ -136,14 +136,14 @@ impl Meta {
         Ok(())
     }
 
+    /// The bytes the table on disk takes (QEMU's `snapshots_size`). Not the length of its
+    /// re-encoding: entries with short extra data (v2, or an incomplete v3 entry) grow when
+    /// rewritten, and freeing by the rewritten length could free the cluster after the table.
     async fn snapshot_table_len(&mut self) -> Result<u64> {
-        let v = self.hdr.header.version.number();
-        Ok(self
-            .snapshot_table()
-            .await?
-            .encode(v)
-            .map(|b| b.len() as u64)
-            .unwrap_or(0))
+        if self.hdr.header.nb_snapshots == 0 {
+            return Ok(0);
+        }
+        Ok(self.read_snapshot_table().await?.1 as u64)
     }
 
     /// Every (offset, length) an L1 tree references: its L2 tables and their data.

@@ -102,6 +102,7 @@ impl Image {
     ///
     /// When the whole request maps to one run of host data, the list goes to the kernel as one
     /// vectored request; otherwise each buffer is read as by [`Image::read_buf`].
+    ///
     /// Cancellation: as for [`Image::read_buf`].
     #[instrument(level = "debug", skip(self, bufs), fields(segments = bufs.len()))]
     pub async fn read_vectored(&self, mut bufs: Vec<IoBuf>, offset: u64) -> Result<Vec<IoBuf>> {
@@ -136,7 +137,9 @@ impl Image {
     ///
     /// When the whole request overwrites one run of allocated host data, the list goes to the
     /// kernel as one vectored request; otherwise each buffer is written as by
-    /// [`Image::write_buf`]. Cancellation: as for [`Image::write_buf`].
+    /// [`Image::write_buf`].
+    ///
+    /// Cancellation: as for [`Image::write_buf`].
     #[instrument(level = "debug", skip(self, bufs), fields(segments = bufs.len()))]
     pub async fn write_vectored(&self, bufs: Vec<IoBuf>, offset: u64) -> Result<Vec<IoBuf>> {
         self.to_completion(move |img| async move { img.write_vectored_now(bufs, offset).await })

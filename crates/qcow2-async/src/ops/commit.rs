@@ -43,6 +43,12 @@ enum Base {
 /// Writes everything the image at `top` holds itself into its backing file, then empties
 /// the top image unless told to keep it (like `qemu-img commit [-d]`). A base smaller than
 /// the top image is grown first.
+///
+/// Cancellation: dropped before it returns, the commit stops where it is. The top keeps
+/// its data unless the base was already complete and closed (then [`Image::make_empty`]
+/// runs to its end). The base holds what was copied so far, as a crash of a writer there
+/// leaves it: consistent, with writes since its last flush possibly missing and clusters
+/// possibly leaked (`check -r leaks`). Committing again finishes the job.
 #[instrument(skip(o))]
 pub async fn commit(top: &Path, o: &CommitOptions) -> Result<()> {
     // The top's own data is all commit reads, so its backing chain stays closed: opened, it

@@ -29,6 +29,8 @@ impl CompareResult {
 
 /// Compares the guest view of two disks. Without `strict`, a size difference is fine when
 /// the larger disk reads zeros past the smaller one's end, as with `qemu-img compare`.
+///
+/// Cancellation: safe to drop at any point; it only reads.
 #[instrument(skip_all)]
 pub async fn compare(a: &Disk, b: &Disk, strict: bool) -> Result<CompareResult> {
     let (sa, sb) = (a.size(), b.size());

@@ -127,6 +127,10 @@ enum Target {
 /// Zero and unallocated ranges are skipped (a fresh target reads zeros), as are runs of
 /// 4 KiB or more of zeros inside data (qemu-img's default `-S 4k`). With a backing file
 /// for the target, only what the source's top layer holds is copied.
+///
+/// Cancellation: dropped before it returns, the conversion stops and its temporary file
+/// is removed, as on a failure: `dst` is untouched (writes already handed to the target
+/// finish on the runtime, into the removed file).
 #[instrument(skip_all, fields(dst = %dst.display()))]
 pub async fn convert(src: &Disk, dst: &Path, o: &ConvertOptions) -> Result<()> {
     if o.compress && o.format != BackingFormat::Qcow2 {
@@ -134,13 +138,33 @@ pub async fn convert(src: &Disk, dst: &Path, o: &ConvertOptions) -> Result<()> {
             "compression needs a qcow2 target".into(),
         ));
     }
-    let tmp = temp_name(dst);
-    let result = convert_into(src, &tmp, o).await;
-    match result {
-        Ok(()) => std::fs::rename(&tmp, dst).map_err(Error::io("renaming the converted image")),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
+    let tmp = TempFile(Some(temp_name(dst)));
+    convert_into(src, tmp.path(), o).await?;
+    let done = tmp.keep();
+    std::fs::rename(&done, dst).map_err(|e| {
+        let _ = std::fs::remove_file(&done);
+        Error::io("renaming the converted image")(e)
+    })
+}
+
+/// The target under its temporary name: removed when dropped (a failure, or the caller
+/// dropping the conversion) unless kept.
+struct TempFile(Option<PathBuf>);
+
+impl TempFile {
+    fn path(&self) -> &Path {
+        self.0.as_deref().expect("kept temporary file")
+    }
+
+    fn keep(mut self) -> PathBuf {
+        self.0.take().expect("kept temporary file")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
         }
     }
 }

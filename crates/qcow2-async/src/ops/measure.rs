@@ -25,6 +25,8 @@ pub struct Measure {
 /// Measures a qcow2 image created with `o` (its `size`, or the size of `src` when given),
 /// using QEMU's formula (`qcow2_measure`): metadata for a fully allocated disk, and data
 /// for the clusters the source actually holds.
+///
+/// Cancellation: safe to drop at any point; it only reads.
 #[instrument(skip_all)]
 pub async fn measure(src: Option<&Disk>, o: &CreateOptions) -> Result<Measure> {
     let cs = o.cluster_size;

@@ -29,6 +29,8 @@ pub type Progress = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
 /// Opens any supported disk read-only as a [`Disk`] (the read interface shared by qcow2
 /// and raw images).
+///
+/// Cancellation: as [`Disk::open`].
 pub async fn open_disk(path: &Path, format: BackingFormat, opts: &OpenOptions) -> Result<Disk> {
     Disk::open(path, format, opts).await
 }

@@ -34,6 +34,11 @@ impl std::fmt::Debug for RebaseOptions {
 /// image; `None` removes the backing file). In safe mode every range the image does not
 /// hold itself and where the old and new backing views differ is first copied into the
 /// image from the old view, so the guest sees the same disk afterwards.
+///
+/// Cancellation: dropped before it returns, the image still points at its old backing
+/// file and reads as before: only copies of the old view were written into it, left as a
+/// crash of a writer there leaves them (possibly leaked clusters, `check -r leaks`). Once
+/// started, the switch of the name runs to its end. Rebasing again finishes the job.
 #[instrument(skip(o))]
 pub async fn rebase(
     image: &Path,
