@@ -1375,8 +1375,10 @@ fn build_iotest(dir: &Path, c: &IoCase) -> PathBuf {
 }
 
 /// `check -r all` by qemu-img on one copy and by us on another; each result judged by
-/// qemu-img check. `None` where the repair could not run (the image does not open).
-async fn repairs(path: &Path) -> (Seen, Seen) {
+/// qemu-img check. `None` where the repair could not run (the image does not open). Third,
+/// our own check of qemu-img's repaired copy: an image QEMU wrote must read back as QEMU
+/// judges it.
+async fn repairs(path: &Path) -> (Seen, Seen, Seen) {
     let (q, o) = (
         path.with_extension("q.qcow2"),
         path.with_extension("o.qcow2"),
@@ -1404,7 +1406,8 @@ async fn repairs(path: &Path) -> (Seen, Seen) {
         Ok(()) => qemu_judgement(&o, IOTESTS_QEMU_TIMEOUT).0,
         Err(seen) => seen,
     };
-    (theirs, ours)
+    let ours_of_theirs = our_verdict(&q).await;
+    (theirs, ours, ours_of_theirs)
 }
 
 #[test]
@@ -1417,6 +1420,7 @@ fn qemu_iotests_damaged_images_are_judged_as_qemu_img_judges_them() {
     let dir = tempfile::tempdir().unwrap();
     let cases = iotest_cases();
     let (mut verdicts, mut counts, mut repaired) = (Vec::new(), Vec::new(), Vec::new());
+    let mut read_back = Vec::new();
     let mut matched = 0;
     assert!(cases.len() >= 50, "{} cases", cases.len());
     println!(
@@ -1453,11 +1457,12 @@ fn qemu_iotests_damaged_images_are_judged_as_qemu_img_judges_them() {
             ours.class(),
             show(qc),
             show(oc),
-            rep.as_ref().map_or("not compared".into(), |(q, o)| format!(
-                "{} / {}",
-                q.class(),
-                o.class()
-            ))
+            rep.as_ref()
+                .map_or("not compared".into(), |(q, o, _)| format!(
+                    "{} / {}",
+                    q.class(),
+                    o.class()
+                ))
         );
         if let Seen::Refused(m) | Seen::Failed(m) = &ours {
             println!("{:<48} |   ours: {}", "", m.lines().next().unwrap_or(""));
@@ -1491,7 +1496,15 @@ fn qemu_iotests_damaged_images_are_judged_as_qemu_img_judges_them() {
                 }
             }
         }
-        if let Some((q, o)) = &rep {
+        if let Some((q, _, oq)) = &rep {
+            if !agrees(q, oq) {
+                read_back.push(format!(
+                    "{}: qemu-img judges its repaired copy {q:?}, we judge it {oq:?}",
+                    c.name
+                ));
+            }
+        }
+        if let Some((q, o, _)) = &rep {
             if !agrees(q, o) {
                 differs.push('r');
                 if !gap.contains('r') {
@@ -1515,9 +1528,11 @@ fn qemu_iotests_damaged_images_are_judged_as_qemu_img_judges_them() {
     println!("{}", report("verdicts differ", &verdicts));
     println!("{}", report("counts differ", &counts));
     println!("{}", report("repairs differ", &repaired));
+    let read_back_report = report("qemu-img's repaired copies judged otherwise", &read_back);
+    println!("{read_back_report}");
     assert!(
-        verdicts.is_empty() && counts.is_empty() && repaired.is_empty(),
-        "{}\n{}\n{}",
+        verdicts.is_empty() && counts.is_empty() && repaired.is_empty() && read_back.is_empty(),
+        "{}\n{}\n{}\n{read_back_report}",
         report("verdicts differ", &verdicts),
         report("counts differ", &counts),
         report("repairs differ", &repaired)

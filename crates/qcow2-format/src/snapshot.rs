@@ -83,13 +83,13 @@ fn check_version(version: u32) -> Result<()> {
     }
 }
 
-/// Converts a stored string field. QEMU's strings are C strings, so an embedded NUL would make
-/// QEMU's view differ from the stored length; rejecting it keeps decode/encode lossless.
+/// Converts a stored string field as QEMU sees it: QEMU reads the stored bytes into a C
+/// string, so the field ends at its first NUL (qemu-img's repair of an oversized table can
+/// leave such names, and QEMU writes back only what precedes the NUL). The entry still takes
+/// its stored length on disk; only the string is shorter.
 fn decode_string(bytes: &[u8], what: &'static str) -> Result<String> {
-    if bytes.contains(&0) {
-        return Err(Error::BadString { what });
-    }
-    String::from_utf8(bytes.to_vec()).map_err(|_| Error::BadString { what })
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8(bytes[..end].to_vec()).map_err(|_| Error::BadString { what })
 }
 
 /// Checks that a string can be written as a QEMU snapshot string field and returns its length.
@@ -629,13 +629,14 @@ mod tests {
                 what: "snapshot id"
             })
         );
-        let b = raw_entry(0, &[0; 24], b"1", b"a\0b");
+        // A NUL ends the string, as in QEMU's C-string view; the entry keeps its stored size.
+        let b = raw_entry(0, &[0; 24], b"1\0\0", b"a\0b");
+        let (t, used) = SnapshotTable::decode(&b, 1, 3, &Limits::QEMU).unwrap();
         assert_eq!(
-            SnapshotTable::decode(&b, 1, 3, &Limits::QEMU),
-            Err(Error::BadString {
-                what: "snapshot name"
-            })
+            (t.entries[0].id.as_str(), t.entries[0].name.as_str()),
+            ("1", "a")
         );
+        assert_eq!(used, b.len());
         assert!(SnapshotTable::decode(&[], 0, 4, &Limits::QEMU).is_err());
         assert!(SnapshotTable::default().encode(1).is_err());
 
