@@ -974,22 +974,31 @@ mod plug {
 
     /// Remembers that `ring` has SQEs held back by this thread's plug.
     pub(super) fn defer(ring: &Arc<Ring>) {
-        HELD.with(|held| {
-            if let Some(rings) = held.borrow_mut().as_mut() {
-                match rings.iter_mut().find(|(r, _)| Arc::ptr_eq(r, ring)) {
-                    Some((_, n)) if *n + 1 >= FLUSH_AT => {
-                        *n = 0;
-                        ring.unplug();
-                    }
-                    Some((_, n)) => *n += 1,
-                    None => rings.push((Arc::clone(ring), 1)),
+        // Decided under the borrow, submitted after it: submitting answers requests, and a
+        // waker that polls its task right there may start another request on this thread.
+        let held = HELD.with(|held| {
+            let mut held = held.borrow_mut();
+            let rings = held.as_mut()?;
+            Some(match rings.iter_mut().find(|(r, _)| Arc::ptr_eq(r, ring)) {
+                Some((_, n)) if *n + 1 >= FLUSH_AT => {
+                    *n = 0;
+                    false
                 }
-                return;
-            }
-            // Unreachable (the plug was seen a moment ago on this same thread), but a lost
-            // submission would hang its caller: submit now.
-            ring.unplug();
+                Some((_, n)) => {
+                    *n += 1;
+                    true
+                }
+                None => {
+                    rings.push((Arc::clone(ring), 1));
+                    true
+                }
+            })
         });
+        // `None` is unreachable (the plug was seen a moment ago on this same thread), but a
+        // lost submission would hang its caller: submit then too.
+        if held != Some(true) {
+            ring.unplug();
+        }
     }
 
     impl Drop for Plug {
