@@ -449,3 +449,144 @@ async fn snapshot_export_is_read_only_and_listed() {
     let list = run_ok("qemu-img", args(&["snapshot", "-l", s(&path)])).await;
     assert!(list.contains("before"), "{list}");
 }
+
+/// A tmpfs mounted on a temporary directory for the test, unmounted on drop: a real file
+/// system that fills up.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` (with the reason printed) where mounting is not permitted (not root).
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let opt = format!("size={size}");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &opt, "tmpfs", s(dir.path())])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
+            Ok(o) => {
+                eprintln!(
+                    "SKIPPED: cannot mount a tmpfs (run as root, as CI does): {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let st = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+        if !matches!(st, Ok(s) if s.success()) {
+            eprintln!("could not unmount {:?}: {st:?}", self.dir.path());
+        }
+    }
+}
+
+fn text(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
+}
+
+/// Which server a full-file-system session runs against.
+#[derive(Clone, Copy, Debug)]
+enum Serving {
+    Ours,
+    QemuNbd,
+}
+
+/// On an 8 MiB tmpfs holding a 2 MiB filler file and a 64 MiB image: qemu-io writes 16 MiB
+/// (does not fit) and then 1 MiB more through `server`; the filler is deleted and a third
+/// qemu-io writes and reads back 1 MiB. Returns the three qemu-io transcripts and the
+/// image's `qemu-img check` exit code.
+async fn full_file_system_session(server: Serving) -> Option<(String, String, String, i32)> {
+    let fs = Tmpfs::mount("8m")?;
+    let filler = fs.path().join("filler");
+    std::fs::write(&filler, vec![0xffu8; 2 << 20]).unwrap();
+    let path = fs.path().join("img.qcow2");
+    qemu_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&path), "64M"],
+    );
+    let sock = fs.path().join("nbd.sock");
+    let url = format!("nbd+unix:///?socket={}", s(&sock));
+    let full = args(&["write -P 0x5a 0 16M"]);
+    let more = args(&["write -P 0x5b 32M 1M"]);
+    let after = args(&["write -P 0x5c 40M 1M", "read -P 0x5c 40M 1M"]);
+    let (t_full, t_more, t_after);
+    match server {
+        Serving::Ours => {
+            let img = Image::open(&path, &OpenOptions::default()).await.unwrap();
+            let srv = start(&img, vec![ExportConfig::live("")], Some(fs.path())).await;
+            t_full = text(&run("qemu-io", io_cmds(&url, true, &full)).await);
+            t_more = text(&run("qemu-io", io_cmds(&url, true, &more)).await);
+            std::fs::remove_file(&filler).unwrap();
+            t_after = text(&run("qemu-io", io_cmds(&url, true, &after)).await);
+            srv.stop().await;
+            img.close().await.unwrap();
+        }
+        Serving::QemuNbd => {
+            let once = |cmds: Vec<String>| {
+                let (path, sock, url) = (path.clone(), sock.clone(), url.clone());
+                async move {
+                    let server = QemuNbdOnce::export(&path, &sock, &[]);
+                    let out = text(&run("qemu-io", io_cmds(&url, true, &cmds)).await);
+                    tokio::task::spawn_blocking(move || server.wait_exit())
+                        .await
+                        .unwrap();
+                    out
+                }
+            };
+            t_full = once(full).await;
+            t_more = once(more).await;
+            std::fs::remove_file(&filler).unwrap();
+            t_after = once(after).await;
+        }
+    }
+    let (code, _) = common::qemu_check(&path);
+    Some((t_full, t_more, t_after, code))
+}
+
+/// A write that does not fit on the host file system reaches qemu-io as "No space left on
+/// device" (NBD_ENOSPC), as it does through qemu-nbd on the same setup, not as an I/O
+/// error; a later write fails the same way or fits, and once space is freed writes succeed
+/// and the image has no corruption.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_file_system_is_reported_as_enospc_like_qemu_nbd() {
+    let Some(ours) = full_file_system_session(Serving::Ours).await else {
+        return;
+    };
+    let theirs = full_file_system_session(Serving::QemuNbd).await.unwrap();
+    for (who, (full, more, after, check)) in [("qcow2-nbd", &ours), ("qemu-nbd", &theirs)] {
+        eprintln!("{who}:\n{full}{more}{after}check exit {check}");
+        assert!(
+            full.contains("write failed: No space left on device"),
+            "{who}: a write on a full file system is ENOSPC: {full}"
+        );
+        // What is left after the failed write differs (qemu-nbd's 1 MiB fits, ours not
+        // always), but a failure is ENOSPC, never EIO.
+        for t in [full, more] {
+            assert!(!t.contains("Input/output error"), "{who}: {t}");
+            assert!(
+                !t.contains("failed") || t.contains("No space left on device"),
+                "{who}: {t}"
+            );
+        }
+        assert_io_clean(after);
+        assert!(after.contains("read 1048576/1048576"), "{who}: {after}");
+        // 0 clean, 3 leaked clusters only; 2 would be corruption.
+        assert!(matches!(check, 0 | 3), "{who}: qemu-img check exit {check}");
+    }
+}

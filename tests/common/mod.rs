@@ -179,6 +179,19 @@ impl QemuNbdOnce {
         QemuNbdOnce { pid_file }
     }
 
+    /// `qemu-nbd --fork -f qcow2 [EXTRA...] -k SOCK IMAGE`: a writable export (unless
+    /// `extra` says `-r`), ready when this returns.
+    pub fn export(image: &Path, sock: &Path, extra: &[&str]) -> Self {
+        let pid_file = sock.with_extension("pid");
+        let s = |p: &Path| p.to_str().expect("UTF-8 test path").to_owned();
+        let (pid, sock, image) = (s(&pid_file), s(sock), s(image));
+        let mut args = vec!["--fork", "--pid-file", &pid, "-f", "qcow2"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-k", &sock, &image]);
+        qemu_ok("qemu-nbd", &args);
+        QemuNbdOnce { pid_file }
+    }
+
     /// Waits (at most 30 s) until the server process has exited and so dropped its locks. A
     /// zombie counts as exited: its descriptors are closed, and the container's init may
     /// never reap it.
