@@ -857,3 +857,70 @@ async fn python_libnbd_reads_writes_flushes_and_zeroes() {
     let out = run_ok("qemu-io", io_cmds(s(&path), false, &reads)).await;
     assert_io_clean(&out);
 }
+
+/// Points the first L2 entry of `path` (a cluster written at guest offset 0) half a sector
+/// into its cluster: an unaligned host offset, which both QEMU and the engine treat as
+/// corruption.
+fn corrupt_first_l2_entry(path: &Path) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let be = |f: &mut std::fs::File, at: u64| {
+        let mut b = [0u8; 8];
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.read_exact(&mut b).unwrap();
+        u64::from_be_bytes(b)
+    };
+    let l1 = be(&mut f, 40);
+    let l2 = be(&mut f, l1) & 0x00ff_ffff_ffff_fe00;
+    let entry = be(&mut f, l2);
+    assert_ne!(entry & 0x00ff_ffff_ffff_fe00, 0, "cluster 0 is allocated");
+    f.seek(SeekFrom::Start(l2)).unwrap();
+    f.write_all(&(entry + 512).to_be_bytes()).unwrap();
+}
+
+/// A read that hits a corrupt L2 entry is EIO ("Input/output error" in qemu-io) through
+/// our export as through qemu-nbd serving the same file, and the rest of the disk still
+/// reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_cluster_reads_as_eio_like_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&path), "4M"]);
+    let w = args(&["write -P 0x11 0 64k", "write -P 0x22 1M 64k"]);
+    run_ok("qemu-io", io_cmds(s(&path), false, &w)).await;
+    corrupt_first_l2_entry(&path);
+    let reads = args(&["read -P 0x11 0 64k", "read -P 0x22 1M 64k"]);
+    let ro = |url: &str| [args(&["-r"]), io_cmds(url, true, &reads)].concat();
+
+    let qsock = dir.path().join("qemu-nbd.sock");
+    let server = QemuNbdOnce::export(&path, &qsock, &["-r"]);
+    let qurl = format!("nbd+unix:///?socket={}", s(&qsock));
+    let theirs = text(&run("qemu-io", ro(&qurl)).await);
+    tokio::task::spawn_blocking(move || server.wait_exit())
+        .await
+        .unwrap();
+
+    let mut opts = OpenOptions::default();
+    opts.read_only = true;
+    let img = Image::open(&path, &opts).await.unwrap();
+    let mut export = ExportConfig::live("");
+    export.read_only = true;
+    let srv = start(&img, vec![export], Some(dir.path())).await;
+    let ours = text(&run("qemu-io", ro(&srv.url(""))).await);
+    srv.stop().await;
+    img.close().await.unwrap();
+    for (who, t) in [("qemu-nbd", &theirs), ("qcow2-nbd", &ours)] {
+        assert!(
+            t.starts_with("read failed: Input/output error"),
+            "{who}: a corrupt cluster is EIO: {t}"
+        );
+        assert!(
+            t.contains("read 65536/65536 bytes at offset 1048576"),
+            "{who}: {t}"
+        );
+    }
+}
