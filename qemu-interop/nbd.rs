@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_check_clean, qemu, qemu_ok, QemuNbdOnce};
+use common::{assert_check_clean, qemu, qemu_ok, QemuNbdOnce, Tmpfs};
 use qcow2_async::{BitmapOptions, CreateOptions, Image, OpenOptions};
 use qcow2_nbd::{ExportConfig, Listener, Server, ServerOptions, Source};
 use serde_json::Value;
@@ -451,52 +451,6 @@ async fn snapshot_export_is_read_only_and_listed() {
     run_ok("qemu-io", args(&["-c", "read -P 0xbb 0 1M", s(&path)])).await;
     let list = run_ok("qemu-img", args(&["snapshot", "-l", s(&path)])).await;
     assert!(list.contains("before"), "{list}");
-}
-
-/// A tmpfs mounted on a temporary directory for the test, unmounted on drop: a real file
-/// system that fills up.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    /// `None` (with the reason printed) where mounting is not permitted (not root).
-    fn mount(size: &str) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().unwrap();
-        let opt = format!("size={size}");
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &opt, "tmpfs", s(dir.path())])
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
-            Ok(o) => {
-                eprintln!(
-                    "SKIPPED: cannot mount a tmpfs (run as root, as CI does): {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("SKIPPED: cannot run mount: {e}");
-                None
-            }
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let st = std::process::Command::new("umount")
-            .arg(self.dir.path())
-            .status();
-        if !matches!(st, Ok(s) if s.success()) {
-            eprintln!("could not unmount {:?}: {st:?}", self.dir.path());
-        }
-    }
 }
 
 fn text(o: &std::process::Output) -> String {

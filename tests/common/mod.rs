@@ -223,3 +223,56 @@ impl QemuNbdOnce {
         }
     }
 }
+
+/// A tmpfs mounted on a temporary directory for the test, unmounted on drop: a real file
+/// system that fills up.
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` (with the reason printed) where mounting is not permitted (not root).
+    pub fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let opt = format!("size={size}");
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &opt,
+                "tmpfs",
+                dir.path().to_str().expect("UTF-8 test path"),
+            ])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
+            Ok(o) => {
+                eprintln!(
+                    "SKIPPED: cannot mount a tmpfs (run as root, as CI does): {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let st = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+        if !matches!(st, Ok(s) if s.success()) {
+            eprintln!("could not unmount {:?}: {st:?}", self.dir.path());
+        }
+    }
+}
