@@ -1,12 +1,15 @@
 //! `qcow2-nbd` against QEMU's own NBD client: qemu-io, qemu-img convert / compare / map,
-//! and qemu-nbd as the reference server for block status. Fails loudly without QEMU.
+//! and qemu-nbd as the reference server for block status and for errors on a full file
+//! system; and against libnbd's clients (nbdinfo, nbdcopy with multi-conn, the Python
+//! binding). Fails loudly without QEMU or libnbd (`bash scripts/test.sh` installs both);
+//! only the full-file-system test skips, with the reason printed, where it cannot mount.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_check_clean, qemu, qemu_ok, QemuNbdOnce};
+use common::{assert_check_clean, qemu, qemu_ok, QemuNbdOnce, Tmpfs};
 use qcow2_async::{BitmapOptions, CreateOptions, Image, OpenOptions};
 use qcow2_nbd::{ExportConfig, Listener, Server, ServerOptions, Source};
 use serde_json::Value;
@@ -448,4 +451,430 @@ async fn snapshot_export_is_read_only_and_listed() {
     run_ok("qemu-io", args(&["-c", "read -P 0xbb 0 1M", s(&path)])).await;
     let list = run_ok("qemu-img", args(&["snapshot", "-l", s(&path)])).await;
     assert!(list.contains("before"), "{list}");
+}
+
+fn text(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr)
+}
+
+/// Which server a full-file-system session runs against.
+#[derive(Clone, Copy, Debug)]
+enum Serving {
+    Ours,
+    QemuNbd,
+}
+
+/// On an 8 MiB tmpfs holding a 2 MiB filler file and a 64 MiB image: qemu-io writes 16 MiB
+/// (does not fit) and then 1 MiB more through `server`; the filler is deleted and a third
+/// qemu-io writes and reads back 1 MiB. Returns the three qemu-io transcripts and the
+/// image's `qemu-img check` exit code.
+async fn full_file_system_session(server: Serving) -> Option<(String, String, String, i32)> {
+    let fs = Tmpfs::mount("8m")?;
+    let filler = fs.path().join("filler");
+    std::fs::write(&filler, vec![0xffu8; 2 << 20]).unwrap();
+    let path = fs.path().join("img.qcow2");
+    qemu_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s(&path), "64M"],
+    );
+    let sock = fs.path().join("nbd.sock");
+    let url = format!("nbd+unix:///?socket={}", s(&sock));
+    let full = args(&["write -P 0x5a 0 16M"]);
+    let more = args(&["write -P 0x5b 32M 1M"]);
+    let after = args(&["write -P 0x5c 40M 1M", "read -P 0x5c 40M 1M"]);
+    let (t_full, t_more, t_after);
+    match server {
+        Serving::Ours => {
+            let img = Image::open(&path, &OpenOptions::default()).await.unwrap();
+            let srv = start(&img, vec![ExportConfig::live("")], Some(fs.path())).await;
+            t_full = text(&run("qemu-io", io_cmds(&url, true, &full)).await);
+            t_more = text(&run("qemu-io", io_cmds(&url, true, &more)).await);
+            std::fs::remove_file(&filler).unwrap();
+            t_after = text(&run("qemu-io", io_cmds(&url, true, &after)).await);
+            srv.stop().await;
+            img.close().await.unwrap();
+        }
+        Serving::QemuNbd => {
+            let once = |cmds: Vec<String>| {
+                let (path, sock, url) = (path.clone(), sock.clone(), url.clone());
+                async move {
+                    let server = QemuNbdOnce::export(&path, &sock, &[]);
+                    let out = text(&run("qemu-io", io_cmds(&url, true, &cmds)).await);
+                    tokio::task::spawn_blocking(move || server.wait_exit())
+                        .await
+                        .unwrap();
+                    out
+                }
+            };
+            t_full = once(full).await;
+            t_more = once(more).await;
+            std::fs::remove_file(&filler).unwrap();
+            t_after = once(after).await;
+        }
+    }
+    let (code, _) = common::qemu_check(&path);
+    Some((t_full, t_more, t_after, code))
+}
+
+/// A write that does not fit on the host file system reaches qemu-io as "No space left on
+/// device" (NBD_ENOSPC), as it does through qemu-nbd on the same setup, not as an I/O
+/// error; a later write fails the same way or fits, and once space is freed writes succeed
+/// and the image has no corruption.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_file_system_is_reported_as_enospc_like_qemu_nbd() {
+    let Some(ours) = full_file_system_session(Serving::Ours).await else {
+        return;
+    };
+    let theirs = full_file_system_session(Serving::QemuNbd).await.unwrap();
+    for (who, (full, more, after, check)) in [("qcow2-nbd", &ours), ("qemu-nbd", &theirs)] {
+        eprintln!("{who}:\n{full}{more}{after}check exit {check}");
+        assert!(
+            full.contains("write failed: No space left on device"),
+            "{who}: a write on a full file system is ENOSPC: {full}"
+        );
+        // What is left after the failed write differs (qemu-nbd's 1 MiB fits, ours not
+        // always), but a failure is ENOSPC, never EIO.
+        for t in [full, more] {
+            assert!(!t.contains("Input/output error"), "{who}: {t}");
+            assert!(
+                !t.contains("failed") || t.contains("No space left on device"),
+                "{who}: {t}"
+            );
+        }
+        assert_io_clean(after);
+        assert!(after.contains("read 1048576/1048576"), "{who}: {after}");
+        // 0 clean, 3 leaked clusters only; 2 would be corruption.
+        assert!(matches!(check, 0 | 3), "{who}: qemu-img check exit {check}");
+    }
+}
+
+// ------------------------------------------------------------------ libnbd as the client
+
+/// Runs a libnbd tool off the runtime's threads, failing loudly when it is missing: these
+/// tests must never pass by skipping.
+async fn libnbd_ok(tool: &'static str, args: Vec<String>) -> String {
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(tool)
+            .args(&args)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{tool} not found ({e}): install libnbd-bin (`bash scripts/test.sh` does it)"
+                )
+            });
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed: {}",
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+/// `nbdcopy --connections=4 --threads=4 -v SRC DST` (nbdcopy opens no more connections
+/// than threads, which default to the CPU count), checking that it used 4 connections.
+async fn nbdcopy4(src: &str, dst: &str) {
+    let a = args(&[
+        "-v",
+        "--connections=4",
+        "--threads=4",
+        "--requests=16",
+        src,
+        dst,
+    ]);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("nbdcopy")
+            .args(&a)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "nbdcopy not found ({e}): install libnbd-bin (`bash scripts/test.sh` does it)"
+                )
+            })
+    })
+    .await
+    .unwrap();
+    let t = text(&out);
+    let summary = t
+        .lines()
+        .filter(|l| l.starts_with("nbdcopy: "))
+        .collect::<Vec<_>>();
+    assert!(out.status.success(), "nbdcopy failed: {summary:#?}");
+    assert!(
+        summary.iter().any(|l| l.contains("connections=4 ")),
+        "nbdcopy used multi-conn with 4 connections: {summary:#?}"
+    );
+}
+
+fn json(out: &str) -> Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+/// `nbdinfo --json` and `nbdinfo --map --json` through our export agree with qemu-nbd
+/// serving the same image: size, `base:allocation` offered, and the same extents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdinfo_shows_size_and_allocation_like_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    let img = mixed_image(&path).await;
+    let srv = start(&img, vec![ExportConfig::live("")], Some(dir.path())).await;
+    let url = srv.url("");
+    let info = json(&libnbd_ok("nbdinfo", args(&["--json", &url])).await);
+    let map = json(&libnbd_ok("nbdinfo", args(&["--map", "--json", &url])).await);
+    srv.stop().await;
+    img.close().await.unwrap();
+
+    let qsock = dir.path().join("qemu-nbd.sock");
+    let qurl = format!("nbd+unix:///?socket={}", s(&qsock));
+    let mut theirs = Vec::new();
+    for extra in [&["--json"][..], &["--map", "--json"][..]] {
+        let server = QemuNbdOnce::export(&path, &qsock, &["-r"]);
+        let mut a = args(extra);
+        a.push(qurl.clone());
+        theirs.push(json(&libnbd_ok("nbdinfo", a).await));
+        tokio::task::spawn_blocking(move || server.wait_exit())
+            .await
+            .unwrap();
+    }
+    let (ours, q) = (&info["exports"][0], &theirs[0]["exports"][0]);
+    assert_eq!(ours["export-size"], 8 << 20, "{info:#}");
+    assert_eq!(ours["export-size"], q["export-size"]);
+    assert!(ours["contexts"]
+        .as_array()
+        .unwrap()
+        .contains(&Value::from("base:allocation")));
+    assert_eq!(info["structured"], true);
+    for flag in [
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_multi_conn",
+    ] {
+        assert_eq!(ours[flag], true, "{flag}: {ours:#}");
+    }
+    assert!(
+        map.as_array().unwrap().len() > 4,
+        "a mixed image has many extents: {map:#}"
+    );
+    assert_eq!(map, theirs[1], "nbdinfo --map differs from qemu-nbd");
+}
+
+/// `nbdcopy` with 4 connections (multi-conn) copies the export out to a raw file equal to the image, and
+/// copies a raw file (data, zeroes, holes) into the export: the image is then check-clean
+/// and equal to the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdcopy_with_four_connections_copies_out_and_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    let img = mixed_image(&path).await;
+    // qemu-img compare reads the file itself.
+    img.flush().await.unwrap();
+    let srv = start(&img, vec![ExportConfig::live("")], Some(dir.path())).await;
+    let url = srv.url("");
+    let out = dir.path().join("out.raw");
+    nbdcopy4(&url, s(&out)).await;
+    run_ok(
+        "qemu-img",
+        args(&[
+            "compare",
+            "-U",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            s(&out),
+            s(&path),
+        ]),
+    )
+    .await;
+
+    // Into the export: 8 MiB of patterns, zeroes and holes over an image that has data
+    // where the file has zeroes (so the copy must zero it).
+    img.write_at(&vec![0x77; 256 << 10], 6 << 20).await.unwrap();
+    img.write_at(&vec![0x78; 64 << 10], 4 << 20).await.unwrap();
+    let src = dir.path().join("src.raw");
+    run_ok(
+        "qemu-img",
+        args(&["create", "-q", "-f", "raw", s(&src), "8M"]),
+    )
+    .await;
+    let writes = args(&[
+        "write -P 0x21 0 3M",
+        "write -P 0x22 3200k 700k",
+        "write -P 0x23 5M 1M",
+        "write -z 5376k 64k",
+        "write -P 0x24 8380416 8192",
+    ]);
+    run_ok("qemu-io", io_cmds(s(&src), true, &writes)).await;
+    nbdcopy4(s(&src), &url).await;
+    srv.stop().await;
+    img.close().await.unwrap();
+    assert_check_clean(&path);
+    run_ok(
+        "qemu-img",
+        args(&["compare", "-f", "raw", "-F", "qcow2", s(&src), s(&path)]),
+    )
+    .await;
+}
+
+/// A Python interpreter with libnbd's binding (`python3-libnbd` installs it for the
+/// system's python3, which may not be the first on PATH).
+fn python_with_nbd() -> &'static str {
+    for py in ["python3", "/usr/bin/python3"] {
+        let ok = std::process::Command::new(py)
+            .args(["-c", "import nbd"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            return py;
+        }
+    }
+    panic!("no python3 with libnbd's `nbd` module: install python3-libnbd (`bash scripts/test.sh` does it)");
+}
+
+/// What a scripted pipeline does with libnbd's Python binding: writes (one FUA), flush,
+/// zeroes, trim, reads back, block status, and an out-of-range read refused with EINVAL.
+const PY_CLIENT: &str = r#"
+import nbd, sys
+h = nbd.NBD()
+h.add_meta_context("base:allocation")
+h.connect_uri(sys.argv[1])
+assert h.get_size() == 4 << 20, h.get_size()
+assert h.can_flush() and h.can_fua() and h.can_zero() and h.can_trim()
+assert h.can_meta_context("base:allocation")
+h.pwrite(b"\xab" * (1 << 20), 0)
+h.pwrite(b"\xcd" * 4096, 2 << 20, nbd.CMD_FLAG_FUA)
+h.flush()
+# libnbd's argument order: count, then offset.
+h.zero(128 << 10, 64 << 10)
+h.trim(1 << 20, 2 << 20)
+h.pwrite(b"\xef" * 512, (3 << 20) + 512)
+data = h.pread(1 << 20, 0)
+assert data[: 64 << 10] == b"\xab" * (64 << 10)
+assert data[64 << 10 : 192 << 10] == bytes(128 << 10)
+assert data[192 << 10 :] == b"\xab" * ((1 << 20) - (192 << 10))
+assert h.pread(4096, 2 << 20) == bytes(4096), "trimmed"
+assert h.pread(1024, 3 << 20) == bytes(512) + b"\xef" * 512
+extents = []
+def got(ctx, offset, entries, err):
+    assert ctx == "base:allocation"
+    extents.extend(zip(entries[0::2], entries[1::2]))
+    return 0
+h.block_status(4 << 20, 0, got)
+assert sum(l for l, _ in extents) == 4 << 20, extents
+assert extents[0] == (64 << 10, 0), extents
+try:
+    h.pread(4096, 4 << 20)
+    sys.exit("a read past the end succeeded")
+except nbd.Error as e:
+    assert e.errno == "EINVAL", (e.errno, e.string)
+h.flush()
+h.shutdown()
+print("python ok", extents)
+"#;
+
+/// libnbd's Python binding as a client: the script's reads, zeroes and block status hold,
+/// and the image holds the script's writes afterwards, check-clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_libnbd_reads_writes_flushes_and_zeroes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    let img = new_image(&path, 4 << 20).await;
+    let srv = start(&img, vec![ExportConfig::live("")], Some(dir.path())).await;
+    let url = srv.url("");
+    let py = python_with_nbd();
+    let script = dir.path().join("client.py");
+    std::fs::write(&script, PY_CLIENT).unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(py)
+            .args([s(&script), &url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "python libnbd client: {}", text(&out));
+    assert!(text(&out).contains("python ok"), "{}", text(&out));
+    srv.stop().await;
+    img.close().await.unwrap();
+    assert_check_clean(&path);
+    let reads = args(&[
+        "read -P 0xab 0 64k",
+        "read -P 0 64k 128k",
+        "read -P 0xab 192k 832k",
+        "read -P 0 1M 2M",
+        "read -P 0xef 3146240 512",
+    ]);
+    let out = run_ok("qemu-io", io_cmds(s(&path), false, &reads)).await;
+    assert_io_clean(&out);
+}
+
+/// Points the first L2 entry of `path` (a cluster written at guest offset 0) half a sector
+/// into its cluster: an unaligned host offset, which both QEMU and the engine treat as
+/// corruption.
+fn corrupt_first_l2_entry(path: &Path) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let be = |f: &mut std::fs::File, at: u64| {
+        let mut b = [0u8; 8];
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.read_exact(&mut b).unwrap();
+        u64::from_be_bytes(b)
+    };
+    let l1 = be(&mut f, 40);
+    let l2 = be(&mut f, l1) & 0x00ff_ffff_ffff_fe00;
+    let entry = be(&mut f, l2);
+    assert_ne!(entry & 0x00ff_ffff_ffff_fe00, 0, "cluster 0 is allocated");
+    f.seek(SeekFrom::Start(l2)).unwrap();
+    f.write_all(&(entry + 512).to_be_bytes()).unwrap();
+}
+
+/// A read that hits a corrupt L2 entry is EIO ("Input/output error" in qemu-io) through
+/// our export as through qemu-nbd serving the same file, and the rest of the disk still
+/// reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_cluster_reads_as_eio_like_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&path), "4M"]);
+    let w = args(&["write -P 0x11 0 64k", "write -P 0x22 1M 64k"]);
+    run_ok("qemu-io", io_cmds(s(&path), false, &w)).await;
+    corrupt_first_l2_entry(&path);
+    let reads = args(&["read -P 0x11 0 64k", "read -P 0x22 1M 64k"]);
+    let ro = |url: &str| [args(&["-r"]), io_cmds(url, true, &reads)].concat();
+
+    let qsock = dir.path().join("qemu-nbd.sock");
+    let server = QemuNbdOnce::export(&path, &qsock, &["-r"]);
+    let qurl = format!("nbd+unix:///?socket={}", s(&qsock));
+    let theirs = text(&run("qemu-io", ro(&qurl)).await);
+    tokio::task::spawn_blocking(move || server.wait_exit())
+        .await
+        .unwrap();
+
+    let mut opts = OpenOptions::default();
+    opts.read_only = true;
+    let img = Image::open(&path, &opts).await.unwrap();
+    let mut export = ExportConfig::live("");
+    export.read_only = true;
+    let srv = start(&img, vec![export], Some(dir.path())).await;
+    let ours = text(&run("qemu-io", ro(&srv.url(""))).await);
+    srv.stop().await;
+    img.close().await.unwrap();
+    for (who, t) in [("qemu-nbd", &theirs), ("qcow2-nbd", &ours)] {
+        assert!(
+            t.starts_with("read failed: Input/output error"),
+            "{who}: a corrupt cluster is EIO: {t}"
+        );
+        assert!(
+            t.contains("read 65536/65536 bytes at offset 1048576"),
+            "{who}: {t}"
+        );
+    }
 }

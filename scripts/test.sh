@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs what a fresh Debian machine lacks first: the QEMU tools
-# that the interop and golden tests compare against, and qemu-system-x86 with a guest kernel
-# for the vhost-user-blk guest test (they fail loudly without them).
+# that the interop and golden tests compare against, libnbd's NBD clients (nbdinfo, nbdcopy,
+# the Python binding), and qemu-system-x86 with a guest kernel for the vhost-user-blk guest
+# test (they fail loudly without them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,16 @@ if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq qemu-utils >/dev/null
 fi
 qemu-img --version | head -1 >&2
+# libnbd's tools and Python binding are NBD clients in qemu-interop/nbd.rs. The binding is
+# installed for the system's python3, which may not be the first python3 on PATH.
+has_py_nbd() { python3 -c 'import nbd' 2>/dev/null || /usr/bin/python3 -c 'import nbd' 2>/dev/null; }
+if ! command -v nbdinfo >/dev/null 2>&1 || ! command -v nbdcopy >/dev/null 2>&1 || ! has_py_nbd; then
+    echo "libnbd tools or Python binding not found: installing libnbd-bin python3-libnbd" >&2
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libnbd-bin python3-libnbd >/dev/null
+fi
 # The guest test boots a Debian kernel under qemu-system-x86_64 (qemu-interop/vhost_guest.rs).
 bash scripts/guest-assets.sh target/guest
 

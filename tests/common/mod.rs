@@ -179,6 +179,19 @@ impl QemuNbdOnce {
         QemuNbdOnce { pid_file }
     }
 
+    /// `qemu-nbd --fork -f qcow2 [EXTRA...] -k SOCK IMAGE`: a writable export (unless
+    /// `extra` says `-r`), ready when this returns.
+    pub fn export(image: &Path, sock: &Path, extra: &[&str]) -> Self {
+        let pid_file = sock.with_extension("pid");
+        let s = |p: &Path| p.to_str().expect("UTF-8 test path").to_owned();
+        let (pid, sock, image) = (s(&pid_file), s(sock), s(image));
+        let mut args = vec!["--fork", "--pid-file", &pid, "-f", "qcow2"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-k", &sock, &image]);
+        qemu_ok("qemu-nbd", &args);
+        QemuNbdOnce { pid_file }
+    }
+
     /// Waits (at most 30 s) until the server process has exited and so dropped its locks. A
     /// zombie counts as exited: its descriptors are closed, and the container's init may
     /// never reap it.
@@ -207,6 +220,59 @@ impl QemuNbdOnce {
                 "qemu-nbd {pid} did not exit after its client"
             );
             std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
+
+/// A tmpfs mounted on a temporary directory for the test, unmounted on drop: a real file
+/// system that fills up.
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` (with the reason printed) where mounting is not permitted (not root).
+    pub fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let opt = format!("size={size}");
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &opt,
+                "tmpfs",
+                dir.path().to_str().expect("UTF-8 test path"),
+            ])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
+            Ok(o) => {
+                eprintln!(
+                    "SKIPPED: cannot mount a tmpfs (run as root, as CI does): {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: cannot run mount: {e}");
+                None
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let st = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+        if !matches!(st, Ok(s) if s.success()) {
+            eprintln!("could not unmount {:?}: {st:?}", self.dir.path());
         }
     }
 }

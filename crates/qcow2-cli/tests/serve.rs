@@ -167,6 +167,64 @@ fn serve_exports_a_snapshot_read_only_over_tcp() {
     assert_check_clean(&img);
 }
 
+/// Issue 19's report: a write through `qcow2 serve` that does not fit on the host file
+/// system reaches qemu-io as "No space left on device" (NBD_ENOSPC, which lets a VMM pause
+/// the guest), not as an I/O error. Once space is freed writes work again, and SIGTERM
+/// still closes the image cleanly.
+#[test]
+fn serve_reports_a_full_file_system_as_enospc() {
+    let Some(fs) = common::Tmpfs::mount("8m") else {
+        return;
+    };
+    let filler = fs.path().join("filler");
+    std::fs::write(&filler, vec![0xffu8; 2 << 20]).unwrap();
+    let img = fs.path().join("img.qcow2");
+    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "64M"]);
+    let sock = fs.path().join("nbd.sock");
+    // Dropped before `fs`: a failing assertion must not leave the server holding the mount.
+    let mut child = KillOnDrop(Some(spawn_serve(&[s(&img), "--socket", s(&sock)])));
+    wait_for("the socket", || sock.exists());
+    let url = format!("nbd+unix:///?socket={}", s(&sock));
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x5a 0 16M", &url])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("write failed: No space left on device"),
+        "a full file system is ENOSPC: {text}"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    let out = qemu_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5c 40M 1M",
+            "-c",
+            "read -P 0x5c 40M 1M",
+            &url,
+        ],
+    );
+    assert!(!out.contains("failed"), "{out}");
+    terminate(child.0.take().unwrap(), "-TERM");
+    assert_check_clean(&img);
+}
+
+/// Kills the server process (if still held) when a test fails.
+struct KillOnDrop(Option<Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// Writes `pattern` to `len` bytes at `offset` through libblkio's vhost-user-blk driver,
 /// flushes, and reads them back; returns the client so that it can stay connected.
 fn blkio_write_read(sock: &Path, offset: u64, len: usize, pattern: u8) -> blkio::Blkio {

@@ -44,6 +44,7 @@
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod errno_map;
 mod error;
 pub mod proto;
 mod server;

@@ -175,6 +175,8 @@ pub mod errno {
     pub const EPERM: u32 = 1;
     /// Input/output error.
     pub const EIO: u32 = 5;
+    /// Out of memory.
+    pub const ENOMEM: u32 = 12;
     /// Invalid argument.
     pub const EINVAL: u32 = 22;
     /// No space left (lets a VMM pause the guest, `werror=enospc`).
@@ -183,6 +185,8 @@ pub mod errno {
     pub const EOVERFLOW: u32 = 75;
     /// Not supported (e.g. a fast zero that would be slow).
     pub const ENOTSUP: u32 = 95;
+    /// The server is shutting down.
+    pub const ESHUTDOWN: u32 = 108;
 }
 
 /// `base:allocation` flags.
@@ -578,7 +582,9 @@ pub fn validate(h: &RequestHeader, l: &Limits) -> Result<Command, Rejection> {
         .checked_add(u64::from(h.length))
         .is_some_and(|end| end <= l.size);
     if ranged && !in_range {
-        // As qemu-nbd: ENOSPC for requests that would write past the end, EINVAL otherwise.
+        // The NBD spec's codes: ENOSPC for writes past the end, EINVAL otherwise. (qemu-nbd
+        // 10 computes the same but replies EINVAL to every request it refuses before
+        // running it, oversized and read-only ones included: nbd_trip in nbd/server.c.)
         let e = if matches!(h.kind, cmd::WRITE | cmd::WRITE_ZEROES) {
             errno::ENOSPC
         } else {

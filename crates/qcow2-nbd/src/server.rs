@@ -941,13 +941,7 @@ impl Conn {
     }
 }
 
-/// The protocol's error value for an engine error.
+/// The protocol's error value for an engine error: what qemu-nbd sends for the same failure.
 fn errno_of(e: &qcow2_async::Error) -> u32 {
-    use qcow2_async::Error as E;
-    match e {
-        E::ReadOnly => errno::EPERM,
-        E::OutOfRange { .. } | E::InvalidArgument(_) => errno::EINVAL,
-        E::NoSpace(_) => errno::ENOSPC,
-        _ => errno::EIO,
-    }
+    crate::errno_map::nbd_errno(e)
 }
