@@ -345,7 +345,7 @@ impl Server {
         };
         let ended = match negotiated {
             Ok(Some(Negotiated::Plain(session, r))) => self.transmit(session, r, stop).await,
-            Ok(Some(Negotiated::Tls(session, r))) => self.transmit(session, r, stop).await,
+            Ok(Some(Negotiated::Tls(session, r))) => self.transmit(session, *r, stop).await,
             Ok(None) => return,
             Err(e) => {
                 debug!("handshake ended: {e}");
@@ -408,7 +408,7 @@ impl Server {
         debug!("TLS established");
         let mut s = BufReader::with_capacity(64 << 10, tls);
         Ok(match self.options(&mut s, no_zeroes, Tls::On).await? {
-            Haggled::Go(session) => Some(Negotiated::Tls(session, s)),
+            Haggled::Go(session) => Some(Negotiated::Tls(session, Box::new(s))),
             Haggled::Abort | Haggled::StartTls => None,
         })
     }
@@ -804,7 +804,8 @@ enum Haggled {
 /// The handshake's outcome with the stream the transmission phase runs on.
 enum Negotiated<S> {
     Plain(Session, BufReader<S>),
-    Tls(Session, BufReader<tokio_rustls::server::TlsStream<S>>),
+    /// Boxed: a TLS session's state is over a kilobyte.
+    Tls(Session, Box<BufReader<tokio_rustls::server::TlsStream<S>>>),
 }
 
 /// What the handshake settled.
