@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use qcow2_async::Image;
-use qcow2_nbd::{ExportConfig, Listener, Server, ServerOptions, Source};
+use qcow2_nbd::{ExportConfig, Listener, Server, ServerOptions, Source, TlsCredentials};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -49,6 +49,15 @@ pub struct ServeArgs {
     /// vhost-user-blk-pci, cloud-hypervisor, libblkio).
     #[arg(long, value_name = "SOCKET", conflicts_with_all = ["socket", "bind", "bitmap", "export_name"])]
     vhost_user_blk: Option<PathBuf>,
+    /// Require TLS: X.509 credentials from DIR laid out as QEMU's tls-creds-x509
+    /// (`server-cert.pem`, `server-key.pem`, and `ca-cert.pem` for --tls-verify-peer).
+    /// Clients must send NBD_OPT_STARTTLS (qemu: `--object tls-creds-x509,...` and
+    /// `tls-creds=ID`).
+    #[arg(long, value_name = "DIR", conflicts_with = "vhost_user_blk")]
+    tls_creds: Option<PathBuf>,
+    /// Refuse clients without a certificate signed by DIR/ca-cert.pem.
+    #[arg(long, requires = "tls_creds")]
+    tls_verify_peer: bool,
     /// Request queues of the vhost-user-blk device (default: one per CPU).
     #[arg(long, value_name = "N", requires = "vhost_user_blk")]
     num_queues: Option<u16>,
@@ -61,6 +70,11 @@ pub async fn serve(a: ServeArgs) -> Result<u8> {
     if a.format != "qcow2" {
         return Err(format!("unsupported format '{}'", a.format).into());
     }
+    // Bad credentials are reported before the image is opened (and locked).
+    let tls = match &a.tls_creds {
+        Some(dir) => Some(TlsCredentials::from_dir(dir, a.tls_verify_peer)?),
+        None => None,
+    };
     let read_only = a.read_only || a.snapshot.is_some();
     let mut opts = if read_only {
         crate::opts::ro()
@@ -88,7 +102,9 @@ pub async fn serve(a: ServeArgs) -> Result<u8> {
     export.read_only = read_only;
     export.bitmaps = a.bitmap.clone();
     let started = async {
-        let server = Server::new(img.clone(), vec![export], ServerOptions::default()).await?;
+        let mut opts = ServerOptions::default();
+        opts.tls = tls;
+        let server = Server::new(img.clone(), vec![export], opts).await?;
         let listener = match &a.socket {
             Some(p) => Listener::bind_unix(p)?,
             None => Listener::bind_tcp(a.bind.as_deref().unwrap_or(DEFAULT_BIND)).await?,
@@ -103,10 +119,15 @@ pub async fn serve(a: ServeArgs) -> Result<u8> {
         }
     };
     eprintln!(
-        "qcow2: serving {} as export {:?} on {}",
+        "qcow2: serving {} as export {:?} on {}{}",
         a.filename.display(),
         a.export_name,
-        listener.local_addr()?
+        listener.local_addr()?,
+        match (&a.tls_creds, a.tls_verify_peer) {
+            (None, _) => "",
+            (Some(_), false) => " (TLS required)",
+            (Some(_), true) => " (TLS required, client certificates verified)",
+        }
     );
     let srv = server.clone();
     let mut task = tokio::spawn(async move { srv.serve(listener).await });

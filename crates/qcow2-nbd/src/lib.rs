@@ -20,7 +20,12 @@
 //! - `FAST_ZERO` succeeds only for cluster-aligned ranges of v3 images (metadata-only in
 //!   the engine); anything else gets `ENOTSUP`, as the protocol asks.
 //! - Clients must set `NBD_FLAG_C_FIXED_NEWSTYLE`; others are disconnected after the
-//!   greeting. TLS is not offered (`NBD_OPT_STARTTLS` → `NBD_REP_ERR_UNSUP`).
+//!   greeting.
+//! - TLS ([`ServerOptions::tls`], credentials from a QEMU `tls-creds-x509` directory via
+//!   [`TlsCredentials::from_dir`]) is mandatory once configured, as with qemu-nbd
+//!   `--tls-creds`: before `NBD_OPT_STARTTLS` every option gets `NBD_REP_ERR_TLS_REQD`
+//!   (`NBD_OPT_ABORT` gets its `NBD_REP_ACK`, `NBD_OPT_EXPORT_NAME` a disconnect). Without
+//!   TLS configured `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_POLICY`, as from qemu-nbd.
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -48,6 +53,8 @@ mod errno_map;
 mod error;
 pub mod proto;
 mod server;
+mod tls;
 
 pub use error::{Error, Result};
 pub use server::{ExportConfig, Listener, Server, ServerOptions, Source};
+pub use tls::{TlsCredentials, CA_CERT, SERVER_CERT, SERVER_KEY};

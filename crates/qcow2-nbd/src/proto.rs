@@ -104,6 +104,8 @@ pub mod rep {
     pub const ERR_POLICY: u32 = (1 << 31) + 2;
     /// `NBD_REP_ERR_INVALID`: the option is malformed.
     pub const ERR_INVALID: u32 = (1 << 31) + 3;
+    /// `NBD_REP_ERR_TLS_REQD`: the server requires TLS before this option.
+    pub const ERR_TLS_REQD: u32 = (1 << 31) + 5;
     /// `NBD_REP_ERR_UNKNOWN`: no export of that name.
     pub const ERR_UNKNOWN: u32 = (1 << 31) + 6;
     /// `NBD_REP_ERR_SHUTDOWN`: the server is shutting down.

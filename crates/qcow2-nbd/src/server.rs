@@ -15,13 +15,14 @@ use qcow2_async::io::IoBuf;
 use qcow2_async::qcow2_format::Version;
 use qcow2_async::Image;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, instrument, warn};
 
 use crate::error::{Error, Result};
 use crate::proto::{self, errno, opt, rep, tflags, Command, Limits, MetaContext};
+use crate::tls::TlsCredentials;
 
 /// What an export shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +72,9 @@ pub struct ServerOptions {
     /// deliver their replies before they are cut (a client that stalls mid-request or stops
     /// reading replies must not hold the shutdown forever).
     pub shutdown_grace: Duration,
+    /// TLS credentials; `Some` makes TLS mandatory for every client (see
+    /// [`TlsCredentials`]). Default `None`: plaintext only.
+    pub tls: Option<TlsCredentials>,
 }
 
 impl Default for ServerOptions {
@@ -79,6 +83,7 @@ impl Default for ServerOptions {
             max_in_flight: 128,
             buffer_bytes: 128 << 20,
             shutdown_grace: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -285,12 +290,10 @@ impl Server {
             match accepted {
                 Ok(Stream::Tcp(s, peer)) => {
                     let _ = s.set_nodelay(true);
-                    let (r, w) = s.into_split();
-                    conns.spawn(self.clone().connection(r, w, peer));
+                    conns.spawn(self.clone().connection(s, peer));
                 }
                 Ok(Stream::Unix(s)) => {
-                    let (r, w) = s.into_split();
-                    conns.spawn(self.clone().connection(r, w, "unix".into()));
+                    conns.spawn(self.clone().connection(s, "unix".into()));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -325,66 +328,136 @@ impl Server {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        self.clone().connection(r, w, "stream".into()).await
+        self.clone()
+            .connection(tokio::io::join(r, w), "stream".into())
+            .await
     }
 
-    #[instrument(skip(self, r, w))]
-    async fn connection<R, W>(self, r: R, w: W, peer: String)
-    where
-        R: AsyncRead + Unpin + Send + 'static,
-        W: AsyncWrite + Unpin + Send + 'static,
-    {
-        let mut r = BufReader::with_capacity(64 << 10, r);
-        let mut w = BufWriter::with_capacity(64 << 10, w);
+    #[instrument(skip(self, s))]
+    async fn connection<S: Transport>(self, s: S, peer: String) {
         let mut stop = self.sh.stop.subscribe();
         if *stop.borrow() {
             return;
         }
-        let session = tokio::select! {
-            s = self.handshake(&mut r, &mut w) => s,
+        let negotiated = tokio::select! {
+            n = self.handshake(s) => n,
             _ = stop.wait_for(|s| *s) => return,
         };
-        let session = match session {
-            Ok(Some(s)) => s,
+        let ended = match negotiated {
+            Ok(Some(Negotiated::Plain(session, r))) => self.transmit(session, r, stop).await,
+            Ok(Some(Negotiated::Tls(session, r))) => self.transmit(session, *r, stop).await,
             Ok(None) => return,
             Err(e) => {
                 debug!("handshake ended: {e}");
                 return;
             }
         };
-        let export = &self.sh.exports[session.export];
-        debug!(export = export.name, "transmission phase");
-        if let Err(e) = self.transmission(session, r, w, stop).await {
+        if let Err(e) = ended {
             debug!("connection ended: {e}");
         }
     }
 
-    /// Option haggling. `Ok(None)`: the client aborted.
-    async fn handshake<R, W>(&self, r: &mut R, w: &mut W) -> Result<Option<Session>>
+    /// Splits the negotiated stream for the transmission phase, keeping whatever the
+    /// client already pipelined behind its last option.
+    async fn transmit<T: Transport>(
+        &self,
+        session: Session,
+        r: BufReader<T>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<()> {
+        let ahead = io::Cursor::new(r.buffer().to_vec());
+        let (rh, wh) = r.into_inner().into_halves();
+        let export = &self.sh.exports[session.export];
+        debug!(export = export.name, "transmission phase");
+        let r = BufReader::with_capacity(64 << 10, ahead.chain(rh));
+        let w = BufWriter::with_capacity(64 << 10, wh);
+        self.transmission(session, r, w, stop).await
+    }
+
+    /// Greeting, option haggling, and the TLS handshake when the client asks for it.
+    /// `Ok(None)`: the client aborted.
+    async fn handshake<S: Transport>(&self, s: S) -> Result<Option<Negotiated<S>>> {
+        let io = Error::io("negotiating");
+        let mut s = BufReader::with_capacity(64 << 10, s);
+        s.write_all(&proto::greeting()).await.map_err(&io)?;
+        s.flush().await.map_err(&io)?;
+        let mut raw = [0u8; 4];
+        s.read_exact(&mut raw).await.map_err(&io)?;
+        let no_zeroes = proto::decode_client_flags(raw)? & proto::CLIENT_NO_ZEROES != 0;
+        let Some(creds) = &self.sh.opts.tls else {
+            return Ok(match self.options(&mut s, no_zeroes, Tls::Off).await? {
+                Haggled::Go(session) => Some(Negotiated::Plain(session, s)),
+                Haggled::Abort | Haggled::StartTls => None,
+            });
+        };
+        match self.options(&mut s, no_zeroes, Tls::Required).await? {
+            Haggled::StartTls => {}
+            // Go cannot happen before STARTTLS: every other option is refused.
+            Haggled::Abort | Haggled::Go(_) => return Ok(None),
+        }
+        // The client waits for the acknowledgement before its ClientHello: anything
+        // already read past STARTTLS is not part of a TLS handshake.
+        if !s.buffer().is_empty() {
+            return Err(Error::TlsRequired("data sent behind NBD_OPT_STARTTLS"));
+        }
+        let tls = creds
+            .acceptor
+            .accept(s.into_inner())
+            .await
+            .map_err(Error::io("the TLS handshake"))?;
+        debug!("TLS established");
+        let mut s = BufReader::with_capacity(64 << 10, tls);
+        Ok(match self.options(&mut s, no_zeroes, Tls::On).await? {
+            Haggled::Go(session) => Some(Negotiated::Tls(session, Box::new(s))),
+            Haggled::Abort | Haggled::StartTls => None,
+        })
+    }
+
+    /// Option haggling over `s` (writes pass through the read buffer to the stream).
+    async fn options<S>(&self, s: &mut BufReader<S>, no_zeroes: bool, tls: Tls) -> Result<Haggled>
     where
-        R: AsyncRead + Unpin,
-        W: AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
     {
         let io = Error::io("negotiating");
-        w.write_all(&proto::greeting()).await.map_err(&io)?;
-        w.flush().await.map_err(&io)?;
-        let mut raw = [0u8; 4];
-        r.read_exact(&mut raw).await.map_err(&io)?;
-        let no_zeroes = proto::decode_client_flags(raw)? & proto::CLIENT_NO_ZEROES != 0;
         let mut structured = false;
         // Contexts chosen by the last SET_META_CONTEXT: (export, indices).
         let mut selected: Option<(usize, Vec<usize>)> = None;
         loop {
             let mut hb = [0u8; proto::OPTION_HEADER_LEN];
-            r.read_exact(&mut hb).await.map_err(&io)?;
+            s.read_exact(&mut hb).await.map_err(&io)?;
             let h = proto::decode_option_header(&hb)?;
             let mut data = vec![0u8; h.length as usize];
-            r.read_exact(&mut data).await.map_err(&io)?;
+            s.read_exact(&mut data).await.map_err(&io)?;
             let o = h.option;
             let mut out = Vec::new();
             let err = |out: &mut Vec<u8>, kind: u32, msg: &str| {
                 proto::option_reply(out, o, kind, msg.as_bytes())
             };
+            // Before STARTTLS only STARTTLS and ABORT do anything (as qemu-nbd).
+            if tls == Tls::Required && o != opt::ABORT {
+                match o {
+                    opt::STARTTLS if !data.is_empty() => {
+                        return Err(Error::TlsRequired("NBD_OPT_STARTTLS with data"))
+                    }
+                    opt::STARTTLS => {
+                        proto::option_reply(&mut out, o, rep::ACK, &[]);
+                        s.write_all(&out).await.map_err(&io)?;
+                        s.flush().await.map_err(&io)?;
+                        return Ok(Haggled::StartTls);
+                    }
+                    opt::EXPORT_NAME => {
+                        return Err(Error::TlsRequired("NBD_OPT_EXPORT_NAME before STARTTLS"))
+                    }
+                    _ => err(
+                        &mut out,
+                        rep::ERR_TLS_REQD,
+                        "TLS is required: send NBD_OPT_STARTTLS first",
+                    ),
+                }
+                s.write_all(&out).await.map_err(&io)?;
+                s.flush().await.map_err(&io)?;
+                continue;
+            }
             match o {
                 opt::EXPORT_NAME => {
                     let name = String::from_utf8_lossy(&data).into_owned();
@@ -394,16 +467,16 @@ impl Server {
                     let e = &self.sh.exports[i];
                     let flags = transmission_flags(e, structured);
                     proto::export_name_reply(&mut out, e.size, flags, no_zeroes);
-                    w.write_all(&out).await.map_err(&io)?;
-                    w.flush().await.map_err(&io)?;
-                    return Ok(Some(Session::new(i, structured, selected)));
+                    s.write_all(&out).await.map_err(&io)?;
+                    s.flush().await.map_err(&io)?;
+                    return Ok(Haggled::Go(Session::new(i, structured, selected)));
                 }
                 opt::ABORT => {
                     proto::option_reply(&mut out, o, rep::ACK, &[]);
                     // The client may already be gone; that is fine.
-                    let _ = w.write_all(&out).await;
-                    let _ = w.flush().await;
-                    return Ok(None);
+                    let _ = s.write_all(&out).await;
+                    let _ = s.flush().await;
+                    return Ok(Haggled::Abort);
                 }
                 opt::LIST if !data.is_empty() => {
                     err(&mut out, rep::ERR_INVALID, "NBD_OPT_LIST takes no data")
@@ -414,7 +487,13 @@ impl Server {
                     }
                     proto::option_reply(&mut out, o, rep::ACK, &[]);
                 }
-                opt::STARTTLS => err(&mut out, rep::ERR_UNSUP, "TLS is not supported"),
+                opt::STARTTLS if !data.is_empty() => {
+                    err(&mut out, rep::ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+                }
+                opt::STARTTLS if tls == Tls::On => {
+                    err(&mut out, rep::ERR_INVALID, "TLS already enabled")
+                }
+                opt::STARTTLS => err(&mut out, rep::ERR_POLICY, "TLS not configured"),
                 opt::INFO | opt::GO => match proto::decode_info_request(&data) {
                     Err(m) => err(&mut out, rep::ERR_INVALID, m.0),
                     Ok(req) => match self.find(&req.name) {
@@ -432,9 +511,9 @@ impl Server {
                             proto::info_block_size(&mut out, o, 1, preferred, proto::MAX_REQUEST);
                             proto::option_reply(&mut out, o, rep::ACK, &[]);
                             if o == opt::GO {
-                                w.write_all(&out).await.map_err(&io)?;
-                                w.flush().await.map_err(&io)?;
-                                return Ok(Some(Session::new(i, structured, selected)));
+                                s.write_all(&out).await.map_err(&io)?;
+                                s.flush().await.map_err(&io)?;
+                                return Ok(Haggled::Go(Session::new(i, structured, selected)));
                             }
                         }
                     },
@@ -494,8 +573,8 @@ impl Server {
                 }
                 _ => err(&mut out, rep::ERR_UNSUP, "option not supported"),
             }
-            w.write_all(&out).await.map_err(&io)?;
-            w.flush().await.map_err(&io)?;
+            s.write_all(&out).await.map_err(&io)?;
+            s.flush().await.map_err(&io)?;
         }
     }
 
@@ -656,6 +735,77 @@ async fn accept(l: &Listener) -> io::Result<Stream> {
         }
         Listener::Unix(l) => Ok(Stream::Unix(l.accept().await?.0)),
     }
+}
+
+/// A byte stream the server can split into independently owned halves for the
+/// transmission phase (one task reads requests while another writes replies).
+trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type R: AsyncRead + Unpin + Send + 'static;
+    type W: AsyncWrite + Unpin + Send + 'static;
+    fn into_halves(self) -> (Self::R, Self::W);
+}
+
+impl Transport for TcpStream {
+    type R = tokio::net::tcp::OwnedReadHalf;
+    type W = tokio::net::tcp::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::R, Self::W) {
+        self.into_split()
+    }
+}
+
+impl Transport for UnixStream {
+    type R = tokio::net::unix::OwnedReadHalf;
+    type W = tokio::net::unix::OwnedWriteHalf;
+    fn into_halves(self) -> (Self::R, Self::W) {
+        self.into_split()
+    }
+}
+
+impl<R, W> Transport for tokio::io::Join<R, W>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    type R = R;
+    type W = W;
+    fn into_halves(self) -> (R, W) {
+        self.into_inner()
+    }
+}
+
+/// A TLS session has one state for both directions: its halves share it behind a lock.
+impl<S: Transport> Transport for tokio_rustls::server::TlsStream<S> {
+    type R = tokio::io::ReadHalf<Self>;
+    type W = tokio::io::WriteHalf<Self>;
+    fn into_halves(self) -> (Self::R, Self::W) {
+        tokio::io::split(self)
+    }
+}
+
+/// Where the connection stands with TLS during option haggling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tls {
+    /// Not configured: `NBD_OPT_STARTTLS` is refused by policy.
+    Off,
+    /// Configured, not started: only `STARTTLS` (and `ABORT`) are accepted.
+    Required,
+    /// Running over TLS.
+    On,
+}
+
+/// How option haggling ended.
+enum Haggled {
+    Go(Session),
+    Abort,
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake comes next.
+    StartTls,
+}
+
+/// The handshake's outcome with the stream the transmission phase runs on.
+enum Negotiated<S> {
+    Plain(Session, BufReader<S>),
+    /// Boxed: a TLS session's state is over a kilobyte.
+    Tls(Session, Box<BufReader<tokio_rustls::server::TlsStream<S>>>),
 }
 
 /// What the handshake settled.

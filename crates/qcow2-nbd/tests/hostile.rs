@@ -248,7 +248,8 @@ async fn malformed_options_get_errors_and_negotiation_goes_on() {
         (opt::GO, go_payload("missing"), rep::ERR_UNKNOWN),
         (opt::INFO, u32::MAX.to_be_bytes().to_vec(), rep::ERR_INVALID),
         (opt::LIST, vec![1], rep::ERR_INVALID),
-        (opt::STARTTLS, vec![], rep::ERR_UNSUP),
+        // No TLS configured: refused by policy, as qemu-nbd without --tls-creds.
+        (opt::STARTTLS, vec![], rep::ERR_POLICY),
         (77, vec![1, 2, 3], rep::ERR_UNSUP),
         // Metadata contexts need structured replies first.
         (
