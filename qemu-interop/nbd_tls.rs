@@ -345,6 +345,21 @@ fn bad_credentials_are_typed_errors() {
         }
         other => panic!("garbage certificate accepted: {other:?}"),
     }
+    // A file far larger than any certificate (a wrong path) is refused, not read whole.
+    std::fs::write(
+        no_ca.path().join("server-cert.pem"),
+        vec![b'A'; (1 << 20) + 1],
+    )
+    .unwrap();
+    match TlsCredentials::from_dir(no_ca.path(), false) {
+        Err(qcow2_nbd::Error::TlsCredsInvalid { path, reason }) => {
+            assert!(
+                path.ends_with("server-cert.pem") && reason.contains("larger"),
+                "{reason}"
+            )
+        }
+        other => panic!("a huge certificate file accepted: {other:?}"),
+    }
     // A key that is not the certificate's.
     let (cert, _) = c.ca.leaf(true);
     std::fs::write(no_ca.path().join("server-cert.pem"), cert).unwrap();

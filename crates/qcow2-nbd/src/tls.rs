@@ -104,11 +104,24 @@ fn invalid(path: &Path, reason: String) -> Error {
     }
 }
 
+/// Credential files are a few KiB; a larger one is a wrong path (a disk image, a device),
+/// which must not be read into memory whole.
+const MAX_PEM: u64 = 1 << 20;
+
 fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path).map_err(|source| Error::TlsCredsUnreadable {
+    use std::io::Read;
+    let unreadable = |source| Error::TlsCredsUnreadable {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_PEM + 1).read_to_end(&mut bytes))
+        .map_err(unreadable)?;
+    if bytes.len() as u64 > MAX_PEM {
+        return Err(invalid(path, format!("larger than {MAX_PEM} bytes")));
+    }
+    Ok(bytes)
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
