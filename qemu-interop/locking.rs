@@ -90,11 +90,21 @@ impl Drop for Holder {
 
 /// Every byte any process holds an OFD lock on in `path` (from `/proc/locks`).
 fn lock_bytes(path: &Path) -> BTreeSet<i64> {
-    let ino = std::fs::metadata(path).unwrap().ino().to_string();
+    // /proc/locks names a file as MAJOR:MINOR:INODE (device numbers in hex). The device
+    // matters: other tests lock files on other file systems (a tmpfs they mount, /dev/shm)
+    // whose inode numbers can equal this one's, and matching the inode alone read their
+    // locks as this file's (a flaky failure under the parallel suite).
+    let meta = std::fs::metadata(path).unwrap();
+    let dev = meta.dev();
+    let (major, minor) = (
+        ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff),
+        (dev & 0xff) | ((dev >> 12) & !0xff),
+    );
+    let id = format!("{major:02x}:{minor:02x}:{}", meta.ino());
     let mut v = BTreeSet::new();
     for l in std::fs::read_to_string("/proc/locks").unwrap().lines() {
         let f: Vec<&str> = l.split_whitespace().collect();
-        if f.len() >= 8 && f[1] == "OFDLCK" && f[5].rsplit(':').next() == Some(&ino) {
+        if f.len() >= 8 && f[1] == "OFDLCK" && f[5] == id {
             let (a, b): (i64, i64) = (f[6].parse().unwrap(), f[7].parse().unwrap());
             v.extend(a..=b);
         }

@@ -519,12 +519,19 @@ mod tests {
     /// The bytes this process holds on `path`, from `/proc/locks` (`start end` per line).
     fn held_bytes(path: &Path) -> Vec<i64> {
         use std::os::unix::fs::MetadataExt;
-        let ino = std::fs::metadata(path).unwrap().ino().to_string();
+        // "1: OFDLCK ADVISORY READ -1 fe:00:INODE START END": the device (hex major:minor)
+        // is compared too, since files on other file systems can share the inode number.
+        let meta = std::fs::metadata(path).unwrap();
+        let dev = meta.dev();
+        let (major, minor) = (
+            ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff),
+            (dev & 0xff) | ((dev >> 12) & !0xff),
+        );
+        let id = format!("{major:02x}:{minor:02x}:{}", meta.ino());
         let mut v = Vec::new();
         for l in std::fs::read_to_string("/proc/locks").unwrap().lines() {
             let f: Vec<&str> = l.split_whitespace().collect();
-            // "1: OFDLCK ADVISORY READ -1 fe:00:INODE START END"
-            if f.len() >= 8 && f[1] == "OFDLCK" && f[5].rsplit(':').next() == Some(&ino) {
+            if f.len() >= 8 && f[1] == "OFDLCK" && f[5] == id {
                 let (a, b): (i64, i64) = (f[6].parse().unwrap(), f[7].parse().unwrap());
                 v.extend(a..=b);
             }
