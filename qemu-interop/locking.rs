@@ -112,13 +112,23 @@ fn lock_bytes(path: &Path) -> BTreeSet<i64> {
     v
 }
 
-/// Waits until some process holds a lock on `path` (QEMU opens a chain's files in turn).
-fn wait_locked(path: &Path) {
+/// Waits until some process holds a lock on `path` (QEMU opens a chain's files in turn)
+/// and returns the bytes, once two reads 20 ms apart agree: QEMU changes a file's bytes
+/// as it settles the permissions of a chain, and one read right after the first lock
+/// appeared once saw none at all (CI).
+fn wait_locked(path: &Path) -> BTreeSet<i64> {
+    let mut last = BTreeSet::new();
     assert!(
-        eventually(250, || !lock_bytes(path).is_empty()),
+        eventually(250, || {
+            let now = lock_bytes(path);
+            let settled = !now.is_empty() && now == last;
+            last = now;
+            settled
+        }),
         "nobody locked {}",
         path.display()
     );
+    last
 }
 
 fn ro() -> OpenOptions {
@@ -273,8 +283,7 @@ async fn backing_files_are_held_shared_read_only_both_ways() {
     // QEMU serves the top: we may read the base, not write it.
     {
         let h = Holder::nbd(&top, &[]);
-        wait_locked(&base);
-        let qemu_base = lock_bytes(&base);
+        let qemu_base = wait_locked(&base);
         refused(
             Image::open(&base, &OpenOptions::default())
                 .await
@@ -301,8 +310,7 @@ async fn backing_files_are_held_shared_read_only_both_ways() {
     std::fs::write(&raw, vec![0u8; 4 << 20]).unwrap();
     let top2 = make(d, "top2.qcow2", &["-b", "base.raw", "-F", "raw"]);
     let h = Holder::nbd(&top2, &[]);
-    wait_locked(&raw);
-    let qemu_raw = lock_bytes(&raw);
+    let qemu_raw = wait_locked(&raw);
     drop(h);
     let t = Image::open(&top2, &OpenOptions::default()).await.unwrap();
     assert_eq!(lock_bytes(&raw), qemu_raw);
@@ -327,8 +335,7 @@ async fn external_data_files_are_locked_as_qemu_locks_them() {
         .unwrap();
 
     let h = Holder::nbd(&img, &[]);
-    wait_locked(&data);
-    let qemu_data = lock_bytes(&data);
+    let qemu_data = wait_locked(&data);
     drop(h);
     let i = Image::open(&img, &OpenOptions::default()).await.unwrap();
     assert_eq!(lock_bytes(&data), qemu_data);
