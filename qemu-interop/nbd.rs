@@ -736,7 +736,8 @@ fn python_with_nbd() -> &'static str {
 }
 
 /// What a scripted pipeline does with libnbd's Python binding: writes (one FUA), flush,
-/// zeroes, trim, reads back, block status, and an out-of-range read refused with EINVAL.
+/// zeroes, trim, cache, reads back, block status, and out-of-range reads and cache requests
+/// refused with EINVAL.
 const PY_CLIENT: &str = r#"
 import nbd, sys
 h = nbd.NBD()
@@ -744,6 +745,7 @@ h.add_meta_context("base:allocation")
 h.connect_uri(sys.argv[1])
 assert h.get_size() == 4 << 20, h.get_size()
 assert h.can_flush() and h.can_fua() and h.can_zero() and h.can_trim()
+assert h.can_cache()
 assert h.can_meta_context("base:allocation")
 h.pwrite(b"\xab" * (1 << 20), 0)
 h.pwrite(b"\xcd" * 4096, 2 << 20, nbd.CMD_FLAG_FUA)
@@ -752,6 +754,13 @@ h.flush()
 h.zero(128 << 10, 64 << 10)
 h.trim(1 << 20, 2 << 20)
 h.pwrite(b"\xef" * 512, (3 << 20) + 512)
+# NBD_CMD_CACHE: the whole disk, then past its end (EINVAL, as qemu-nbd).
+h.cache(4 << 20, 0)
+try:
+    h.cache(4096, 4 << 20)
+    sys.exit("a cache request past the end succeeded")
+except nbd.Error as e:
+    assert e.errno == "EINVAL", (e.errno, e.string)
 data = h.pread(1 << 20, 0)
 assert data[: 64 << 10] == b"\xab" * (64 << 10)
 assert data[64 << 10 : 192 << 10] == bytes(128 << 10)

@@ -62,6 +62,8 @@ pub mod tflags {
     pub const SEND_DF: u16 = 1 << 7;
     /// `NBD_FLAG_CAN_MULTI_CONN`: a flush on one connection covers writes completed on all.
     pub const CAN_MULTI_CONN: u16 = 1 << 8;
+    /// `NBD_FLAG_SEND_CACHE`: `NBD_CMD_CACHE` is supported.
+    pub const SEND_CACHE: u16 = 1 << 10;
     /// `NBD_FLAG_SEND_FAST_ZERO`: the `FAST_ZERO` write-zeroes flag is supported.
     pub const SEND_FAST_ZERO: u16 = 1 << 11;
 }
@@ -136,6 +138,8 @@ pub mod cmd {
     pub const FLUSH: u16 = 3;
     /// `NBD_CMD_TRIM`: discard.
     pub const TRIM: u16 = 4;
+    /// `NBD_CMD_CACHE`: read ahead into the server's caches; no data in the reply.
+    pub const CACHE: u16 = 5;
     /// `NBD_CMD_WRITE_ZEROES`.
     pub const WRITE_ZEROES: u16 = 6;
     /// `NBD_CMD_BLOCK_STATUS`.
@@ -492,6 +496,13 @@ pub enum Command {
         /// Persist before replying.
         fua: bool,
     },
+    /// Read `len` bytes at `offset` into the server's caches, returning no data.
+    Cache {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u32,
+    },
     /// The client is done.
     Disconnect,
     /// Make completed writes durable.
@@ -563,7 +574,7 @@ pub fn validate(h: &RequestHeader, l: &Limits) -> Result<Command, Rejection> {
     };
     let allowed = match h.kind {
         cmd::READ => cflags::FUA | if l.structured { cflags::DF } else { 0 },
-        cmd::WRITE | cmd::DISC | cmd::FLUSH | cmd::TRIM => cflags::FUA,
+        cmd::WRITE | cmd::DISC | cmd::FLUSH | cmd::TRIM | cmd::CACHE => cflags::FUA,
         cmd::WRITE_ZEROES => cflags::FUA | cflags::NO_HOLE | cflags::FAST_ZERO,
         cmd::BLOCK_STATUS => cflags::FUA | cflags::REQ_ONE,
         _ => return reject(errno::EINVAL, "unknown command"),
@@ -571,6 +582,8 @@ pub fn validate(h: &RequestHeader, l: &Limits) -> Result<Command, Rejection> {
     if h.flags & !allowed != 0 {
         return reject(errno::EINVAL, "flag not valid for this command");
     }
+    // CACHE carries no data either way, so it is not bounded by the buffer limit (as in
+    // qemu-nbd, which prefetches any in-range length); the server reads it piece by piece.
     if matches!(h.kind, cmd::READ | cmd::WRITE) && h.length > MAX_REQUEST {
         return reject(errno::EOVERFLOW, "request larger than the 32 MiB maximum");
     }
@@ -602,6 +615,7 @@ pub fn validate(h: &RequestHeader, l: &Limits) -> Result<Command, Rejection> {
         cmd::DISC => Command::Disconnect,
         cmd::FLUSH => Command::Flush,
         cmd::TRIM => Command::Trim { offset, len, fua },
+        cmd::CACHE => Command::Cache { offset, len },
         cmd::WRITE_ZEROES => Command::WriteZeroes {
             offset,
             len,
@@ -863,8 +877,24 @@ mod tests {
         let w = validate(&req(cmd::WRITE, 0, 0, MAX_REQUEST + 1), &big).unwrap_err();
         assert_eq!((w.errno, w.skip, w.disconnect), (errno::EOVERFLOW, 0, true));
         assert!(validate(&req(cmd::WRITE, 0, 0, MAX_REQUEST), &big).is_ok());
-        // Zeroes and trims carry no payload: they may be as long as the export.
+        // Zeroes, trims and cache requests carry no payload: they may be as long as the
+        // export.
         assert!(validate(&req(cmd::WRITE_ZEROES, 0, 0, u32::MAX), &big).is_ok());
+        assert_eq!(
+            validate(&req(cmd::CACHE, 0, 4096, u32::MAX), &big),
+            Ok(Command::Cache {
+                offset: 4096,
+                len: u32::MAX
+            })
+        );
+        // Read-only exports cache too; past the end is EINVAL, as for reads.
+        let ro = Limits {
+            read_only: true,
+            ..RW
+        };
+        assert!(validate(&req(cmd::CACHE, 0, 0, 512), &ro).is_ok());
+        let past = validate(&req(cmd::CACHE, 0, ro.size, 1), &ro).unwrap_err();
+        assert_eq!((past.errno, past.skip), (errno::EINVAL, 0));
     }
 
     #[test]

@@ -697,7 +697,7 @@ impl Server {
 }
 
 fn transmission_flags(e: &Export, structured: bool) -> u16 {
-    let mut f = tflags::HAS_FLAGS | tflags::CAN_MULTI_CONN;
+    let mut f = tflags::HAS_FLAGS | tflags::CAN_MULTI_CONN | tflags::SEND_CACHE;
     if structured {
         f |= tflags::SEND_DF;
     }
@@ -978,6 +978,10 @@ impl Conn {
                 self.done(cookie, r)
             }
             Command::Flush => self.done(cookie, img.flush().await),
+            Command::Cache { offset, len } => {
+                let r = self.prefetch(offset, u64::from(len)).await;
+                self.done(cookie, r)
+            }
             Command::Trim {
                 offset,
                 len,
@@ -1028,6 +1032,25 @@ impl Conn {
             },
             Command::Disconnect => (Vec::new(), Vec::new()),
         }
+    }
+
+    /// `NBD_CMD_CACHE`: reads the range and drops the data, as qemu-nbd's prefetch does, so
+    /// that its L2 tables (and, on a buffered open, its data) are cached for the reads that
+    /// follow. One bounded buffer, whatever the length.
+    async fn prefetch(&self, offset: u64, len: u64) -> qcow2_async::Result<()> {
+        const PIECE: u64 = 1 << 20;
+        let img = &self.sh.image;
+        let mut buf = vec![0u8; len.min(PIECE) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(PIECE) as usize;
+            match &self.export().source {
+                Source::Live => img.read_at(&mut buf[..n], at).await?,
+                Source::Snapshot(id) => img.read_snapshot_at(id, &mut buf[..n], at).await?,
+            }
+            at += n as u64;
+        }
+        Ok(())
     }
 
     /// `FAST_ZERO` promise: on a v3 image, zeroing whole clusters only changes L2 entries

@@ -40,6 +40,10 @@ fuzz_target!(|data: &[u8]| {
                         assert!(end.is_some_and(|e| e <= limits.size));
                         0
                     }
+                    Command::Cache { .. } => {
+                        assert!(end.is_some_and(|e| e <= limits.size));
+                        0
+                    }
                     Command::BlockStatus { len, .. } => {
                         assert!(limits.structured && limits.contexts > 0 && len > 0);
                         assert!(end.is_some_and(|e| e <= limits.size));
