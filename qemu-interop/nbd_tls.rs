@@ -4,6 +4,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "../tests/common/tls.rs"]
+mod tls_creds;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -13,130 +15,11 @@ use common::{assert_check_clean, qemu_ok};
 use qcow2_async::{CreateOptions, Image, OpenOptions};
 use qcow2_nbd::proto::{self, opt, rep};
 use qcow2_nbd::{ExportConfig, Listener, Server, ServerOptions, TlsCredentials};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use tls_creds::creds;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// A certificate authority that signs server and client certificates.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-fn validity(p: &mut CertificateParams) {
-    p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-    p.not_after = rcgen::date_time_ymd(2099, 1, 1);
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        validity(&mut p);
-        let key = KeyPair::generate().unwrap();
-        let cert = p.self_signed(&key).unwrap();
-        Ca { cert, key }
-    }
-
-    /// (certificate PEM, key PEM) for `localhost` / 127.0.0.1, as a server or a client.
-    fn leaf(&self, server: bool) -> (String, String) {
-        let mut p = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        p.subject_alt_names
-            .push(SanType::IpAddress([127, 0, 0, 1].into()));
-        p.distinguished_name.push(DnType::CommonName, "localhost");
-        // What QEMU's sanity checks of its own certificates want to see.
-        p.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        p.extended_key_usages = vec![if server {
-            ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        }];
-        validity(&mut p);
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
-/// Credential directories laid out as QEMU's tls-creds-x509 wants them.
-struct Creds {
-    _dir: tempfile::TempDir,
-    ca: Ca,
-    /// `ca-cert.pem`, `server-cert.pem`, `server-key.pem`.
-    server: PathBuf,
-    /// `ca-cert.pem` and a client certificate signed by the same CA.
-    client: PathBuf,
-    /// `ca-cert.pem` only: trusts the server, has no certificate of its own.
-    anonymous: PathBuf,
-    /// A client certificate from another CA; `ca-cert.pem` holds both CAs (QEMU checks its
-    /// own certificate against it before connecting, and must trust the server).
-    stranger: PathBuf,
-}
-
-fn write(dir: &Path, files: &[(&str, &str)]) {
-    std::fs::create_dir_all(dir).unwrap();
-    for (name, text) in files {
-        std::fs::write(dir.join(name), text).unwrap();
-    }
-}
-
-fn creds() -> Creds {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new("qcow2-nbd test CA");
-    let ca_pem = ca.cert.pem();
-    let (scert, skey) = ca.leaf(true);
-    let server = dir.path().join("server");
-    write(
-        &server,
-        &[
-            ("ca-cert.pem", &ca_pem),
-            ("server-cert.pem", &scert),
-            ("server-key.pem", &skey),
-        ],
-    );
-    let (ccert, ckey) = ca.leaf(false);
-    let client = dir.path().join("client");
-    write(
-        &client,
-        &[
-            ("ca-cert.pem", &ca_pem),
-            ("client-cert.pem", &ccert),
-            ("client-key.pem", &ckey),
-        ],
-    );
-    let anonymous = dir.path().join("anonymous");
-    write(&anonymous, &[("ca-cert.pem", &ca_pem)]);
-    let other = Ca::new("some other CA");
-    let (ocert, okey) = other.leaf(false);
-    let stranger = dir.path().join("stranger");
-    let both = format!("{ca_pem}{}", other.cert.pem());
-    write(
-        &stranger,
-        &[
-            ("ca-cert.pem", &both),
-            ("client-cert.pem", &ocert),
-            ("client-key.pem", &okey),
-        ],
-    );
-    Creds {
-        _dir: dir,
-        ca,
-        server,
-        client,
-        anonymous,
-        stranger,
-    }
 }
 
 struct Running {

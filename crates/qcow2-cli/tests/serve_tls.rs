@@ -4,62 +4,17 @@
 
 #[path = "../../../tests/common/mod.rs"]
 mod common;
+#[path = "../../../tests/common/tls.rs"]
+mod tls_creds;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{assert_check_clean, qemu_ok, wait_for};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SanType,
-};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn params(names: Vec<String>) -> CertificateParams {
-    let mut p = CertificateParams::new(names).unwrap();
-    p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-    p.not_after = rcgen::date_time_ymd(2099, 1, 1);
-    p
-}
-
-/// Writes `server/` (ca-cert, server-cert, server-key), `client/` (ca-cert, client-cert,
-/// client-key) and `anonymous/` (ca-cert only) under `dir`.
-fn make_creds(dir: &Path) {
-    let mut p = params(Vec::new());
-    p.distinguished_name.push(DnType::CommonName, "test CA");
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = p.self_signed(&ca_key).unwrap();
-    for (sub, role) in [("server", true), ("client", false)] {
-        let mut p = params(vec!["localhost".into()]);
-        p.subject_alt_names
-            .push(SanType::IpAddress([127, 0, 0, 1].into()));
-        p.distinguished_name.push(DnType::CommonName, "localhost");
-        p.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        p.extended_key_usages = vec![if role {
-            ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        }];
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
-        let d = dir.join(sub);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join("ca-cert.pem"), ca.pem()).unwrap();
-        std::fs::write(d.join(format!("{sub}-cert.pem")), cert.pem()).unwrap();
-        std::fs::write(d.join(format!("{sub}-key.pem")), key.serialize_pem()).unwrap();
-    }
-    let d = dir.join("anonymous");
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("ca-cert.pem"), ca.pem()).unwrap();
 }
 
 /// qemu-io against `bind` over TLS with the credentials in `client` (`None`: plaintext).
@@ -89,7 +44,7 @@ fn qemu_io(bind: &str, client: Option<&Path>, cmd: &str) -> (bool, String) {
 #[test]
 fn serve_with_tls_creds_and_verify_peer_over_tcp() {
     let dir = tempfile::tempdir().unwrap();
-    make_creds(dir.path());
+    let creds = tls_creds::creds();
     let img = dir.path().join("img.qcow2");
     qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "4M"]);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -98,9 +53,9 @@ fn serve_with_tls_creds_and_verify_peer_over_tcp() {
         .unwrap()
         .port();
     let bind = format!("127.0.0.1:{port}");
-    let server = dir.path().join("server");
+    let server = &creds.server;
     let mut child = Command::new(env!("CARGO_BIN_EXE_qcow2"))
-        .args(["serve", s(&img), "--bind", &bind, "--tls-creds", s(&server)])
+        .args(["serve", s(&img), "--bind", &bind, "--tls-creds", s(server)])
         .arg("--tls-verify-peer")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -108,19 +63,15 @@ fn serve_with_tls_creds_and_verify_peer_over_tcp() {
         .expect("qcow2 binary");
     wait_for("the port", || std::net::TcpStream::connect(&bind).is_ok());
 
-    let client = dir.path().join("client");
-    let (ok, out) = qemu_io(&bind, Some(&client), "write -P 0x42 0 1M");
+    let client = &creds.client;
+    let (ok, out) = qemu_io(&bind, Some(client), "write -P 0x42 0 1M");
     assert!(ok, "TLS client with a certificate refused:\n{out}");
-    let (ok, out) = qemu_io(&bind, Some(&client), "read -P 0x42 0 1M");
+    let (ok, out) = qemu_io(&bind, Some(client), "read -P 0x42 0 1M");
     assert!(ok, "TLS client with a certificate refused:\n{out}");
     let (ok, out) = qemu_io(&bind, None, "write -P 0x66 0 4k");
     assert!(!ok, "plaintext client served:\n{out}");
     assert!(out.contains("TLS negotiation required"), "{out}");
-    let (ok, out) = qemu_io(
-        &bind,
-        Some(&dir.path().join("anonymous")),
-        "write -P 0x66 0 4k",
-    );
+    let (ok, out) = qemu_io(&bind, Some(&creds.anonymous), "write -P 0x66 0 4k");
     assert!(
         !ok,
         "client without a certificate served under verify-peer:\n{out}"
