@@ -5,9 +5,10 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "../crates/qcow2-async/src/lock/proc_locks.rs"]
+mod proc_locks;
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -90,26 +91,7 @@ impl Drop for Holder {
 
 /// Every byte any process holds an OFD lock on in `path` (from `/proc/locks`).
 fn lock_bytes(path: &Path) -> BTreeSet<i64> {
-    // /proc/locks names a file as MAJOR:MINOR:INODE (device numbers in hex). The device
-    // matters: other tests lock files on other file systems (a tmpfs they mount, /dev/shm)
-    // whose inode numbers can equal this one's, and matching the inode alone read their
-    // locks as this file's (a flaky failure under the parallel suite).
-    let meta = std::fs::metadata(path).unwrap();
-    let dev = meta.dev();
-    let (major, minor) = (
-        ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff),
-        (dev & 0xff) | ((dev >> 12) & !0xff),
-    );
-    let id = format!("{major:02x}:{minor:02x}:{}", meta.ino());
-    let mut v = BTreeSet::new();
-    for l in std::fs::read_to_string("/proc/locks").unwrap().lines() {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        if f.len() >= 8 && f[1] == "OFDLCK" && f[5] == id {
-            let (a, b): (i64, i64) = (f[6].parse().unwrap(), f[7].parse().unwrap());
-            v.extend(a..=b);
-        }
-    }
-    v
+    proc_locks::ofd_lock_bytes(path).into_iter().collect()
 }
 
 /// Waits until some process holds a lock on `path` (QEMU opens a chain's files in turn)

@@ -388,6 +388,9 @@ fn locked_by_others(fd: &File, byte: i64) -> io::Result<bool> {
 }
 
 #[cfg(test)]
+mod proc_locks;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -516,30 +519,6 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"x");
     }
 
-    /// The bytes this process holds on `path`, from `/proc/locks` (`start end` per line).
-    fn held_bytes(path: &Path) -> Vec<i64> {
-        use std::os::unix::fs::MetadataExt;
-        // "1: OFDLCK ADVISORY READ -1 fe:00:INODE START END": the device (hex major:minor)
-        // is compared too, since files on other file systems can share the inode number.
-        let meta = std::fs::metadata(path).unwrap();
-        let dev = meta.dev();
-        let (major, minor) = (
-            ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff),
-            (dev & 0xff) | ((dev >> 12) & !0xff),
-        );
-        let id = format!("{major:02x}:{minor:02x}:{}", meta.ino());
-        let mut v = Vec::new();
-        for l in std::fs::read_to_string("/proc/locks").unwrap().lines() {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            if f.len() >= 8 && f[1] == "OFDLCK" && f[5] == id {
-                let (a, b): (i64, i64) = (f[6].parse().unwrap(), f[7].parse().unwrap());
-                v.extend(a..=b);
-            }
-        }
-        v.sort_unstable();
-        v
-    }
-
     /// The bytes QEMU 10.0 holds for each kind of file, read off `/proc/locks` while
     /// qemu-nbd, qemu-io and qemu-img held them (`qemu-interop/locking.rs` compares live).
     #[test]
@@ -564,9 +543,9 @@ mod tests {
             let l = FileLock::acquire(&p, access, Locking::On, false)
                 .unwrap()
                 .unwrap();
-            assert_eq!(held_bytes(&p), bytes, "{access:?}");
+            assert_eq!(proc_locks::ofd_lock_bytes(&p), bytes, "{access:?}");
             drop(l);
-            assert_eq!(held_bytes(&p), Vec::<i64>::new());
+            assert_eq!(proc_locks::ofd_lock_bytes(&p), Vec::<i64>::new());
         }
     }
 
