@@ -1,9 +1,13 @@
 //! `qcow2 serve` as a process: QEMU's client writes through it, SIGTERM shuts it down
 //! gracefully, and the image is left closed cleanly (dirty bit cleared, bitmaps stored and
-//! no longer in use, check-clean). Fails loudly without QEMU.
+//! no longer in use, check-clean); with `--tls-creds` over TCP, QEMU's TLS client (which
+//! checks the server's certificate against 127.0.0.1) with rcgen-made certificates. Fails
+//! loudly without QEMU.
 
 #[path = "../../../tests/common/mod.rs"]
 mod common;
+#[path = "../../../tests/common/tls.rs"]
+mod tls_creds;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -25,7 +29,9 @@ fn spawn_serve(args: &[&str]) -> Child {
         .expect("qcow2 binary")
 }
 
-fn terminate(mut child: Child, signal: &str) {
+/// Signals `child` and waits for it to exit successfully, having closed the image cleanly;
+/// returns what it printed on stderr.
+fn terminate(mut child: Child, signal: &str) -> String {
     let pid = child.id().to_string();
     let st = Command::new("kill").args([signal, &pid]).status().unwrap();
     assert!(st.success());
@@ -44,6 +50,17 @@ fn terminate(mut child: Child, signal: &str) {
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert!(status.success(), "qcow2 serve failed on {signal}: {err}");
     assert!(err.contains("closed cleanly"), "{err}");
+    err
+}
+
+/// A free TCP address on the loopback (bound, then released for the server to take).
+fn free_bind() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
 }
 
 fn info(path: &Path) -> serde_json::Value {
@@ -130,13 +147,7 @@ fn serve_exports_a_snapshot_read_only_over_tcp() {
     qemu_ok("qemu-io", &["-c", "write -P 0x11 0 1M", s(&img)]);
     qemu_ok("qemu-img", &["snapshot", "-c", "snap1", s(&img)]);
     qemu_ok("qemu-io", &["-c", "write -P 0x22 0 1M", s(&img)]);
-    // Pick a free port by binding and releasing it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let bind = format!("127.0.0.1:{port}");
+    let bind = free_bind();
     let child = spawn_serve(&[
         s(&img),
         "--bind",
@@ -276,4 +287,97 @@ fn serve_vhost_user_blk_closes_the_image_cleanly_on_sigterm_with_a_frontend_conn
     assert_closed_cleanly(&img);
     qemu_ok("qemu-io", &["-c", "read -P 0x4d 1M 128k", s(&img)]);
     qemu_ok("qemu-io", &["-c", "read -P 0x4e 3M 64k", s(&img)]);
+}
+
+/// qemu-io against `bind` over TLS with the credentials in `client` (`None`: plaintext).
+fn qemu_io(bind: &str, client: Option<&Path>, cmd: &str) -> (bool, String) {
+    let (host, port) = bind.split_once(':').unwrap();
+    let mut opts = format!("driver=nbd,server.type=inet,server.host={host},server.port={port}");
+    let mut args: Vec<String> = Vec::new();
+    if let Some(d) = client {
+        args.push("--object".into());
+        args.push(format!(
+            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+            s(d)
+        ));
+        opts.push_str(",tls-creds=tls0");
+    }
+    args.extend(["--image-opts".into(), opts, "-c".into(), cmd.into()]);
+    let out = common::qemu(
+        "qemu-io",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let ok = out.status.success() && !text.contains("failed") && !text.contains("can't open");
+    (ok, text)
+}
+
+#[test]
+fn serve_with_tls_creds_and_verify_peer_over_tcp() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = tls_creds::creds();
+    let img = dir.path().join("img.qcow2");
+    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "4M"]);
+    let bind = free_bind();
+    let child = spawn_serve(&[
+        s(&img),
+        "--bind",
+        &bind,
+        "--tls-creds",
+        s(&creds.server),
+        "--tls-verify-peer",
+    ]);
+    wait_for("the port", || std::net::TcpStream::connect(&bind).is_ok());
+
+    let client = &creds.client;
+    let (ok, out) = qemu_io(&bind, Some(client), "write -P 0x42 0 1M");
+    assert!(ok, "TLS client with a certificate refused:\n{out}");
+    let (ok, out) = qemu_io(&bind, Some(client), "read -P 0x42 0 1M");
+    assert!(ok, "TLS client with a certificate refused:\n{out}");
+    let (ok, out) = qemu_io(&bind, None, "write -P 0x66 0 4k");
+    assert!(!ok, "plaintext client served:\n{out}");
+    assert!(out.contains("TLS negotiation required"), "{out}");
+    let (ok, out) = qemu_io(&bind, Some(&creds.anonymous), "write -P 0x66 0 4k");
+    assert!(
+        !ok,
+        "client without a certificate served under verify-peer:\n{out}"
+    );
+
+    let err = terminate(child, "-TERM");
+    assert!(
+        err.contains("TLS required, client certificates verified"),
+        "{err}"
+    );
+    qemu_ok(
+        "qemu-io",
+        &["-c", "read -P 0x42 0 1M", "-c", "read -P 0 1M 3M", s(&img)],
+    );
+    assert_check_clean(&img);
+}
+
+/// Unreadable credentials stop `serve` before it listens, naming the missing file;
+/// `--tls-verify-peer` alone is a usage error.
+#[test]
+fn serve_refuses_bad_tls_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img.qcow2");
+    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "1M"]);
+    let sock = dir.path().join("nbd.sock");
+    let out = Command::new(env!("CARGO_BIN_EXE_qcow2"))
+        .args(["serve", s(&img), "--socket", s(&sock), "--tls-creds"])
+        .arg(dir.path().join("nowhere"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "served without credentials: {err}");
+    assert!(err.contains("server-cert.pem"), "{err}");
+    assert!(!sock.exists(), "listened anyway");
+    let out = Command::new(env!("CARGO_BIN_EXE_qcow2"))
+        .args(["serve", s(&img), "--socket", s(&sock), "--tls-verify-peer"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-creds"));
+    assert_check_clean(&img);
 }
