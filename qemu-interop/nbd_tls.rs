@@ -6,6 +6,8 @@
 mod common;
 #[path = "../tests/common/tls.rs"]
 mod tls_creds;
+#[path = "../crates/qcow2-nbd/tests/support/wire.rs"]
+mod wire;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,7 +18,8 @@ use qcow2_async::{CreateOptions, Image, OpenOptions};
 use qcow2_nbd::proto::{self, opt, rep};
 use qcow2_nbd::{ExportConfig, Listener, Server, ServerOptions, TlsCredentials};
 use tls_creds::creds;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wire::{go_payload, option_reply, read_n, send_option};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -250,44 +253,6 @@ fn bad_credentials_are_typed_errors() {
         Err(qcow2_nbd::Error::TlsCredsInvalid { .. }) => {}
         other => panic!("mismatched key accepted: {other:?}"),
     }
-}
-
-async fn read_n<S: AsyncRead + Unpin>(s: &mut S, n: usize) -> Vec<u8> {
-    let mut b = vec![0u8; n];
-    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b))
-        .await
-        .expect("server answered in time")
-        .expect("server answered");
-    b
-}
-
-async fn send_option<S: AsyncWrite + Unpin>(s: &mut S, option: u32, data: &[u8]) {
-    let mut b = Vec::new();
-    b.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
-    b.extend_from_slice(&option.to_be_bytes());
-    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    b.extend_from_slice(data);
-    s.write_all(&b).await.unwrap();
-    s.flush().await.unwrap();
-}
-
-/// One option reply: (option, type, data).
-async fn option_reply<S: AsyncRead + Unpin>(s: &mut S) -> (u32, u32, Vec<u8>) {
-    let h = read_n(s, 20).await;
-    assert_eq!(
-        u64::from_be_bytes(h[..8].try_into().unwrap()),
-        proto::OPT_REPLY_MAGIC
-    );
-    let at = |i: usize| u32::from_be_bytes(h[i..i + 4].try_into().unwrap());
-    let len = at(16) as usize;
-    (at(8), at(12), read_n(s, len).await)
-}
-
-fn go_payload(name: &str) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&0u16.to_be_bytes());
-    d
 }
 
 /// With TLS configured, options before STARTTLS get `NBD_REP_ERR_TLS_REQD` and change

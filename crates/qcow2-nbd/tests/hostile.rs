@@ -3,6 +3,9 @@
 //! stays consistent. Also the parts of the protocol QEMU's client does not exercise
 //! (REQ_ONE, FAST_ZERO refusals, out-of-order pipelined replies).
 
+#[path = "support/wire.rs"]
+mod wire;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -12,6 +15,7 @@ use qcow2_nbd::{ExportConfig, Listener, Server, ServerOptions};
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use wire::{go_payload, option_reply, read_n, send_option, u32_at, u64_at};
 
 const SIZE: u64 = 4 << 20;
 
@@ -70,29 +74,11 @@ async fn assert_clean(path: &Path) {
     assert_eq!(report.verdict(), Verdict::Clean, "{report:?}");
 }
 
-/// Reads exactly `n` bytes, failing the test after a few seconds.
-async fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
-    let mut b = vec![0u8; n];
-    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b))
-        .await
-        .expect("server answered in time")
-        .expect("server answered");
-    b
-}
-
 /// The server closes the connection (after possibly sending some bytes first).
 async fn assert_closed(s: &mut TcpStream) {
     let mut sink = Vec::new();
     let r = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut sink)).await;
     assert!(r.is_ok(), "the server should have closed the connection");
-}
-
-fn u32_at(b: &[u8], i: usize) -> u32 {
-    u32::from_be_bytes(b[i..i + 4].try_into().unwrap())
-}
-
-fn u64_at(b: &[u8], i: usize) -> u64 {
-    u64::from_be_bytes(b[i..i + 8].try_into().unwrap())
 }
 
 /// Connects and answers the greeting with `flags`.
@@ -102,30 +88,6 @@ async fn connect(addr: &str, flags: u32) -> TcpStream {
     assert_eq!(g, proto::greeting());
     s.write_all(&flags.to_be_bytes()).await.unwrap();
     s
-}
-
-async fn send_option(s: &mut TcpStream, option: u32, data: &[u8]) {
-    let mut b = Vec::new();
-    b.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
-    b.extend_from_slice(&option.to_be_bytes());
-    b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    b.extend_from_slice(data);
-    s.write_all(&b).await.unwrap();
-}
-
-/// One option reply: (option, type, data).
-async fn option_reply(s: &mut TcpStream) -> (u32, u32, Vec<u8>) {
-    let h = read_n(s, 20).await;
-    assert_eq!(u64_at(&h, 0), proto::OPT_REPLY_MAGIC);
-    let len = u32_at(&h, 16) as usize;
-    (u32_at(&h, 8), u32_at(&h, 12), read_n(s, len).await)
-}
-
-fn go_payload(name: &str) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&0u16.to_be_bytes());
-    d
 }
 
 fn meta_payload(export: &str, queries: &[&str]) -> Vec<u8> {
