@@ -40,20 +40,8 @@ impl Running {
     /// qemu-io / qemu-img arguments that open the export, over TLS with the client
     /// credentials in `client` (`None`: plaintext).
     fn open_args(&self, client: Option<&Path>) -> Vec<String> {
-        let mut a = Vec::new();
-        let mut opts = format!("driver=nbd,server.type=unix,server.path={}", s(&self.sock));
-        if let Some(dir) = client {
-            a.push("--object".to_string());
-            a.push(format!(
-                "tls-creds-x509,id=tls0,endpoint=client,dir={}",
-                s(dir)
-            ));
-            // A Unix socket has no host name to check the certificate against.
-            opts.push_str(",tls-creds=tls0,tls-hostname=localhost");
-        }
-        a.push("--image-opts".to_string());
-        a.push(opts);
-        a
+        let server = format!("server.type=unix,server.path={}", s(&self.sock));
+        tls_creds::nbd_open_args(&server, client, Some("localhost"))
     }
 }
 

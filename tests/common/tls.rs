@@ -126,3 +126,26 @@ pub fn creds() -> Creds {
         stranger,
     }
 }
+
+/// qemu-io / qemu-img arguments (`--object ... --image-opts ...`) that open the NBD export
+/// at `server` (its `server.*` image options), over TLS with the client credentials in
+/// `client` (`None`: plaintext). `hostname` is what QEMU checks the server's certificate
+/// against where the address has no host name (a Unix socket).
+pub fn nbd_open_args(server: &str, client: Option<&Path>, hostname: Option<&str>) -> Vec<String> {
+    let mut a = Vec::new();
+    let mut opts = format!("driver=nbd,{server}");
+    if let Some(dir) = client {
+        a.push("--object".to_string());
+        a.push(format!(
+            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+            dir.display()
+        ));
+        opts.push_str(",tls-creds=tls0");
+        if let Some(h) = hostname {
+            opts.push_str(&format!(",tls-hostname={h}"));
+        }
+    }
+    a.push("--image-opts".to_string());
+    a.push(opts);
+    a
+}

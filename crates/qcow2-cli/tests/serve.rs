@@ -292,17 +292,9 @@ fn serve_vhost_user_blk_closes_the_image_cleanly_on_sigterm_with_a_frontend_conn
 /// qemu-io against `bind` over TLS with the credentials in `client` (`None`: plaintext).
 fn qemu_io(bind: &str, client: Option<&Path>, cmd: &str) -> (bool, String) {
     let (host, port) = bind.split_once(':').unwrap();
-    let mut opts = format!("driver=nbd,server.type=inet,server.host={host},server.port={port}");
-    let mut args: Vec<String> = Vec::new();
-    if let Some(d) = client {
-        args.push("--object".into());
-        args.push(format!(
-            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
-            s(d)
-        ));
-        opts.push_str(",tls-creds=tls0");
-    }
-    args.extend(["--image-opts".into(), opts, "-c".into(), cmd.into()]);
+    let server = format!("server.type=inet,server.host={host},server.port={port}");
+    let mut args = tls_creds::nbd_open_args(&server, client, None);
+    args.extend(["-c".into(), cmd.into()]);
     let out = common::qemu(
         "qemu-io",
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
