@@ -916,7 +916,7 @@ impl Conn {
 
     fn engine_error(&self, cookie: u64, e: &qcow2_async::Error) -> Vec<u8> {
         warn!(cookie, "request failed: {e}");
-        self.error_reply(cookie, errno_of(e), &e.to_string())
+        self.error_reply(cookie, crate::errno_map::nbd_errno(e), &e.to_string())
     }
 
     fn done(&self, cookie: u64, r: qcow2_async::Result<()>) -> (Vec<u8>, Vec<u8>) {
@@ -1112,9 +1112,4 @@ impl Conn {
         }
         Ok(out)
     }
-}
-
-/// The protocol's error value for an engine error: what qemu-nbd sends for the same failure.
-fn errno_of(e: &qcow2_async::Error) -> u32 {
-    crate::errno_map::nbd_errno(e)
 }
