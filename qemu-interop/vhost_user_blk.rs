@@ -92,10 +92,23 @@ struct Client {
 }
 
 fn connect(sock: &Path, queues: i32, read_only: bool) -> blkio::Result<Client> {
-    let mut b = Blkio::new("virtio-blk-vhost-user")?;
-    b.set_str("path", sock.to_str().unwrap())?;
-    b.set_bool("read-only", read_only)?;
-    b.connect()?;
+    // `serve` returns once the socket file exists, which a listener creates before it
+    // listens: a connection in between is refused (seen once in CI), so that is retried.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut b = loop {
+        let mut b = Blkio::new("virtio-blk-vhost-user")?;
+        b.set_str("path", sock.to_str().unwrap())?;
+        b.set_bool("read-only", read_only)?;
+        match b.connect() {
+            Err(e)
+                if e.errno() == blkio::Errno::CONNREFUSED
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => break r.map(|()| b)?,
+        }
+    };
     b.set_i32("num-queues", queues)?;
     let started = b.start()?;
     let region = b.alloc_mem_region(64 * (256 << 10))?;
