@@ -135,8 +135,20 @@ async fn apply(
             }
         }
         Op::Read { off, len } => {
-            // Every read path: slices, an owned `BytesMut`, and a scatter list.
-            let buf: Vec<u8> = match (off + len) % 3 {
+            // Every read path: slices, an owned `BytesMut`, a scatter list, and the sparse
+            // read (whose holes must read as zeros in the model, within the request).
+            let buf: Vec<u8> = match (off + len) % 4 {
+                3 => {
+                    let buf = IoBuf::from_vec(vec![0xee; *len as usize]);
+                    let (back, holes) = img.read_buf_sparse(buf, *off).await.unwrap();
+                    for (i, h) in holes.iter().enumerate() {
+                        assert!(*off <= h.start && h.start < h.end && h.end <= off + len);
+                        assert!(i == 0 || holes[i - 1].end < h.start, "sorted, merged");
+                        let r = h.start as usize..h.end as usize;
+                        assert!(model.data[r].iter().all(|&b| b == 0), "hole {h:?} is data");
+                    }
+                    back.into_vec()
+                }
                 0 => {
                     let mut buf = vec![0u8; *len as usize];
                     img.read_at(&mut buf, *off).await.unwrap();
@@ -1436,5 +1448,38 @@ async fn misses_of_different_tables_do_not_wait_for_each_other() {
     assert_eq!(b, vec![2; 4096]);
     gate.release.add_permits(1);
     assert_eq!(first.await.unwrap(), vec![1; 4096]);
+    img.close().await.unwrap();
+}
+
+/// `map_snapshot` describes the snapshot as it was taken, whatever the live disk did since,
+/// and refuses ranges past the snapshot's size and unknown snapshots.
+#[tokio::test]
+async fn map_snapshot_shows_the_snapshot_not_the_live_disk() {
+    let case = Case {
+        extended: false,
+        cluster: 65536,
+        refcount_bits: 16,
+        v3: true,
+        backing: false,
+        size: 1 << 20,
+    };
+    let img = make(&case, mem(), None).await;
+    img.write_at(&[7; 65536], 0).await.unwrap();
+    img.write_zeroes(131072, 65536, false).await.unwrap();
+    let before = img.map(0, case.size).await.unwrap();
+    img.create_snapshot("s").await.unwrap();
+    img.write_at(&[8; 65536], 262144).await.unwrap();
+    img.discard(0, 65536).await.unwrap();
+    assert_ne!(img.map(0, case.size).await.unwrap(), before);
+    let snap = img.map_snapshot("s", 0, case.size).await.unwrap();
+    let strip = |v: Vec<qcow2_async::MapExtent>| {
+        v.into_iter()
+            .map(|e| (e.start, e.length, e.data, e.zero, e.present))
+            .collect::<Vec<_>>()
+    };
+    // Host offsets may differ (the live disk's clusters moved on); the status may not.
+    assert_eq!(strip(snap), strip(before));
+    assert!(img.map_snapshot("s", 1, case.size).await.is_err());
+    assert!(img.map_snapshot("nope", 0, 4096).await.is_err());
     img.close().await.unwrap();
 }

@@ -23,6 +23,7 @@ pub use cursor::Cursor;
 pub use amend::AmendOptions;
 pub(crate) use map::refine_by_holes;
 pub use map::MapExtent;
+use owned::HoleLog;
 pub use resize::ResizeOptions;
 
 use std::ops::Range;
@@ -903,6 +904,16 @@ impl Image {
     /// [`Image::map`], the listings and queries.
     #[instrument(level = "debug", skip(self, buf), fields(len = buf.len()))]
     pub async fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_at_noting(buf, offset, None).await
+    }
+
+    /// [`Image::read_at`], noting in `holes` the ranges filled with zeros without I/O.
+    pub(crate) async fn read_at_noting(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        holes: Option<&HoleLog>,
+    ) -> Result<()> {
         let _instant = self.inner.snap_lock.read().await;
         self.check_range(offset, buf.len() as u64)?;
         // A locked encrypted image refuses every read, not only of allocated clusters.
@@ -917,15 +928,23 @@ impl Image {
             let (gc, inc, r) = pieces.next()?;
             let (piece, tail) = std::mem::take(&mut rest).split_at_mut(r.len());
             rest = tail;
-            Some(Box::pin(self.read_piece(gc, inc, piece)) as BoxFuture<'_, Result<()>>)
+            let piece = self.read_piece(gc, inc, piece, holes);
+            Some(Box::pin(piece) as BoxFuture<'_, Result<()>>)
         });
         join_bounded(reads, READ_PARALLELISM).await
     }
 
-    async fn read_piece(&self, gc: u64, inc: u64, out: &mut [u8]) -> Result<()> {
+    async fn read_piece(
+        &self,
+        gc: u64,
+        inc: u64,
+        out: &mut [u8],
+        holes: Option<&HoleLog>,
+    ) -> Result<()> {
         let _lease = self.inner.leases.shared(gc).await;
         let (entry, bm) = self.lookup(gc).await?;
-        self.read_mapped(gc, entry, bm, inc, out).await
+        self.read_mapped_noting(gc, entry, bm, inc, out, holes)
+            .await
     }
 
     /// The mapping of guest cluster `gc`, whose lease the caller holds: from the published
@@ -994,6 +1013,21 @@ impl Image {
         inc: u64,
         out: &mut [u8],
     ) -> Result<()> {
+        self.read_mapped_noting(gc, entry, bm, inc, out, None).await
+    }
+
+    /// Reads `out` from guest cluster `gc` at `inc` through its mapping; ranges that read as
+    /// zeros without I/O (zero clusters and subclusters, unallocated ones with no backing
+    /// file) are noted in `holes`.
+    async fn read_mapped_noting(
+        &self,
+        gc: u64,
+        entry: L2Entry,
+        bm: SubclusterBitmap,
+        inc: u64,
+        out: &mut [u8],
+        holes: Option<&HoleLog>,
+    ) -> Result<()> {
         if let L2Entry::Compressed(d) = entry {
             let data = self.decompress(d).await?;
             out.copy_from_slice(&data[inc as usize..inc as usize + out.len()]);
@@ -1019,19 +1053,20 @@ impl Image {
             }
             let n = (end.min(inc + out.len() as u64) - pos) as usize;
             let piece = &mut out[done..done + n];
-            match src {
-                Source::Zero => piece.fill(0),
-                Source::Disk => match &self.inner.backing {
-                    Some(b) => {
-                        b.read(piece, (gc << self.inner.geo.cluster_bits()) + pos)
-                            .await?
-                    }
-                    None => piece.fill(0),
-                },
-                Source::Data(host) => {
-                    let guest = (gc << self.inner.geo.cluster_bits()) + pos;
-                    self.read_data(host, guest, piece).await?;
+            let guest = (gc << self.inner.geo.cluster_bits()) + pos;
+            let zeros = |piece: &mut [u8]| {
+                piece.fill(0);
+                if let Some(h) = holes {
+                    h.note(guest..guest + n as u64);
                 }
+            };
+            match src {
+                Source::Zero => zeros(piece),
+                Source::Disk => match &self.inner.backing {
+                    Some(b) => b.read(piece, guest).await?,
+                    None => zeros(piece),
+                },
+                Source::Data(host) => self.read_data(host, guest, piece).await?,
             }
             done += n;
         }

@@ -1,12 +1,16 @@
 //! An NBD server for qcow2-async images, on Tokio.
 //!
 //! Speaks the fixed newstyle handshake (`NBD_OPT_GO`, `INFO`, `LIST`, `EXPORT_NAME`,
-//! `ABORT`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT`, `SET_META_CONTEXT`) and the commands
-//! `READ`, `WRITE` (with `FUA`), `FLUSH`, `TRIM`, `WRITE_ZEROES` (with `NO_HOLE` and
-//! `FAST_ZERO`), `BLOCK_STATUS` and `DISC`, over TCP or Unix sockets. Metadata contexts:
-//! `base:allocation` (from [`qcow2_async::Image::map`]) and `qemu:dirty-bitmap:NAME` (from
-//! the image's persistent bitmaps, bit 0 = dirty, as qemu-nbd). Internal snapshots can be
-//! exported read-only by name.
+//! `ABORT`, `STARTTLS`, `STRUCTURED_REPLY`, `EXTENDED_HEADERS`, `LIST_META_CONTEXT`,
+//! `SET_META_CONTEXT`) and the commands `READ` (sparse: zero ranges go out as
+//! `OFFSET_HOLE` chunks unless the client sets `DF`), `WRITE` (with `FUA`), `FLUSH`, `TRIM`,
+//! `CACHE`, `WRITE_ZEROES` (with `NO_HOLE` and `FAST_ZERO`), `BLOCK_STATUS` (with a context
+//! filter under extended headers) and `DISC`, over TCP or Unix sockets. Metadata contexts:
+//! `base:allocation` (from [`qcow2_async::Image::map`]), `qemu:allocation-depth` (which
+//! layer of the backing chain answers) and `qemu:dirty-bitmap:NAME` (from the image's
+//! persistent bitmaps, bit 0 = dirty, as qemu-nbd). One server offers several exports of
+//! the image: the live disk and internal snapshots (read-only, with the same allocation
+//! contexts), all listed by `NBD_OPT_LIST`.
 //!
 //! Requests are pipelined: each runs in its own task and replies go out in completion
 //! order. Choices where the protocol leaves room:
@@ -52,6 +56,7 @@
 mod errno_map;
 mod error;
 pub mod proto;
+pub mod reply;
 mod server;
 mod tls;
 

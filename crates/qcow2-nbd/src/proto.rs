@@ -2,8 +2,9 @@
 //! encoders for everything the server sends. Nothing here touches a socket, so every decoder
 //! can be fed arbitrary bytes (the fuzz target does).
 //!
-//! Only the compact (non-extended-header) protocol is spoken: requests are 28 bytes, lengths
-//! are 32 bits.
+//! Both request formats are spoken: compact requests (28 bytes, 32-bit lengths) and, once
+//! the client negotiated `NBD_OPT_EXTENDED_HEADERS` as QEMU's client does, extended ones
+//! (32 bytes, 64-bit lengths). How replies look in each [`Mode`] is in [`crate::reply`].
 
 use std::fmt;
 
@@ -15,10 +16,14 @@ pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 /// In front of every transmission request.
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// In front of every transmission request once extended headers are negotiated.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
 /// In front of every simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// In front of every structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// In front of every reply chunk once extended headers are negotiated.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 /// Largest READ or WRITE payload the server accepts (and advertises as the maximum block
 /// size): 32 MiB, the same as qemu-nbd. Larger reads get `EOVERFLOW`; larger writes get
@@ -32,6 +37,11 @@ pub const MAX_OPTION: u32 = 64 << 10;
 pub const MAX_STRING: usize = 4096;
 /// Size of a compact request header.
 pub const REQUEST_LEN: usize = 28;
+/// Size of an extended request header.
+pub const EXTENDED_REQUEST_LEN: usize = 32;
+/// Largest `NBD_CMD_BLOCK_STATUS` payload (an effect length and context ids): far more ids
+/// than any export offers. A larger one ends the connection, like an oversized write.
+pub const MAX_STATUS_PAYLOAD: u64 = 8 + 4 * 4096;
 /// Size of an option header (magic, option, length).
 pub const OPTION_HEADER_LEN: usize = 16;
 
@@ -66,6 +76,9 @@ pub mod tflags {
     pub const SEND_CACHE: u16 = 1 << 10;
     /// `NBD_FLAG_SEND_FAST_ZERO`: the `FAST_ZERO` write-zeroes flag is supported.
     pub const SEND_FAST_ZERO: u16 = 1 << 11;
+    /// `NBD_FLAG_BLOCK_STAT_PAYLOAD`: `NBD_CMD_BLOCK_STATUS` may name the contexts it wants
+    /// in a payload (extended headers only).
+    pub const BLOCK_STAT_PAYLOAD: u16 = 1 << 12;
 }
 
 /// Option numbers.
@@ -88,6 +101,8 @@ pub mod opt {
     pub const LIST_META_CONTEXT: u32 = 9;
     /// `NBD_OPT_SET_META_CONTEXT`: select metadata contexts for block status.
     pub const SET_META_CONTEXT: u32 = 10;
+    /// `NBD_OPT_EXTENDED_HEADERS`: 32-byte requests and replies with 64-bit lengths.
+    pub const EXTENDED_HEADERS: u32 = 11;
 }
 
 /// Option reply types.
@@ -112,6 +127,8 @@ pub mod rep {
     pub const ERR_UNKNOWN: u32 = (1 << 31) + 6;
     /// `NBD_REP_ERR_SHUTDOWN`: the server is shutting down.
     pub const ERR_SHUTDOWN: u32 = (1 << 31) + 7;
+    /// `NBD_REP_ERR_EXT_HEADER_REQD`: structured replies asked for after extended headers.
+    pub const ERR_EXT_HEADER_REQD: u32 = (1 << 31) + 10;
 }
 
 /// `NBD_REP_INFO` item types.
@@ -158,6 +175,9 @@ pub mod cflags {
     pub const REQ_ONE: u16 = 1 << 3;
     /// `NBD_CMD_FLAG_FAST_ZERO`: fail rather than write zeroes slowly.
     pub const FAST_ZERO: u16 = 1 << 4;
+    /// `NBD_CMD_FLAG_PAYLOAD_LEN`: the length field is the payload's length (extended
+    /// headers only; `NBD_CMD_BLOCK_STATUS` with a context filter).
+    pub const PAYLOAD_LEN: u16 = 1 << 5;
 }
 
 /// Structured reply chunk types and flags.
@@ -168,8 +188,12 @@ pub mod chunk {
     pub const NONE: u16 = 0;
     /// `NBD_REPLY_TYPE_OFFSET_DATA`: read data at an offset.
     pub const OFFSET_DATA: u16 = 1;
+    /// `NBD_REPLY_TYPE_OFFSET_HOLE`: a part of a read that reads as zeros, without its bytes.
+    pub const OFFSET_HOLE: u16 = 2;
     /// `NBD_REPLY_TYPE_BLOCK_STATUS`: extents of one metadata context.
     pub const BLOCK_STATUS: u16 = 5;
+    /// `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`: extents with 64-bit lengths (extended headers).
+    pub const BLOCK_STATUS_EXT: u16 = 6;
     /// `NBD_REPLY_TYPE_ERROR`: an error for the whole request.
     pub const ERROR: u16 = (1 << 15) + 1;
 }
@@ -394,6 +418,9 @@ pub fn decode_meta_request(data: &[u8]) -> Result<MetaRequest, InvalidOption> {
 pub enum MetaContext {
     /// `base:allocation`: holes and zeros.
     BaseAllocation,
+    /// `qemu:allocation-depth`: which layer of the backing chain holds the extent (0: none,
+    /// 1: the image itself, 2: its backing file, ...).
+    AllocationDepth,
     /// `qemu:dirty-bitmap:NAME`: bit 0 set where the persistent bitmap is dirty.
     DirtyBitmap(String),
 }
@@ -403,6 +430,7 @@ impl MetaContext {
     pub fn name(&self) -> String {
         match self {
             MetaContext::BaseAllocation => "base:allocation".into(),
+            MetaContext::AllocationDepth => "qemu:allocation-depth".into(),
             MetaContext::DirtyBitmap(n) => format!("qemu:dirty-bitmap:{n}"),
         }
     }
@@ -421,6 +449,7 @@ pub fn match_query(query: &str, available: &[MetaContext], list: bool) -> Vec<us
             name == query
                 || match c {
                     MetaContext::BaseAllocation => wildcard("base:"),
+                    MetaContext::AllocationDepth => wildcard("qemu:"),
                     MetaContext::DirtyBitmap(_) => {
                         wildcard("qemu:") || wildcard("qemu:dirty-bitmap:")
                     }
@@ -428,6 +457,29 @@ pub fn match_query(query: &str, available: &[MetaContext], list: bool) -> Vec<us
         })
         .map(|(i, _)| i)
         .collect()
+}
+
+/// Which request and reply formats a connection speaks (QEMU's `NBDMode`), in the order a
+/// client can upgrade during negotiation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Mode {
+    /// Compact requests; simple replies only.
+    Simple,
+    /// Compact requests; structured replies (`NBD_OPT_STRUCTURED_REPLY`).
+    Structured,
+    /// Extended requests and replies with 64-bit lengths (`NBD_OPT_EXTENDED_HEADERS`);
+    /// every reply is a chunk.
+    Extended,
+}
+
+impl Mode {
+    /// Bytes of a request header in this mode.
+    pub fn request_len(self) -> usize {
+        match self {
+            Mode::Extended => EXTENDED_REQUEST_LEN,
+            _ => REQUEST_LEN,
+        }
+    }
 }
 
 /// A decoded request header.
@@ -441,17 +493,28 @@ pub struct RequestHeader {
     pub cookie: u64,
     /// Offset.
     pub offset: u64,
-    /// Length.
-    pub length: u32,
+    /// Length: 32 bits in a compact request, 64 in an extended one. For a write, and for a
+    /// command with `PAYLOAD_LEN`, the number of payload bytes that follow.
+    pub length: u64,
 }
 
-/// Decodes a request header; a bad magic is fatal for the connection.
-pub fn decode_request(b: &[u8; REQUEST_LEN]) -> Result<RequestHeader, ProtoError> {
-    let magic = be32(&b[0..4]);
-    if magic != REQUEST_MAGIC {
+/// Decodes a request header of `mode` (`b` holds [`Mode::request_len`] bytes); a bad magic,
+/// including a compact request where extended ones were negotiated, is fatal for the
+/// connection.
+pub fn decode_request(b: &[u8], mode: Mode) -> Result<RequestHeader, ProtoError> {
+    let (magic, len) = match mode {
+        Mode::Extended => (EXTENDED_REQUEST_MAGIC, EXTENDED_REQUEST_LEN),
+        _ => (REQUEST_MAGIC, REQUEST_LEN),
+    };
+    let b = b.get(..len).ok_or(ProtoError::BadMagic {
+        what: "request",
+        found: 0,
+    })?;
+    let found = be32(&b[0..4]);
+    if found != magic {
         return Err(ProtoError::BadMagic {
             what: "request",
-            found: u64::from(magic),
+            found: u64::from(found),
         });
     }
     Ok(RequestHeader {
@@ -459,7 +522,10 @@ pub fn decode_request(b: &[u8; REQUEST_LEN]) -> Result<RequestHeader, ProtoError
         kind: u16::from_be_bytes([b[6], b[7]]),
         cookie: be64(&b[8..16]),
         offset: be64(&b[16..24]),
-        length: be32(&b[24..28]),
+        length: match mode {
+            Mode::Extended => be64(&b[24..32]),
+            _ => u64::from(be32(&b[24..28])),
+        },
     })
 }
 
@@ -471,10 +537,18 @@ pub struct Limits {
     pub size: u64,
     /// Writes, trims and zeroes are refused with `EPERM`.
     pub read_only: bool,
-    /// Structured replies were negotiated.
-    pub structured: bool,
-    /// How many metadata contexts were selected (`BLOCK_STATUS` needs at least one).
+    /// The negotiated request and reply formats.
+    pub mode: Mode,
+    /// How many metadata contexts were selected (`BLOCK_STATUS` needs at least one). With
+    /// extended headers and at least one, `NBD_FLAG_BLOCK_STAT_PAYLOAD` is advertised.
     pub contexts: usize,
+}
+
+impl Limits {
+    /// Whether `NBD_CMD_BLOCK_STATUS` may carry a context filter (and the export says so).
+    pub fn status_payload(&self) -> bool {
+        self.mode == Mode::Extended && self.contexts > 0
+    }
 }
 
 /// A validated command, ready to run.
@@ -484,14 +558,16 @@ pub enum Command {
     Read {
         /// Offset.
         offset: u64,
-        /// Length.
+        /// Length, at most [`MAX_REQUEST`].
         len: u32,
+        /// `DF`: the data goes in one chunk (no holes).
+        df: bool,
     },
     /// Write the `len`-byte payload that follows at `offset`.
     Write {
         /// Offset.
         offset: u64,
-        /// Length of the payload.
+        /// Length of the payload, at most [`MAX_REQUEST`].
         len: u32,
         /// Persist before replying.
         fua: bool,
@@ -501,7 +577,7 @@ pub enum Command {
         /// Offset.
         offset: u64,
         /// Length.
-        len: u32,
+        len: u64,
     },
     /// The client is done.
     Disconnect,
@@ -512,7 +588,7 @@ pub enum Command {
         /// Offset.
         offset: u64,
         /// Length.
-        len: u32,
+        len: u64,
         /// Persist before replying.
         fua: bool,
     },
@@ -521,7 +597,7 @@ pub enum Command {
         /// Offset.
         offset: u64,
         /// Length.
-        len: u32,
+        len: u64,
         /// Persist before replying.
         fua: bool,
         /// `NO_HOLE`: keep the space allocated.
@@ -534,8 +610,18 @@ pub enum Command {
         /// Offset.
         offset: u64,
         /// Length.
-        len: u32,
+        len: u64,
         /// `REQ_ONE`: one extent per context is enough.
+        req_one: bool,
+    },
+    /// `BLOCK_STATUS` whose length and contexts come in a `payload`-byte payload (decode it
+    /// with [`decode_status_payload`], then judge it with [`validate_status_range`]).
+    BlockStatusFiltered {
+        /// Offset.
+        offset: u64,
+        /// Bytes of payload that follow the header.
+        payload: u32,
+        /// `REQ_ONE`.
         req_one: bool,
     },
 }
@@ -546,7 +632,7 @@ pub struct Rejection {
     /// The error to reply with.
     pub errno: u32,
     /// Payload bytes that follow the header and must be read and dropped before the next
-    /// request (a refused in-limit write).
+    /// request (a refused in-limit write or block-status filter).
     pub skip: u32,
     /// After replying, end the connection: the payload of an oversized write cannot be
     /// skipped sensibly.
@@ -558,24 +644,37 @@ pub struct Rejection {
 /// Judges a request against the export: flags, bounds, size and permissions. Pure, so it can
 /// be fuzzed; the server runs exactly what this returns.
 pub fn validate(h: &RequestHeader, l: &Limits) -> Result<Command, Rejection> {
-    let has_payload = h.kind == cmd::WRITE;
+    let extended = l.mode == Mode::Extended;
+    // Bytes that follow the header, whether or not the command is accepted.
+    let payload = if h.kind == cmd::WRITE || (extended && h.flags & cflags::PAYLOAD_LEN != 0) {
+        h.length
+    } else {
+        0
+    };
+    let payload_cap = if h.kind == cmd::WRITE {
+        u64::from(MAX_REQUEST)
+    } else {
+        MAX_STATUS_PAYLOAD
+    };
     let reject = |errno, reason| {
-        let oversized = has_payload && h.length > MAX_REQUEST;
+        let oversized = payload > payload_cap;
         Err(Rejection {
             errno,
-            skip: if has_payload && !oversized {
-                h.length
-            } else {
-                0
-            },
+            skip: if oversized { 0 } else { payload as u32 },
             disconnect: oversized,
             reason,
         })
     };
     let allowed = match h.kind {
-        cmd::READ => cflags::FUA | if l.structured { cflags::DF } else { 0 },
-        cmd::WRITE | cmd::DISC | cmd::FLUSH | cmd::TRIM | cmd::CACHE => cflags::FUA,
+        cmd::READ if l.mode >= Mode::Structured => cflags::FUA | cflags::DF,
+        cmd::READ | cmd::DISC | cmd::FLUSH | cmd::TRIM | cmd::CACHE => cflags::FUA,
+        // The flag only restates that the length is the payload's.
+        cmd::WRITE if extended => cflags::FUA | cflags::PAYLOAD_LEN,
+        cmd::WRITE => cflags::FUA,
         cmd::WRITE_ZEROES => cflags::FUA | cflags::NO_HOLE | cflags::FAST_ZERO,
+        cmd::BLOCK_STATUS if l.status_payload() => {
+            cflags::FUA | cflags::REQ_ONE | cflags::PAYLOAD_LEN
+        }
         cmd::BLOCK_STATUS => cflags::FUA | cflags::REQ_ONE,
         _ => return reject(errno::EINVAL, "unknown command"),
     };
@@ -584,19 +683,19 @@ pub fn validate(h: &RequestHeader, l: &Limits) -> Result<Command, Rejection> {
     }
     // CACHE carries no data either way, so it is not bounded by the buffer limit (as in
     // qemu-nbd, which prefetches any in-range length); the server reads it piece by piece.
-    if matches!(h.kind, cmd::READ | cmd::WRITE) && h.length > MAX_REQUEST {
+    if matches!(h.kind, cmd::READ | cmd::WRITE) && h.length > u64::from(MAX_REQUEST) {
         return reject(errno::EOVERFLOW, "request larger than the 32 MiB maximum");
     }
     let writes = matches!(h.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
     if writes && l.read_only {
         return reject(errno::EPERM, "export is read-only");
     }
-    let ranged = !matches!(h.kind, cmd::DISC | cmd::FLUSH);
-    let in_range = h
-        .offset
-        .checked_add(u64::from(h.length))
-        .is_some_and(|end| end <= l.size);
-    if ranged && !in_range {
+    let filtered = h.kind == cmd::BLOCK_STATUS && payload > 0;
+    if filtered {
+        if !(12..=MAX_STATUS_PAYLOAD).contains(&payload) || payload % 4 != 0 {
+            return reject(errno::EINVAL, "malformed block status payload");
+        }
+    } else if !matches!(h.kind, cmd::DISC | cmd::FLUSH) && !in_range(h.offset, h.length, l) {
         // The NBD spec's codes: ENOSPC for writes past the end, EINVAL otherwise. (qemu-nbd
         // 10 computes the same but replies EINVAL to every request it refuses before
         // running it, oversized and read-only ones included: nbd_trip in nbd/server.c.)
@@ -610,8 +709,16 @@ pub fn validate(h: &RequestHeader, l: &Limits) -> Result<Command, Rejection> {
     let fua = h.flags & cflags::FUA != 0;
     let (offset, len) = (h.offset, h.length);
     Ok(match h.kind {
-        cmd::READ => Command::Read { offset, len },
-        cmd::WRITE => Command::Write { offset, len, fua },
+        cmd::READ => Command::Read {
+            offset,
+            len: len as u32,
+            df: h.flags & cflags::DF != 0,
+        },
+        cmd::WRITE => Command::Write {
+            offset,
+            len: len as u32,
+            fua,
+        },
         cmd::DISC => Command::Disconnect,
         cmd::FLUSH => Command::Flush,
         cmd::TRIM => Command::Trim { offset, len, fua },
@@ -624,8 +731,16 @@ pub fn validate(h: &RequestHeader, l: &Limits) -> Result<Command, Rejection> {
             fast: h.flags & cflags::FAST_ZERO != 0,
         },
         _ => {
-            if !l.structured || l.contexts == 0 {
+            if l.mode == Mode::Simple || l.contexts == 0 {
                 return reject(errno::EINVAL, "no metadata context was negotiated");
+            }
+            let req_one = h.flags & cflags::REQ_ONE != 0;
+            if filtered {
+                return Ok(Command::BlockStatusFiltered {
+                    offset,
+                    payload: payload as u32,
+                    req_one,
+                });
             }
             if len == 0 {
                 return reject(errno::EINVAL, "block status of an empty range");
@@ -633,12 +748,54 @@ pub fn validate(h: &RequestHeader, l: &Limits) -> Result<Command, Rejection> {
             Command::BlockStatus {
                 offset,
                 len,
-                req_one: h.flags & cflags::REQ_ONE != 0,
+                req_one,
             }
         }
     })
 }
 
+fn in_range(offset: u64, len: u64, l: &Limits) -> bool {
+    offset.checked_add(len).is_some_and(|end| end <= l.size)
+}
+
+/// The payload of a filtered `NBD_CMD_BLOCK_STATUS`: the effect length and the ids of the
+/// contexts wanted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusFilter {
+    /// Bytes to report on.
+    pub len: u64,
+    /// Context ids, as the client sent them (duplicates allowed).
+    pub ids: Vec<u32>,
+}
+
+/// Decodes a block-status payload whose size [`validate`] accepted (an effect length and at
+/// least one 4-byte id).
+pub fn decode_status_payload(b: &[u8]) -> Result<StatusFilter, InvalidOption> {
+    if b.len() < 12 || b.len() % 4 != 0 || b.len() as u64 > MAX_STATUS_PAYLOAD {
+        return Err(InvalidOption("malformed block status payload"));
+    }
+    Ok(StatusFilter {
+        len: be64(&b[..8]),
+        ids: b[8..].chunks_exact(4).map(be32).collect(),
+    })
+}
+
+/// Judges the range of a filtered block status, as [`validate`] judges an unfiltered one.
+pub fn validate_status_range(offset: u64, len: u64, l: &Limits) -> Result<(), Rejection> {
+    let reason = if len == 0 {
+        "block status of an empty range"
+    } else if !in_range(offset, len, l) {
+        "request extends past the end of the export"
+    } else {
+        return Ok(());
+    };
+    Err(Rejection {
+        errno: errno::EINVAL,
+        skip: 0,
+        disconnect: false,
+        reason,
+    })
+}
 /// Appends an option reply.
 pub fn option_reply(out: &mut Vec<u8>, option: u32, kind: u32, data: &[u8]) {
     out.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
@@ -701,94 +858,13 @@ pub fn export_name_reply(out: &mut Vec<u8>, size: u64, flags: u16, no_zeroes: bo
     }
 }
 
-/// Appends a simple reply header (the data of a successful read follows it).
-pub fn simple_reply(out: &mut Vec<u8>, cookie: u64, error: u32) {
-    out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    out.extend_from_slice(&error.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
-}
-
-/// Appends a structured reply chunk header announcing `length` payload bytes.
-pub fn chunk_header(out: &mut Vec<u8>, cookie: u64, flags: u16, kind: u16, length: u32) {
-    out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-    out.extend_from_slice(&flags.to_be_bytes());
-    out.extend_from_slice(&kind.to_be_bytes());
-    out.extend_from_slice(&cookie.to_be_bytes());
-    out.extend_from_slice(&length.to_be_bytes());
-}
-
-/// Appends the header of a final `NBD_REPLY_TYPE_OFFSET_DATA` chunk; `len` data bytes must
-/// follow.
-pub fn offset_data_header(out: &mut Vec<u8>, cookie: u64, offset: u64, len: u32) {
-    chunk_header(out, cookie, chunk::FLAG_DONE, chunk::OFFSET_DATA, len + 8);
-    out.extend_from_slice(&offset.to_be_bytes());
-}
-
-/// Appends a final `NBD_REPLY_TYPE_ERROR` chunk with a human-readable message.
-pub fn error_chunk(out: &mut Vec<u8>, cookie: u64, error: u32, msg: &str) {
-    // The message length field is 16 bits and strings are capped anyway.
-    let mut end = msg.len().min(MAX_STRING);
-    while !msg.is_char_boundary(end) {
-        end -= 1;
-    }
-    let msg = &msg.as_bytes()[..end];
-    chunk_header(
-        out,
-        cookie,
-        chunk::FLAG_DONE,
-        chunk::ERROR,
-        6 + msg.len() as u32,
-    );
-    out.extend_from_slice(&error.to_be_bytes());
-    out.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-    out.extend_from_slice(msg);
-}
-
-/// Appends an `NBD_REPLY_TYPE_BLOCK_STATUS` chunk (at least one descriptor).
-pub fn block_status_chunk(
-    out: &mut Vec<u8>,
-    cookie: u64,
-    done: bool,
-    context: u32,
-    extents: &[(u32, u32)],
-) {
-    let flags = if done { chunk::FLAG_DONE } else { 0 };
-    let len = 4 + 8 * extents.len() as u32;
-    chunk_header(out, cookie, flags, chunk::BLOCK_STATUS, len);
-    out.extend_from_slice(&context.to_be_bytes());
-    for &(length, status) in extents {
-        out.extend_from_slice(&length.to_be_bytes());
-        out.extend_from_slice(&status.to_be_bytes());
-    }
-}
-
-/// Appends `(length, flags)` to a descriptor list, merging with the previous descriptor
-/// when the flags are equal and the sum still fits 32 bits.
-pub fn push_extent(out: &mut Vec<(u32, u32)>, length: u64, flags: u32) {
-    let mut length = length;
-    while length > 0 {
-        if let Some(last) = out.last_mut() {
-            if last.1 == flags && u64::from(last.0) < u64::from(u32::MAX) {
-                let room = u64::from(u32::MAX - last.0);
-                let n = room.min(length);
-                last.0 += n as u32;
-                length -= n;
-                continue;
-            }
-        }
-        let n = length.min(u64::from(u32::MAX));
-        out.push((n as u32, flags));
-        length -= n;
-    }
-}
-
-fn be32(b: &[u8]) -> u32 {
+pub(crate) fn be32(b: &[u8]) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[..4]);
     u32::from_be_bytes(a)
 }
 
-fn be64(b: &[u8]) -> u64 {
+pub(crate) fn be64(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[..8]);
     u64::from_be_bytes(a)
@@ -804,14 +880,14 @@ mod tests {
             kind,
             cookie: 7,
             offset,
-            length,
+            length: u64::from(length),
         }
     }
 
     const RW: Limits = Limits {
         size: 1 << 20,
         read_only: false,
-        structured: true,
+        mode: Mode::Structured,
         contexts: 1,
     };
 
@@ -825,7 +901,7 @@ mod tests {
         b[16..24].copy_from_slice(&4096u64.to_be_bytes());
         b[24..28].copy_from_slice(&512u32.to_be_bytes());
         assert_eq!(
-            decode_request(&b).unwrap(),
+            decode_request(&b, Mode::Structured).unwrap(),
             RequestHeader {
                 flags: cflags::FUA,
                 kind: cmd::WRITE,
@@ -834,9 +910,11 @@ mod tests {
                 length: 512
             }
         );
+        // Once extended headers are negotiated a compact request is a protocol violation.
+        assert!(decode_request(&b, Mode::Extended).is_err());
         b[0] ^= 1;
         assert!(matches!(
-            decode_request(&b),
+            decode_request(&b, Mode::Simple),
             Err(ProtoError::BadMagic {
                 what: "request",
                 ..
@@ -861,7 +939,8 @@ mod tests {
             validate(&req(cmd::READ, 0, (1 << 20) - 1, 1), &RW),
             Ok(Command::Read {
                 offset: (1 << 20) - 1,
-                len: 1
+                len: 1,
+                df: false
             })
         );
     }
@@ -884,7 +963,7 @@ mod tests {
             validate(&req(cmd::CACHE, 0, 4096, u32::MAX), &big),
             Ok(Command::Cache {
                 offset: 4096,
-                len: u32::MAX
+                len: u64::from(u32::MAX)
             })
         );
         // Read-only exports cache too; past the end is EINVAL, as for reads.
@@ -921,7 +1000,7 @@ mod tests {
         let r = validate(&req(cmd::WRITE, cflags::NO_HOLE, 0, 16), &RW).unwrap_err();
         assert_eq!((r.errno, r.skip), (errno::EINVAL, 16));
         let simple = Limits {
-            structured: false,
+            mode: Mode::Simple,
             contexts: 0,
             ..RW
         };
@@ -1025,19 +1104,84 @@ mod tests {
         assert_eq!(match_query("nope:x", &avail, true), Vec::<usize>::new());
     }
 
+    fn ext(kind: u16, flags: u16, offset: u64, length: u64) -> RequestHeader {
+        RequestHeader {
+            length,
+            ..req(kind, flags, offset, 0)
+        }
+    }
+
+    const EXT: Limits = Limits {
+        size: 1 << 40,
+        mode: Mode::Extended,
+        ..RW
+    };
+
     #[test]
-    fn extents_merge_and_split_at_32_bits() {
-        let mut v = Vec::new();
-        push_extent(&mut v, 4096, 0);
-        push_extent(&mut v, 4096, 0);
-        push_extent(&mut v, 512, STATE_HOLE);
-        assert_eq!(v, vec![(8192, 0), (512, STATE_HOLE)]);
-        let mut big = Vec::new();
-        push_extent(&mut big, (1 << 33) + 5, 3);
+    fn extended_requests_carry_64_bit_lengths() {
+        let mut b = [0u8; EXTENDED_REQUEST_LEN];
+        b[..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        b[6..8].copy_from_slice(&cmd::TRIM.to_be_bytes());
+        b[16..24].copy_from_slice(&(1u64 << 32).to_be_bytes());
+        b[24..32].copy_from_slice(&(5u64 << 32).to_be_bytes());
+        let h = decode_request(&b, Mode::Extended).unwrap();
+        assert_eq!((h.kind, h.offset, h.length), (cmd::TRIM, 1 << 32, 5 << 32));
+        assert!(decode_request(&b, Mode::Structured).is_err(), "wrong magic");
+        assert!(decode_request(&b[..31], Mode::Extended).is_err(), "short");
         assert_eq!(
-            big.iter().map(|e| u64::from(e.0)).sum::<u64>(),
-            (1 << 33) + 5
+            validate(&h, &EXT),
+            Ok(Command::Trim {
+                offset: 1 << 32,
+                len: 5 << 32,
+                fua: false
+            })
         );
-        assert!(big.iter().all(|e| e.0 > 0 && e.1 == 3));
+        // Reads and writes stay bounded by the advertised maximum block size.
+        let big = validate(&ext(cmd::READ, 0, 0, 1 << 32), &EXT).unwrap_err();
+        assert_eq!(big.errno, errno::EOVERFLOW);
+        let w = validate(&ext(cmd::WRITE, 0, 0, 1 << 32), &EXT).unwrap_err();
+        assert!(w.disconnect);
+    }
+
+    #[test]
+    fn payload_len_is_extended_only_and_its_payload_is_skipped_when_refused() {
+        let pl = cflags::PAYLOAD_LEN;
+        // Writes may restate their payload length.
+        assert!(validate(&ext(cmd::WRITE, pl, 0, 512), &EXT).is_ok());
+        assert!(validate(&req(cmd::WRITE, pl, 0, 512), &RW).is_err());
+        // A command that defines no payload: refused, its payload skipped.
+        let r = validate(&ext(cmd::FLUSH, pl, 0, 24), &EXT).unwrap_err();
+        assert_eq!((r.errno, r.skip, r.disconnect), (errno::EINVAL, 24, false));
+        let r = validate(&ext(cmd::TRIM, pl, 0, 1 << 40), &EXT).unwrap_err();
+        assert!(r.disconnect, "an absurd payload cannot be skipped");
+        // Block status filters need at least one selected context.
+        let none = Limits { contexts: 0, ..EXT };
+        let r = validate(&ext(cmd::BLOCK_STATUS, pl, 0, 12), &none).unwrap_err();
+        assert_eq!((r.errno, r.skip), (errno::EINVAL, 12));
+        assert_eq!(
+            validate(&ext(cmd::BLOCK_STATUS, pl, 4096, 16), &EXT),
+            Ok(Command::BlockStatusFiltered {
+                offset: 4096,
+                payload: 16,
+                req_one: false
+            })
+        );
+        for bad in [8, 14, MAX_STATUS_PAYLOAD + 4] {
+            let r = validate(&ext(cmd::BLOCK_STATUS, pl, 0, bad), &EXT).unwrap_err();
+            assert_eq!(r.errno, errno::EINVAL);
+        }
+    }
+
+    #[test]
+    fn status_payloads_decode_and_their_range_is_judged() {
+        let mut p = (1u64 << 20).to_be_bytes().to_vec();
+        p.extend_from_slice(&1u32.to_be_bytes());
+        p.extend_from_slice(&3u32.to_be_bytes());
+        let f = decode_status_payload(&p).unwrap();
+        assert_eq!((f.len, f.ids), (1 << 20, vec![1, 3]));
+        assert!(decode_status_payload(&p[..10]).is_err());
+        assert!(validate_status_range(0, 1 << 20, &RW).is_ok());
+        assert!(validate_status_range(1, 1 << 20, &RW).is_err());
+        assert!(validate_status_range(0, 0, &RW).is_err());
     }
 }

@@ -21,7 +21,8 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, instrument, warn};
 
 use crate::error::{Error, Result};
-use crate::proto::{self, errno, opt, rep, tflags, Command, Limits, MetaContext};
+use crate::proto::{self, errno, opt, rep, tflags, Command, Limits, MetaContext, Mode};
+use crate::reply::{push_extent, Extent, Reply};
 use crate::tls::TlsCredentials;
 
 /// What an export shows.
@@ -196,7 +197,8 @@ impl Server {
             }
             let export = match &e.source {
                 Source::Live => {
-                    let mut contexts = vec![MetaContext::BaseAllocation];
+                    let mut contexts =
+                        vec![MetaContext::BaseAllocation, MetaContext::AllocationDepth];
                     for b in &e.bitmaps {
                         match bitmaps.iter().find(|i| &i.name == b) {
                             None => return Err(Error::Config(format!("no bitmap named {b:?}"))),
@@ -233,9 +235,9 @@ impl Server {
                         read_only: true,
                         size: snap.disk_size,
                         source: e.source,
-                        // The engine has no block-status view of a snapshot: offer none
-                        // rather than report made-up allocation.
-                        contexts: Vec::new(),
+                        // As qemu-nbd -l: a snapshot's allocation, read from its own L1
+                        // table. Bitmaps track the live disk only.
+                        contexts: vec![MetaContext::BaseAllocation, MetaContext::AllocationDepth],
                     }
                 }
             };
@@ -368,7 +370,7 @@ impl Server {
         let ahead = io::Cursor::new(r.buffer().to_vec());
         let (rh, wh) = r.into_inner().into_halves();
         let export = &self.sh.exports[session.export];
-        debug!(export = export.name, "transmission phase");
+        debug!(export = export.name, mode = ?session.mode, "transmission phase");
         let r = BufReader::with_capacity(64 << 10, ahead.chain(rh));
         let w = BufWriter::with_capacity(64 << 10, wh);
         self.transmission(session, r, w, stop).await
@@ -419,7 +421,7 @@ impl Server {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let io = Error::io("negotiating");
-        let mut structured = false;
+        let mut mode = Mode::Simple;
         // Contexts chosen by the last SET_META_CONTEXT: (export, indices).
         let mut selected: Option<(usize, Vec<usize>)> = None;
         loop {
@@ -464,12 +466,13 @@ impl Server {
                     let Some(i) = self.find(&name) else {
                         return Err(proto::ProtoError::UnknownExport(name).into());
                     };
+                    let session = Session::new(i, mode, selected);
                     let e = &self.sh.exports[i];
-                    let flags = transmission_flags(e, structured);
+                    let flags = transmission_flags(e, &session);
                     proto::export_name_reply(&mut out, e.size, flags, no_zeroes);
                     s.write_all(&out).await.map_err(&io)?;
                     s.flush().await.map_err(&io)?;
-                    return Ok(Haggled::Go(Session::new(i, structured, selected)));
+                    return Ok(Haggled::Go(session));
                 }
                 opt::ABORT => {
                     proto::option_reply(&mut out, o, rep::ACK, &[]);
@@ -499,8 +502,9 @@ impl Server {
                     Ok(req) => match self.find(&req.name) {
                         None => err(&mut out, rep::ERR_UNKNOWN, "no such export"),
                         Some(i) => {
+                            let session = Session::new(i, mode, selected.clone());
                             let e = &self.sh.exports[i];
-                            let flags = transmission_flags(e, structured);
+                            let flags = transmission_flags(e, &session);
                             proto::info_export(&mut out, o, e.size, flags);
                             if req.items.contains(&proto::info::NAME) {
                                 proto::info_string(&mut out, o, proto::info::NAME, &e.name);
@@ -513,7 +517,7 @@ impl Server {
                             if o == opt::GO {
                                 s.write_all(&out).await.map_err(&io)?;
                                 s.flush().await.map_err(&io)?;
-                                return Ok(Haggled::Go(Session::new(i, structured, selected)));
+                                return Ok(Haggled::Go(session));
                             }
                         }
                     },
@@ -523,13 +527,33 @@ impl Server {
                     rep::ERR_INVALID,
                     "NBD_OPT_STRUCTURED_REPLY takes no data",
                 ),
-                opt::STRUCTURED_REPLY if structured => err(
+                // As qemu-nbd: extended headers imply structured replies.
+                opt::STRUCTURED_REPLY if mode == Mode::Extended => err(
+                    &mut out,
+                    rep::ERR_EXT_HEADER_REQD,
+                    "extended headers already negotiated",
+                ),
+                opt::STRUCTURED_REPLY if mode == Mode::Structured => err(
                     &mut out,
                     rep::ERR_INVALID,
                     "structured replies already negotiated",
                 ),
                 opt::STRUCTURED_REPLY => {
-                    structured = true;
+                    mode = Mode::Structured;
+                    proto::option_reply(&mut out, o, rep::ACK, &[]);
+                }
+                opt::EXTENDED_HEADERS if !data.is_empty() => err(
+                    &mut out,
+                    rep::ERR_INVALID,
+                    "NBD_OPT_EXTENDED_HEADERS takes no data",
+                ),
+                opt::EXTENDED_HEADERS if mode == Mode::Extended => err(
+                    &mut out,
+                    rep::ERR_INVALID,
+                    "extended headers already negotiated",
+                ),
+                opt::EXTENDED_HEADERS => {
+                    mode = Mode::Extended;
                     proto::option_reply(&mut out, o, rep::ACK, &[]);
                 }
                 opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
@@ -538,7 +562,7 @@ impl Server {
                         selected = None;
                     }
                     match proto::decode_meta_request(&data) {
-                        _ if !structured => err(
+                        _ if mode == Mode::Simple => err(
                             &mut out,
                             rep::ERR_INVALID,
                             "negotiate structured replies first",
@@ -593,13 +617,7 @@ impl Server {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let export = &self.sh.exports[s.export];
-        let limits = Limits {
-            size: export.size,
-            read_only: export.read_only,
-            structured: s.structured,
-            contexts: s.contexts.len(),
-        };
+        let limits = s.limits(&self.sh.exports[s.export]);
         let (tx, rx) = mpsc::channel::<Outgoing>(self.sh.opts.max_in_flight + 1);
         let mut writer = AbortOnDrop(tokio::spawn(write_replies(w, rx)));
         let in_flight = Arc::new(Semaphore::new(self.sh.opts.max_in_flight));
@@ -607,16 +625,18 @@ impl Server {
         let conn = Arc::new(Conn {
             sh: self.sh.clone(),
             export: s.export,
-            structured: s.structured,
+            mode: s.mode,
             contexts: s.contexts,
+            limits,
         });
+        let header_len = s.mode.request_len();
         let io = Error::io("reading a request");
         let result: Result<()> = loop {
-            let mut hb = [0u8; proto::REQUEST_LEN];
+            let mut hb = [0u8; proto::EXTENDED_REQUEST_LEN];
             let read = tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => break Ok(()),
-                r = r.read_exact(&mut hb) => r,
+                r = r.read_exact(&mut hb[..header_len]) => r,
             };
             match read {
                 Ok(_) => {}
@@ -624,7 +644,7 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
                 Err(e) => break Err(io(e)),
             }
-            let h = match proto::decode_request(&hb) {
+            let h = match proto::decode_request(&hb[..header_len], s.mode) {
                 Ok(h) => h,
                 Err(e) => break Err(e.into()),
             };
@@ -644,7 +664,7 @@ impl Server {
                             Err(e) => break Err(io(e)),
                         }
                     }
-                    let head = conn.error_reply(h.cookie, rej.errno, rej.reason);
+                    let head = conn.error_reply(&h, rej.errno, rej.reason);
                     let _ = tx.send(Outgoing::new(head, Vec::new(), slot, None)).await;
                     if rej.disconnect {
                         break Ok(());
@@ -655,6 +675,7 @@ impl Server {
             let bytes = match command {
                 Command::Disconnect => break Ok(()),
                 Command::Read { len, .. } | Command::Write { len, .. } => len as usize,
+                Command::BlockStatusFiltered { payload, .. } => payload as usize,
                 _ => 0,
             };
             let buffer = if bytes > 0 {
@@ -666,8 +687,13 @@ impl Server {
             } else {
                 None
             };
-            let payload = if let Command::Write { len, .. } = command {
-                let mut p = vec![0u8; len as usize];
+            let incoming = match command {
+                Command::Write { len, .. } => len,
+                Command::BlockStatusFiltered { payload, .. } => payload,
+                _ => 0,
+            };
+            let payload = if incoming > 0 {
+                let mut p = vec![0u8; incoming as usize];
                 // A client that leaves mid-payload leaves the write undone: nothing of it
                 // reaches the image.
                 match r.read_exact(&mut p).await {
@@ -681,7 +707,7 @@ impl Server {
             let conn = conn.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let (head, data) = conn.execute(h.cookie, command, payload).await;
+                let (head, data) = conn.execute(&h, command, payload).await;
                 let _ = tx.send(Outgoing::new(head, data, slot, buffer)).await;
             });
         };
@@ -696,10 +722,13 @@ impl Server {
     }
 }
 
-fn transmission_flags(e: &Export, structured: bool) -> u16 {
+fn transmission_flags(e: &Export, s: &Session) -> u16 {
     let mut f = tflags::HAS_FLAGS | tflags::CAN_MULTI_CONN | tflags::SEND_CACHE;
-    if structured {
+    if s.mode >= Mode::Structured {
         f |= tflags::SEND_DF;
+    }
+    if s.limits(e).status_payload() {
+        f |= tflags::BLOCK_STAT_PAYLOAD;
     }
     if e.read_only {
         f |= tflags::READ_ONLY;
@@ -811,22 +840,31 @@ enum Negotiated<S> {
 /// What the handshake settled.
 struct Session {
     export: usize,
-    structured: bool,
+    mode: Mode,
     /// Indices into the export's contexts, in the order selected.
     contexts: Vec<usize>,
 }
 
 impl Session {
-    fn new(export: usize, structured: bool, selected: Option<(usize, Vec<usize>)>) -> Self {
+    fn new(export: usize, mode: Mode, selected: Option<(usize, Vec<usize>)>) -> Self {
         // Contexts selected for a different export do not apply to this one.
         let contexts = match selected {
-            Some((e, c)) if e == export && structured => c,
+            Some((e, c)) if e == export && mode >= Mode::Structured => c,
             _ => Vec::new(),
         };
         Session {
             export,
-            structured,
+            mode,
             contexts,
+        }
+    }
+
+    fn limits(&self, export: &Export) -> Limits {
+        Limits {
+            size: export.size,
+            read_only: export.read_only,
+            mode: self.mode,
+            contexts: self.contexts.len(),
         }
     }
 }
@@ -889,45 +927,54 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 struct Conn {
     sh: Arc<Shared>,
     export: usize,
-    structured: bool,
+    mode: Mode,
     contexts: Vec<usize>,
+    limits: Limits,
 }
+
+/// Holes shorter than this go out as data: a hole chunk costs a 20- or 32-byte header plus
+/// 12 bytes, and splitting a read into many small chunks costs the client more than the
+/// zeros it saves.
+const MIN_HOLE: u64 = 512;
 
 impl Conn {
     fn export(&self) -> &Export {
         &self.sh.exports[self.export]
     }
 
-    fn ok_reply(&self, cookie: u64) -> Vec<u8> {
-        let mut out = Vec::with_capacity(16);
-        proto::simple_reply(&mut out, cookie, 0);
-        out
+    fn reply(&self, h: &proto::RequestHeader) -> Reply {
+        Reply::new(self.mode, h.cookie, h.offset)
     }
 
-    fn error_reply(&self, cookie: u64, errno: u32, msg: &str) -> Vec<u8> {
+    fn error_reply(&self, h: &proto::RequestHeader, errno: u32, msg: &str) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
-        if self.structured {
-            proto::error_chunk(&mut out, cookie, errno, msg);
-        } else {
-            proto::simple_reply(&mut out, cookie, errno);
-        }
+        self.reply(h).error(&mut out, errno, msg);
         out
     }
 
-    fn engine_error(&self, cookie: u64, e: &qcow2_async::Error) -> Vec<u8> {
-        warn!(cookie, "request failed: {e}");
-        self.error_reply(cookie, crate::errno_map::nbd_errno(e), &e.to_string())
+    fn engine_error(&self, h: &proto::RequestHeader, e: &qcow2_async::Error) -> Vec<u8> {
+        warn!(cookie = h.cookie, "request failed: {e}");
+        self.error_reply(h, crate::errno_map::nbd_errno(e), &e.to_string())
     }
 
-    fn done(&self, cookie: u64, r: qcow2_async::Result<()>) -> (Vec<u8>, Vec<u8>) {
+    fn done(&self, h: &proto::RequestHeader, r: qcow2_async::Result<()>) -> (Vec<u8>, Vec<u8>) {
         match r {
-            Ok(()) => (self.ok_reply(cookie), Vec::new()),
-            Err(e) => (self.engine_error(cookie, &e), Vec::new()),
+            Ok(()) => {
+                let mut out = Vec::with_capacity(32);
+                self.reply(h).done(&mut out);
+                (out, Vec::new())
+            }
+            Err(e) => (self.engine_error(h, &e), Vec::new()),
         }
     }
 
     /// Runs one validated command; returns the reply header and data.
-    async fn execute(&self, cookie: u64, c: Command, payload: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
+    async fn execute(
+        &self,
+        h: &proto::RequestHeader,
+        c: Command,
+        payload: Vec<u8>,
+    ) -> (Vec<u8>, Vec<u8>) {
         let img = &self.sh.image;
         let fua = |fua: bool| async move {
             if fua {
@@ -937,50 +984,22 @@ impl Conn {
             }
         };
         match c {
-            Command::Read { offset, len } => {
-                let buf = vec![0u8; len as usize];
-                // Live reads hand the reply buffer itself to the engine (no copy out of a
-                // bounce buffer when the range is mapped); snapshot reads go through slices.
-                let r = match &self.export().source {
-                    Source::Live => img
-                        .read_buf(IoBuf::from_vec(buf), offset)
-                        .await
-                        .map(IoBuf::into_vec),
-                    Source::Snapshot(id) => {
-                        let mut buf = buf;
-                        img.read_snapshot_at(id, &mut buf, offset)
-                            .await
-                            .map(|()| buf)
-                    }
-                };
-                let buf = match r {
-                    Ok(buf) => buf,
-                    Err(e) => return (self.engine_error(cookie, &e), Vec::new()),
-                };
-                let mut head = Vec::with_capacity(32);
-                if !self.structured {
-                    proto::simple_reply(&mut head, cookie, 0);
-                } else if len == 0 {
-                    let done = proto::chunk::FLAG_DONE;
-                    proto::chunk_header(&mut head, cookie, done, proto::chunk::NONE, 0);
-                } else {
-                    // Everything is in memory: no error can follow, so one chunk is final.
-                    proto::offset_data_header(&mut head, cookie, offset, len);
-                }
-                (head, buf)
-            }
+            Command::Read { offset, len, df } => match self.read(h, offset, len, df).await {
+                Ok(reply) => reply,
+                Err(e) => (self.engine_error(h, &e), Vec::new()),
+            },
             Command::Write { offset, fua: f, .. } => {
                 // The payload buffer goes to the engine as it is.
                 let r = match img.write_buf(IoBuf::from_vec(payload), offset).await {
                     Ok(_) => fua(f).await,
                     Err(e) => Err(e),
                 };
-                self.done(cookie, r)
+                self.done(h, r)
             }
-            Command::Flush => self.done(cookie, img.flush().await),
+            Command::Flush => self.done(h, img.flush().await),
             Command::Cache { offset, len } => {
-                let r = self.prefetch(offset, u64::from(len)).await;
-                self.done(cookie, r)
+                let r = self.prefetch(offset, len).await;
+                self.done(h, r)
             }
             Command::Trim {
                 offset,
@@ -990,12 +1009,12 @@ impl Conn {
                 let r = if len == 0 {
                     Ok(())
                 } else {
-                    match img.discard(offset, u64::from(len)).await {
+                    match img.discard(offset, len).await {
                         Ok(()) => fua(f).await,
                         Err(e) => Err(e),
                     }
                 };
-                self.done(cookie, r)
+                self.done(h, r)
             }
             Command::WriteZeroes {
                 offset,
@@ -1004,34 +1023,107 @@ impl Conn {
                 no_hole,
                 fast,
             } => {
-                if fast && !self.zeroing_is_fast(offset, u64::from(len)) {
+                if fast && !self.zeroing_is_fast(offset, len) {
                     let msg =
                         "zeroing this range would write data (not cluster aligned, or a v2 image)";
-                    return (self.error_reply(cookie, errno::ENOTSUP, msg), Vec::new());
+                    return (self.error_reply(h, errno::ENOTSUP, msg), Vec::new());
                 }
                 let r = if len == 0 {
                     Ok(())
                 } else {
-                    match img.write_zeroes(offset, u64::from(len), !no_hole).await {
+                    match img.write_zeroes(offset, len, !no_hole).await {
                         Ok(()) => fua(f).await,
                         Err(e) => Err(e),
                     }
                 };
-                self.done(cookie, r)
+                self.done(h, r)
             }
             Command::BlockStatus {
                 offset,
                 len,
                 req_one,
-            } => match self
-                .block_status(cookie, offset, u64::from(len), req_one)
-                .await
-            {
-                Ok(out) => (out, Vec::new()),
-                Err(e) => (self.engine_error(cookie, &e), Vec::new()),
+            } => {
+                let all = self.contexts.clone();
+                self.status_reply(h, offset, len, req_one, &all).await
+            }
+            Command::BlockStatusFiltered {
+                offset, req_one, ..
+            } => match self.status_filter(h, offset, &payload) {
+                Ok((len, wanted)) => self.status_reply(h, offset, len, req_one, &wanted).await,
+                Err(rej) => (self.error_reply(h, rej.errno, rej.reason), Vec::new()),
             },
             Command::Disconnect => (Vec::new(), Vec::new()),
         }
+    }
+
+    /// A read. Structured replies without `DF` leave out what reads as zeros without being
+    /// stored (`OFFSET_HOLE` chunks, as qemu-nbd's sparse reads); the common case, a read of
+    /// allocated data, is one data chunk whose buffer the engine filled in place.
+    async fn read(
+        &self,
+        h: &proto::RequestHeader,
+        offset: u64,
+        len: u32,
+        df: bool,
+    ) -> qcow2_async::Result<(Vec<u8>, Vec<u8>)> {
+        let img = &self.sh.image;
+        let reply = self.reply(h);
+        let buf = vec![0u8; len as usize];
+        let sparse = self.mode >= Mode::Structured && !df && len > 0;
+        let (buf, holes) = match &self.export().source {
+            Source::Live if sparse => {
+                let (buf, holes) = img.read_buf_sparse(IoBuf::from_vec(buf), offset).await?;
+                (buf.into_vec(), holes)
+            }
+            // Live reads hand the reply buffer itself to the engine (no copy out of a bounce
+            // buffer when the range is mapped); snapshot reads go through slices.
+            Source::Live => (
+                img.read_buf(IoBuf::from_vec(buf), offset).await?.into_vec(),
+                Vec::new(),
+            ),
+            Source::Snapshot(id) => {
+                let mut buf = buf;
+                img.read_snapshot_at(id, &mut buf, offset).await?;
+                (buf, Vec::new())
+            }
+        };
+        let holes: Vec<_> = holes
+            .into_iter()
+            .filter(|r| r.end - r.start >= MIN_HOLE)
+            .collect();
+        let mut head = Vec::with_capacity(32);
+        if holes.is_empty() {
+            // Everything is in memory: no error can follow, so one chunk is final.
+            reply.read(&mut head, len);
+            return Ok((head, buf));
+        }
+        // Data and holes in guest order; the last chunk is final.
+        let end = offset + u64::from(len);
+        let mut at = offset;
+        let mut pieces: Vec<(u64, u64, bool)> = Vec::with_capacity(2 * holes.len() + 1);
+        for r in &holes {
+            if r.start > at {
+                pieces.push((at, r.start, false));
+            }
+            pieces.push((r.start, r.end, true));
+            at = r.end;
+        }
+        if at < end {
+            pieces.push((at, end, false));
+        }
+        let data_bytes: u64 = pieces.iter().filter(|p| !p.2).map(|p| p.1 - p.0).sum();
+        let mut out = Vec::with_capacity(data_bytes as usize + 32 * pieces.len());
+        for (i, &(from, to, hole)) in pieces.iter().enumerate() {
+            let last = i + 1 == pieces.len();
+            let n = (to - from) as u32;
+            if hole {
+                reply.hole(&mut out, last, from, n);
+            } else {
+                reply.data(&mut out, last, from, n);
+                out.extend_from_slice(&buf[(from - offset) as usize..(to - offset) as usize]);
+            }
+        }
+        Ok((out, Vec::new()))
     }
 
     /// `NBD_CMD_CACHE`: reads the range and drops the data, as qemu-nbd's prefetch does, so
@@ -1062,22 +1154,85 @@ impl Conn {
         self.sh.version3 && offset % cs == 0 && (end % cs == 0 || end == self.export().size)
     }
 
-    async fn block_status(
+    /// The effect length and contexts of a filtered block status: every id must be one the
+    /// client selected (as qemu-nbd, which refuses the request otherwise). The reply keeps
+    /// the selection's order.
+    fn status_filter(
         &self,
-        cookie: u64,
+        h: &proto::RequestHeader,
+        offset: u64,
+        payload: &[u8],
+    ) -> std::result::Result<(u64, Vec<usize>), proto::Rejection> {
+        let invalid = |reason| proto::Rejection {
+            errno: errno::EINVAL,
+            skip: 0,
+            disconnect: false,
+            reason,
+        };
+        let f = proto::decode_status_payload(payload).map_err(|m| invalid(m.0))?;
+        if f.ids
+            .iter()
+            .any(|id| !self.contexts.contains(&(*id as usize)))
+        {
+            return Err(invalid(
+                "block status names a context that was not selected",
+            ));
+        }
+        proto::validate_status_range(offset, f.len, &self.limits)?;
+        debug!(cookie = h.cookie, ids = ?f.ids, "filtered block status");
+        let wanted = self
+            .contexts
+            .iter()
+            .copied()
+            .filter(|c| f.ids.contains(&(*c as u32)))
+            .collect();
+        Ok((f.len, wanted))
+    }
+
+    async fn status_reply(
+        &self,
+        h: &proto::RequestHeader,
         offset: u64,
         len: u64,
         req_one: bool,
+        contexts: &[usize],
+    ) -> (Vec<u8>, Vec<u8>) {
+        match self.block_status(h, offset, len, req_one, contexts).await {
+            Ok(out) => (out, Vec::new()),
+            Err(e) => (self.engine_error(h, &e), Vec::new()),
+        }
+    }
+
+    async fn block_status(
+        &self,
+        h: &proto::RequestHeader,
+        offset: u64,
+        len: u64,
+        req_one: bool,
+        contexts: &[usize],
     ) -> qcow2_async::Result<Vec<u8>> {
         let img = &self.sh.image;
         let len = len.min(BLOCK_STATUS_SPAN);
         let end = offset + len;
         let mut out = Vec::new();
-        for (k, &ci) in self.contexts.iter().enumerate() {
-            let mut ext: Vec<(u32, u32)> = Vec::new();
-            match &self.export().contexts[ci] {
+        // Both allocation contexts come from one walk of the mapping.
+        let mut map = None;
+        for (k, &ci) in contexts.iter().enumerate() {
+            let mut ext: Vec<Extent> = Vec::new();
+            let context = &self.export().contexts[ci];
+            if matches!(
+                context,
+                MetaContext::BaseAllocation | MetaContext::AllocationDepth
+            ) && map.is_none()
+            {
+                map = Some(match &self.export().source {
+                    Source::Live => img.map(offset, len).await?,
+                    Source::Snapshot(id) => img.map_snapshot(id, offset, len).await?,
+                });
+            }
+            match context {
                 MetaContext::BaseAllocation => {
-                    for e in img.map(offset, len).await? {
+                    for e in map.iter().flatten() {
                         let mut flags = 0;
                         if !e.data {
                             flags |= proto::STATE_HOLE;
@@ -1085,30 +1240,38 @@ impl Conn {
                         if e.zero {
                             flags |= proto::STATE_ZERO;
                         }
-                        proto::push_extent(&mut ext, e.length, flags);
+                        push_extent(&mut ext, e.length, flags);
+                    }
+                }
+                MetaContext::AllocationDepth => {
+                    // qemu-nbd: 0 where no layer allocates, else 1 for this image, 2 for its
+                    // backing file, and so on (bdrv_is_allocated_above's depth).
+                    for e in map.iter().flatten() {
+                        let depth = if e.present { e.depth + 1 } else { 0 };
+                        push_extent(&mut ext, e.length, depth);
                     }
                 }
                 MetaContext::DirtyBitmap(name) => {
                     let mut pos = offset;
                     for r in img.dirty_ranges(name, offset..end).await? {
                         if r.start > pos {
-                            proto::push_extent(&mut ext, r.start - pos, 0);
+                            push_extent(&mut ext, r.start - pos, 0);
                         }
-                        proto::push_extent(&mut ext, r.end - r.start, proto::STATE_DIRTY);
+                        push_extent(&mut ext, r.end - r.start, proto::STATE_DIRTY);
                         pos = r.end;
                     }
                     if pos < end {
-                        proto::push_extent(&mut ext, end - pos, 0);
+                        push_extent(&mut ext, end - pos, 0);
                     }
                 }
             }
             ext.truncate(if req_one { 1 } else { MAX_DESCRIPTORS });
             if ext.is_empty() {
                 // Cannot happen for a non-empty range, but the protocol needs a descriptor.
-                proto::push_extent(&mut ext, len, 0);
+                push_extent(&mut ext, len, 0);
             }
-            let last = k + 1 == self.contexts.len();
-            proto::block_status_chunk(&mut out, cookie, last, ci as u32, &ext);
+            let last = k + 1 == contexts.len();
+            self.reply(h).block_status(&mut out, last, ci as u32, &ext);
         }
         Ok(out)
     }

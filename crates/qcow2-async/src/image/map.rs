@@ -109,72 +109,113 @@ impl Image {
         Box::pin(async move {
             self.check_range(offset, len)?;
             let _instant = self.inner.snap_lock.read().await;
-            let mut out = Vec::new();
-            let step = self.inner.geo.subcluster_size();
-            let bits = self.inner.geo.cluster_bits();
-            for (gc, inc, r) in self.pieces(offset, len) {
-                let (entry, bm) = self.inner.meta.lock().await.lookup(gc).await?;
-                let base = gc << bits;
-                let mut pos = inc;
-                let end = inc + (r.end - r.start) as u64;
-                while pos < end {
-                    let n = ((pos / step + 1) * step).min(end) - pos;
-                    let here = |data, zero, offset| MapExtent {
-                        start: base + pos,
-                        length: n,
-                        depth: 0,
-                        present: true,
-                        zero,
-                        data,
-                        compressed: false,
-                        offset,
-                    };
-                    let sub = (pos / step) as u32;
-                    let ext = self.inner.geo.extended_l2();
-                    match entry {
-                        L2Entry::Normal { .. } | L2Entry::Compressed(_)
-                            if self.inner.crypto.is_encrypted()
-                                && (!ext || bm.state(sub) == SubclusterState::Allocated) =>
-                        {
-                            // QEMU shows no host offset for encrypted data (the bytes there
-                            // are ciphertext), and so never asks the file about holes.
-                            push(&mut out, here(true, false, None))
-                        }
-                        L2Entry::Compressed(_) => push(
-                            &mut out,
-                            MapExtent {
-                                compressed: true,
-                                ..here(true, false, None)
-                            },
-                        ),
-                        L2Entry::Normal { host, .. }
-                            if !ext || bm.state(sub) == SubclusterState::Allocated =>
-                        {
-                            push(&mut out, here(true, false, Some(host.0 + pos)))
-                        }
-                        L2Entry::Normal { host, .. } if bm.state(sub) == SubclusterState::Zero => {
-                            push(&mut out, here(false, true, Some(host.0 + pos)))
-                        }
-                        L2Entry::Zero { host, .. } => {
-                            push(&mut out, here(false, true, host.map(|h| h.0 + pos)))
-                        }
-                        L2Entry::Unallocated if ext && bm.state(sub) == SubclusterState::Zero => {
-                            push(&mut out, here(false, true, None))
-                        }
-                        _ => {
-                            for e in self.backing_map(base + pos, n).await? {
-                                push(&mut out, e);
-                            }
+            self.map_mapping(offset, len, None).await
+        })
+    }
+
+    /// [`Image::map`] of an internal snapshot (by id or name) instead of the live disk: its
+    /// own L1 table, its size; unallocated ranges come from the backing chain as they read
+    /// today, as [`Image::read_snapshot_at`] reads them.
+    ///
+    /// Cancellation: safe to drop at any point; it only reads.
+    pub async fn map_snapshot(
+        &self,
+        id_or_name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<MapExtent>> {
+        let _instant = self.inner.snap_lock.read().await;
+        let (l1, size) = {
+            let mut meta = self.inner.meta.lock().await;
+            let snap = meta.find_snapshot(id_or_name).await?;
+            let size = snap.disk_size.unwrap_or(self.virtual_size());
+            (meta.read_l1(&snap).await?, size)
+        };
+        if !matches!(offset.checked_add(len), Some(end) if end <= size) {
+            return Err(crate::error::Error::OutOfRange { offset, len, size });
+        }
+        self.map_mapping(offset, len, Some(&l1)).await
+    }
+
+    /// The extents of `[offset, offset + len)` through the active L1 table (`None`) or a
+    /// snapshot's; the caller holds the instant lock and checked the range.
+    async fn map_mapping(
+        &self,
+        offset: u64,
+        len: u64,
+        snapshot_l1: Option<&[u64]>,
+    ) -> Result<Vec<MapExtent>> {
+        let mut out = Vec::new();
+        let step = self.inner.geo.subcluster_size();
+        let bits = self.inner.geo.cluster_bits();
+        for (gc, inc, r) in self.pieces(offset, len) {
+            let (entry, bm) = match snapshot_l1 {
+                None => self.inner.meta.lock().await.lookup(gc).await?,
+                Some(l1) => {
+                    let mut meta = self.inner.meta.lock().await;
+                    meta.snapshot_lookup(l1, gc).await?
+                }
+            };
+            let base = gc << bits;
+            let mut pos = inc;
+            let end = inc + (r.end - r.start) as u64;
+            while pos < end {
+                let n = ((pos / step + 1) * step).min(end) - pos;
+                let here = |data, zero, offset| MapExtent {
+                    start: base + pos,
+                    length: n,
+                    depth: 0,
+                    present: true,
+                    zero,
+                    data,
+                    compressed: false,
+                    offset,
+                };
+                let sub = (pos / step) as u32;
+                let ext = self.inner.geo.extended_l2();
+                match entry {
+                    L2Entry::Normal { .. } | L2Entry::Compressed(_)
+                        if self.inner.crypto.is_encrypted()
+                            && (!ext || bm.state(sub) == SubclusterState::Allocated) =>
+                    {
+                        // QEMU shows no host offset for encrypted data (the bytes there
+                        // are ciphertext), and so never asks the file about holes.
+                        push(&mut out, here(true, false, None))
+                    }
+                    L2Entry::Compressed(_) => push(
+                        &mut out,
+                        MapExtent {
+                            compressed: true,
+                            ..here(true, false, None)
+                        },
+                    ),
+                    L2Entry::Normal { host, .. }
+                        if !ext || bm.state(sub) == SubclusterState::Allocated =>
+                    {
+                        push(&mut out, here(true, false, Some(host.0 + pos)))
+                    }
+                    L2Entry::Normal { host, .. } if bm.state(sub) == SubclusterState::Zero => {
+                        push(&mut out, here(false, true, Some(host.0 + pos)))
+                    }
+                    L2Entry::Zero { host, .. } => {
+                        push(&mut out, here(false, true, host.map(|h| h.0 + pos)))
+                    }
+                    L2Entry::Unallocated if ext && bm.state(sub) == SubclusterState::Zero => {
+                        push(&mut out, here(false, true, None))
+                    }
+                    _ => {
+                        for e in self.backing_map(base + pos, n).await? {
+                            push(&mut out, e);
                         }
                     }
-                    pos += n;
                 }
+                pos += n;
             }
-            if !self.metadata_preallocated().await {
-                return Ok(out);
-            }
-            Ok(refine_by_holes(&self.inner.data, out, |e| e.depth == 0, false).await)
-        })
+        }
+        if !self.metadata_preallocated().await {
+            return Ok(out);
+        }
+        Ok(refine_by_holes(&self.inner.data, out, |e| e.depth == 0, false).await)
     }
 
     /// QEMU asks the host file about holes under data clusters only when the image looks

@@ -12,6 +12,9 @@
 //! encrypted clusters, allocating writes, requests spanning clusters) takes the slice path
 //! on the buffer's memory, which is correct for every case and costs the copies it always did.
 
+use std::ops::Range;
+use std::sync::Mutex;
+
 use qcow2_format::L2Entry;
 use tracing::instrument;
 
@@ -26,7 +29,36 @@ impl Image {
     /// Cancellation: dropping the future is safe at any point; the buffer is then freed once
     /// the kernel is done with it.
     #[instrument(level = "debug", skip(self, buf), fields(len = buf.len()))]
-    pub async fn read_buf(&self, mut buf: IoBuf, offset: u64) -> Result<IoBuf> {
+    pub async fn read_buf(&self, buf: IoBuf, offset: u64) -> Result<IoBuf> {
+        self.read_buf_noting(buf, offset, None).await
+    }
+
+    /// [`Image::read_buf`] that also says which parts of the range read as zeros without
+    /// being stored anywhere: zero clusters and subclusters, and unallocated ones where the
+    /// image has no backing file. The buffer holds those zeros too. Sorted, merged guest
+    /// ranges; a read of allocated data finds none at no extra cost. (Ranges that come from
+    /// the backing chain count as data, even where it reads zeros.)
+    ///
+    /// An NBD server uses it to send zeros as holes (`NBD_REPLY_TYPE_OFFSET_HOLE`).
+    ///
+    /// Cancellation: as for [`Image::read_buf`].
+    #[instrument(level = "debug", skip(self, buf), fields(len = buf.len()))]
+    pub async fn read_buf_sparse(
+        &self,
+        buf: IoBuf,
+        offset: u64,
+    ) -> Result<(IoBuf, Vec<Range<u64>>)> {
+        let holes = HoleLog::default();
+        let buf = self.read_buf_noting(buf, offset, Some(&holes)).await?;
+        Ok((buf, holes.into_ranges()))
+    }
+
+    async fn read_buf_noting(
+        &self,
+        mut buf: IoBuf,
+        offset: u64,
+        holes: Option<&HoleLog>,
+    ) -> Result<IoBuf> {
         if let Some(gc) = self.direct_candidate(offset, buf.len() as u64) {
             let _instant = self.inner.snap_lock.read().await;
             self.check_range(offset, buf.len() as u64)?;
@@ -41,10 +73,11 @@ impl Image {
                     .await
                     .map_err(Error::io("reading guest data"));
             }
-            self.read_mapped(gc, entry, bm, inc, &mut buf).await?;
+            self.read_mapped_noting(gc, entry, bm, inc, &mut buf, holes)
+                .await?;
             return Ok(buf);
         }
-        self.read_at(&mut buf, offset).await?;
+        self.read_at_noting(&mut buf, offset, holes).await?;
         Ok(buf)
     }
 
@@ -219,4 +252,30 @@ fn total_len(bufs: &[IoBuf]) -> Result<u64> {
             len: u64::MAX,
             size: 0,
         })
+}
+
+/// Guest ranges a read filled with zeros without I/O, noted by the concurrent pieces of one
+/// read (each piece notes its own ranges, in any order).
+#[derive(Debug, Default)]
+pub(crate) struct HoleLog(Mutex<Vec<Range<u64>>>);
+
+impl HoleLog {
+    pub(crate) fn note(&self, r: Range<u64>) {
+        // Poisoning needs a panic while the lock is held; the push cannot panic.
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+    }
+
+    /// The noted ranges, sorted and with touching ones merged.
+    pub(crate) fn into_ranges(self) -> Vec<Range<u64>> {
+        let mut v = self.0.into_inner().unwrap_or_else(|p| p.into_inner());
+        v.sort_by_key(|r| r.start);
+        let mut out: Vec<Range<u64>> = Vec::with_capacity(v.len());
+        for r in v {
+            match out.last_mut() {
+                Some(last) if last.end >= r.start => last.end = last.end.max(r.end),
+                _ => out.push(r),
+            }
+        }
+        out
+    }
 }

@@ -29,6 +29,7 @@ fuzz_target!(|data: &[u8]| {
         enc.extend_from_slice(&(r.queries.len() as u32).to_be_bytes());
         let avail = [
             MetaContext::BaseAllocation,
+            MetaContext::AllocationDepth,
             MetaContext::DirtyBitmap(r.export.clone()),
         ];
         for q in &r.queries {
