@@ -887,3 +887,289 @@ async fn a_corrupt_cluster_reads_as_eio_like_qemu_nbd() {
         );
     }
 }
+
+/// Runs `tool ARGS... URL` once against qemu-nbd serving `path` (`-f qcow2 EXTRA`) on
+/// `sock`, where `URL` is `url_of(sock)`; qemu-nbd serves that one client and exits.
+async fn qemu_nbd_query(
+    path: &Path,
+    sock: &Path,
+    extra: &[&str],
+    tool: &'static str,
+    mut a: Vec<String>,
+    export: &str,
+) -> String {
+    let server = QemuNbdOnce::export(path, sock, extra);
+    a.push(format!("nbd+unix:///{export}?socket={}", s(sock)));
+    let out = match tool {
+        "qemu-img" => run_ok(tool, a).await,
+        _ => libnbd_ok(tool, a).await,
+    };
+    tokio::task::spawn_blocking(move || server.wait_exit())
+        .await
+        .unwrap();
+    out
+}
+
+/// The queries the allocation contexts are compared by: `nbdinfo --map` for
+/// `base:allocation` and `qemu:allocation-depth` (libnbd, compact headers), and
+/// `qemu-img map` with `x-dirty-bitmap=qemu:allocation-depth` (QEMU's client, extended
+/// headers).
+fn allocation_queries() -> Vec<(&'static str, Vec<String>)> {
+    vec![
+        ("nbdinfo", args(&["--map", "--json"])),
+        ("nbdinfo", args(&["--map=qemu:allocation-depth", "--json"])),
+        ("qemu-img", args(&["map", "--output=json", "-f", "raw"])),
+    ]
+}
+
+/// `qemu:allocation-depth` and `base:allocation` of an overlay whose backing file is shorter
+/// than it, with data, zeroes and unallocated ranges in both layers: the same through our
+/// export as through qemu-nbd -A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocation_depth_on_a_backing_chain_matches_qemu_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, top) = (dir.path().join("base.qcow2"), dir.path().join("top.qcow2"));
+    qemu_ok("qemu-img", &["create", "-f", "qcow2", s(&base), "4M"]);
+    let base_io = ["write -P 1 0 1M", "write -z 2M 512k", "write -P 4 3M 64k"];
+    assert_io_clean(&run_ok("qemu-io", io_cmds(s(&base), false, &args(&base_io))).await);
+    qemu_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            s(&base),
+            "-F",
+            "qcow2",
+            s(&top),
+            "8M",
+        ],
+    );
+    let top_io = [
+        "write -P 2 512k 128k",
+        "write -z 1536k 64k",
+        "write -z 3M 64k",
+        "write -P 3 6M 64k",
+    ];
+    assert_io_clean(&run_ok("qemu-io", io_cmds(s(&top), false, &args(&top_io))).await);
+
+    let img = Image::open(&top, &OpenOptions::read_only()).await.unwrap();
+    let srv = start(&img, vec![ExportConfig::live("")], Some(dir.path())).await;
+    let mut ours = Vec::new();
+    for (tool, mut a) in allocation_queries() {
+        a.push(srv.url(""));
+        ours.push(match tool {
+            "qemu-img" => {
+                // QEMU's client reports a context through x-dirty-bitmap on --image-opts.
+                let opts = srv.opts(",x-dirty-bitmap=qemu:allocation-depth");
+                run_ok(tool, args(&["map", "--output=json", "--image-opts", &opts])).await
+            }
+            _ => libnbd_ok(tool, a).await,
+        });
+    }
+    srv.stop().await;
+    img.close().await.unwrap();
+
+    let qsock = dir.path().join("qemu-nbd.sock");
+    let opts = format!(
+        "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:allocation-depth",
+        s(&qsock)
+    );
+    for (i, (tool, a)) in allocation_queries().into_iter().enumerate() {
+        let theirs = if tool == "qemu-img" {
+            let server = QemuNbdOnce::export(&top, &qsock, &["-r", "-A"]);
+            let out = run_ok(tool, args(&["map", "--output=json", "--image-opts", &opts])).await;
+            tokio::task::spawn_blocking(move || server.wait_exit())
+                .await
+                .unwrap();
+            out
+        } else {
+            qemu_nbd_query(&top, &qsock, &["-r", "-A"], tool, a, "").await
+        };
+        let (o, t) = (json(&ours[i]), json(&theirs));
+        assert!(
+            o.as_array().unwrap().len() >= 4,
+            "query {i}: a chain with holes, zeroes and two layers: {o:#}"
+        );
+        assert_eq!(o, t, "query {i} ({tool}) differs from qemu-nbd -A");
+    }
+    // The depths themselves: 0 absent, 1 the overlay, 2 its backing file.
+    let depth = json(&ours[1]);
+    let depths: Vec<u64> = depth
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_u64().unwrap())
+        .collect();
+    for d in [0, 1, 2] {
+        assert!(depths.contains(&d), "depth {d} in {depth:#}");
+    }
+}
+
+/// An internal snapshot exported read-only offers the same allocation contexts as
+/// `qemu-nbd -l`, describing the snapshot rather than the live disk; the live export beside
+/// it (several exports from one server) still describes the live disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_export_allocation_matches_qemu_nbd_l() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    qemu_ok("qemu-img", &["create", "-f", "qcow2", s(&path), "4M"]);
+    let io = ["write -P 1 0 1M", "write -z 2M 64k"];
+    assert_io_clean(&run_ok("qemu-io", io_cmds(s(&path), false, &args(&io))).await);
+    qemu_ok("qemu-img", &["snapshot", "-c", "s1", s(&path)]);
+    let io = ["write -P 2 3M 64k", "discard 0 64k"];
+    assert_io_clean(&run_ok("qemu-io", io_cmds(s(&path), false, &args(&io))).await);
+
+    let img = Image::open(&path, &OpenOptions::read_only()).await.unwrap();
+    let mut snap = ExportConfig::live("s1");
+    snap.source = Source::Snapshot("s1".into());
+    snap.read_only = true;
+    let srv = start(&img, vec![ExportConfig::live(""), snap], Some(dir.path())).await;
+    let mut ours = Vec::new();
+    for export in ["s1", ""] {
+        for (tool, mut a) in allocation_queries().into_iter().take(2) {
+            a.push(srv.url(export));
+            ours.push(libnbd_ok(tool, a).await);
+        }
+    }
+    srv.stop().await;
+    img.close().await.unwrap();
+    let qsock = dir.path().join("qemu-nbd.sock");
+    for (i, (tool, a)) in allocation_queries().into_iter().take(2).enumerate() {
+        let theirs = qemu_nbd_query(&path, &qsock, &["-r", "-A", "-l", "s1"], tool, a, "").await;
+        assert_eq!(
+            json(&ours[i]),
+            json(&theirs),
+            "snapshot query {i} differs from qemu-nbd -l"
+        );
+        let live = qemu_nbd_query(
+            &path,
+            &qsock,
+            &["-r", "-A"],
+            tool,
+            allocation_queries()[i].1.clone(),
+            "",
+        )
+        .await;
+        assert_eq!(
+            json(&ours[2 + i]),
+            json(&live),
+            "live query {i} differs from qemu-nbd"
+        );
+        assert_ne!(
+            json(&ours[i]),
+            json(&live),
+            "the snapshot differs from the live disk"
+        );
+    }
+}
+
+/// Chunks of one structured read through libnbd's Python binding, merged where neighbours
+/// have the same kind: `[(offset, length, "data"|"hole"), ...]` as JSON.
+const PY_SPARSE: &str = r#"
+import json, nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+size = h.get_size()
+chunks = []
+def chunk(buf, offset, status, err):
+    kind = {nbd.READ_DATA: "data", nbd.READ_HOLE: "hole"}[status]
+    if kind == "hole":
+        assert buf == bytes(len(buf))
+    chunks.append([offset, len(buf), kind])
+    return 0
+step = 2 << 20
+for off in range(0, size, step):
+    h.pread_structured(min(step, size - off), off, chunk)
+chunks.sort()
+merged = []
+for c in chunks:
+    if merged and merged[-1][2] == c[2] and merged[-1][0] + merged[-1][1] == c[0]:
+        merged[-1][1] += c[1]
+    else:
+        merged.append(c)
+print(json.dumps(merged))
+"#;
+
+/// Sparse reads: what reads as zeros without being stored goes out as `OFFSET_HOLE` chunks.
+/// On an image written in whole clusters the chunks cover exactly qemu-nbd's ranges (chunk
+/// boundaries inside a run may differ; runs are compared). On one with partly written
+/// clusters qemu-nbd also sends holes where the host file has holes inside an allocated
+/// cluster (it asks the file when the image looks metadata-preallocated); the engine does
+/// not ask the file on reads, so those bytes go out as data: ours are a subset of its holes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparse_reads_send_the_holes_qemu_nbd_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("sparse.py");
+    std::fs::write(&script, PY_SPARSE).unwrap();
+    let py = python_with_nbd();
+    let read = |url: String| {
+        let script = script.clone();
+        async move {
+            let out = tokio::task::spawn_blocking(move || {
+                std::process::Command::new(py)
+                    .args([s(&script), &url])
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            assert!(out.status.success(), "python sparse read: {}", text(&out));
+            let v = json(&String::from_utf8_lossy(&out.stdout));
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    let n = |i: usize| c[i].as_u64().unwrap();
+                    (n(0), n(1), c[2].as_str().unwrap() == "hole")
+                })
+                .collect::<Vec<(u64, u64, bool)>>()
+        }
+    };
+    let aligned = dir.path().join("aligned.qcow2");
+    qemu_ok("qemu-img", &["create", "-f", "qcow2", s(&aligned), "8M"]);
+    let io = [
+        "write -P 1 0 256k",
+        "write -z 1M 64k",
+        "write -P 2 2M 64k",
+        "write -z -u 3M 128k",
+        "write -P 3 5M 192k",
+        "discard 5M 64k",
+        "write -P 4 8128k 64k",
+    ];
+    assert_io_clean(&run_ok("qemu-io", io_cmds(s(&aligned), false, &args(&io))).await);
+    let mixed = dir.path().join("mixed.qcow2");
+    mixed_image(&mixed).await.close().await.unwrap();
+    let qsock = dir.path().join("qemu-nbd.sock");
+    let mut runs = Vec::new();
+    for path in [&aligned, &mixed] {
+        let img = Image::open(path, &OpenOptions::read_only()).await.unwrap();
+        let sub = tempfile::tempdir_in(dir.path()).unwrap();
+        let srv = start(&img, vec![ExportConfig::live("")], Some(sub.path())).await;
+        let ours = read(srv.url("")).await;
+        srv.stop().await;
+        img.close().await.unwrap();
+        let server = QemuNbdOnce::export(path, &qsock, &["-r"]);
+        let theirs = read(format!("nbd+unix:///?socket={}", s(&qsock))).await;
+        tokio::task::spawn_blocking(move || server.wait_exit())
+            .await
+            .unwrap();
+        assert!(
+            ours.iter().any(|c| c.2) && ours.iter().any(|c| !c.2),
+            "holes and data: {ours:?}"
+        );
+        runs.push((ours, theirs));
+    }
+    let (ours, theirs) = &runs[0];
+    assert_eq!(ours, theirs, "read chunks differ from qemu-nbd's");
+    let (ours, theirs) = &runs[1];
+    for &(off, len, _) in ours.iter().filter(|c| c.2) {
+        assert!(
+            theirs
+                .iter()
+                .any(|&(o, l, hole)| hole && o <= off && off + len <= o + l),
+            "our hole {off}+{len} is not a hole of qemu-nbd's: {theirs:?}"
+        );
+    }
+}

@@ -1245,9 +1245,14 @@ impl Conn {
                 }
                 MetaContext::AllocationDepth => {
                     // qemu-nbd: 0 where no layer allocates, else 1 for this image, 2 for its
-                    // backing file, and so on (bdrv_is_allocated_above's depth).
+                    // backing file, and so on (bdrv_is_allocated_above's depth); zeros past
+                    // the end of a short backing file count as that layer's.
                     for e in map.iter().flatten() {
-                        let depth = if e.present { e.depth + 1 } else { 0 };
+                        let depth = match (e.present, e.short_layer) {
+                            (true, _) => e.depth + 1,
+                            (false, Some(layer)) => layer + 1,
+                            (false, None) => 0,
+                        };
                         push_extent(&mut ext, e.length, depth);
                     }
                 }

@@ -32,6 +32,10 @@ pub struct MapExtent {
     pub compressed: bool,
     /// Host offset in the layer's data file, where there is one.
     pub offset: Option<u64>,
+    /// For a range no layer allocates: the depth of a backing layer that ends before it,
+    /// whose synthesized zeros QEMU counts as allocated there (`qemu:allocation-depth`
+    /// reports that layer). `None` where every layer covers the range.
+    pub short_layer: Option<u32>,
 }
 
 impl MapExtent {
@@ -45,6 +49,7 @@ impl MapExtent {
             data: false,
             compressed: false,
             offset: None,
+            short_layer: None,
         }
     }
 
@@ -57,12 +62,14 @@ impl MapExtent {
                 self.zero,
                 self.data,
                 self.compressed,
+                self.short_layer,
             ) == (
                 next.depth,
                 next.present,
                 next.zero,
                 next.data,
                 next.compressed,
+                next.short_layer,
             )
             && match (self.offset, next.offset) {
                 (None, None) => true,
@@ -170,6 +177,7 @@ impl Image {
                     data,
                     compressed: false,
                     offset,
+                    short_layer: None,
                 };
                 let sub = (pos / step) as u32;
                 let ext = self.inner.geo.extended_l2();
@@ -281,6 +289,7 @@ impl Image {
                 Disk::Qcow2(img) => {
                     for mut e in img.map(start, inside).await? {
                         e.depth += 1;
+                        e.short_layer = e.short_layer.map(|d| d + 1);
                         push(&mut out, e);
                     }
                 }
@@ -295,6 +304,7 @@ impl Image {
                         data,
                         compressed: false,
                         offset: Some(start),
+                        short_layer: None,
                     };
                     let mut raw_out = Vec::new();
                     if data > 0 {
@@ -310,9 +320,13 @@ impl Image {
             }
         }
         if inside < len {
+            let past = MapExtent::unallocated(start + inside, len - inside, 0);
             push(
                 &mut out,
-                MapExtent::unallocated(start + inside, len - inside, 0),
+                MapExtent {
+                    short_layer: Some(1),
+                    ..past
+                },
             );
         }
         Ok(out)

@@ -50,6 +50,7 @@ pub(crate) async fn disk_map(d: &Disk) -> Result<Vec<MapExtent>> {
                 data: true,
                 compressed: false,
                 offset: Some(0),
+                short_layer: None,
             };
             Ok(crate::image::refine_by_holes(file, vec![whole], |_| true, true).await)
         }
