@@ -39,6 +39,16 @@ pub struct ServeArgs {
     /// Export internal snapshot NAME (or id), read-only, instead of the live disk.
     #[arg(long, value_name = "NAME")]
     snapshot: Option<String>,
+    /// A further export from the same server (repeatable; every export is listed by
+    /// NBD_OPT_LIST, `nbdinfo --list`): `NAME=SNAPSHOT` serves internal snapshot SNAPSHOT
+    /// (name or id) read-only as NAME; a bare `NAME` serves the live disk as NAME too, with
+    /// the same --read-only and --bitmap choices as the main export.
+    #[arg(
+        long = "export",
+        value_name = "NAME[=SNAPSHOT]",
+        conflicts_with = "vhost_user_blk"
+    )]
+    exports: Vec<String>,
     /// `none` (O_DIRECT) or `writeback` (qemu-nbd's --cache).
     #[arg(long, default_value = "writeback")]
     cache: String,
@@ -95,16 +105,34 @@ pub async fn serve(a: ServeArgs) -> Result<u8> {
     if let Some(sock) = &a.vhost_user_blk {
         return serve_vhost(&a, img, sock, read_only).await;
     }
-    let mut export = ExportConfig::live(a.export_name.clone());
-    if let Some(s) = &a.snapshot {
-        export.source = Source::Snapshot(s.clone());
+    let live = |name: &str| {
+        let mut e = ExportConfig::live(name);
+        e.read_only = read_only;
+        e.bitmaps = a.bitmap.clone();
+        e
+    };
+    let snapshot = |name: &str, snap: &str| {
+        let mut e = ExportConfig::live(name);
+        e.source = Source::Snapshot(snap.to_owned());
+        e.read_only = true;
+        e
+    };
+    let mut exports = vec![match &a.snapshot {
+        Some(snap) => snapshot(&a.export_name, snap),
+        None => live(&a.export_name),
+    }];
+    for spec in &a.exports {
+        exports.push(match spec.split_once('=') {
+            Some((name, snap)) if !snap.is_empty() => snapshot(name, snap),
+            Some(_) => return Err(format!("--export {spec}: no snapshot after '='").into()),
+            None => live(spec),
+        });
     }
-    export.read_only = read_only;
-    export.bitmaps = a.bitmap.clone();
+    let names: Vec<String> = exports.iter().map(|e| format!("{:?}", e.name)).collect();
     let started = async {
         let mut opts = ServerOptions::default();
         opts.tls = tls;
-        let server = Server::new(img.clone(), vec![export], opts).await?;
+        let server = Server::new(img.clone(), exports, opts).await?;
         let listener = match &a.socket {
             Some(p) => Listener::bind_unix(p)?,
             None => Listener::bind_tcp(a.bind.as_deref().unwrap_or(DEFAULT_BIND)).await?,
@@ -119,9 +147,10 @@ pub async fn serve(a: ServeArgs) -> Result<u8> {
         }
     };
     eprintln!(
-        "qcow2: serving {} as export {:?} on {}{}",
+        "qcow2: serving {} as export{} {} on {}{}",
         a.filename.display(),
-        a.export_name,
+        if names.len() > 1 { "s" } else { "" },
+        names.join(", "),
         listener.local_addr()?,
         match (&a.tls_creds, a.tls_verify_peer) {
             (None, _) => "",

@@ -178,6 +178,64 @@ fn serve_exports_a_snapshot_read_only_over_tcp() {
     assert_check_clean(&img);
 }
 
+/// Several exports from one server: the live disk as the default export, a snapshot and a
+/// second name for the live disk; `nbdinfo --list` (libnbd, NBD_OPT_LIST and INFO) lists all
+/// three with their sizes and contexts, and each reads what it should.
+#[test]
+fn serve_offers_several_exports_listed_by_nbdinfo() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("img.qcow2");
+    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "4M"]);
+    qemu_ok("qemu-io", &["-c", "write -P 0x11 0 1M", s(&img)]);
+    qemu_ok("qemu-img", &["snapshot", "-c", "snap1", s(&img)]);
+    qemu_ok("qemu-io", &["-c", "write -P 0x22 0 1M", s(&img)]);
+    let bind = free_bind();
+    let child = spawn_serve(&[
+        s(&img),
+        "--bind",
+        &bind,
+        "--export",
+        "old=snap1",
+        "--export",
+        "alias",
+    ]);
+    wait_for("the port", || std::net::TcpStream::connect(&bind).is_ok());
+    let out = Command::new("nbdinfo")
+        .args(["--list", "--json", &format!("nbd://{bind}")])
+        .output()
+        .expect("nbdinfo (libnbd-bin; `bash scripts/test.sh` installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let exports = list["exports"].as_array().unwrap();
+    let names: Vec<&str> = exports
+        .iter()
+        .map(|e| e["export-name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["", "old", "alias"], "{list:#}");
+    for e in exports {
+        assert_eq!(e["export-size"], 4 << 20);
+        let ro = e["is_read_only"].as_bool().unwrap();
+        assert_eq!(ro, e["export-name"] == "old", "{e:#}");
+        let contexts = e["contexts"].as_array().unwrap();
+        for c in ["base:allocation", "qemu:allocation-depth"] {
+            assert!(contexts.contains(&c.into()), "{e:#}");
+        }
+    }
+    for (name, pattern) in [("", "0x22"), ("old", "0x11"), ("alias", "0x22")] {
+        let url = format!("nbd://{bind}/{name}");
+        let cmd = format!("read -P {pattern} 0 1M");
+        let out = qemu_ok("qemu-io", &["-r", "-f", "raw", "-c", &cmd, &url]);
+        assert!(!out.contains("failed"), "{name}: {out}");
+    }
+    let err = terminate(child, "-TERM");
+    assert!(err.contains(r#"exports "", "old", "alias""#), "{err}");
+    assert_check_clean(&img);
+}
+
 /// Issue 19's report: a write through `qcow2 serve` that does not fit on the host file
 /// system reaches qemu-io as "No space left on device" (NBD_ENOSPC, which lets a VMM pause
 /// the guest), not as an I/O error. Once space is freed writes work again, and SIGTERM
