@@ -121,15 +121,4 @@ EOF
 )"
 echo "$TABLE"
 cd ../..
-python3 - "$TABLE" <<'EOF'
-import sys
-table = sys.argv[1]
-p = "BENCHMARKS.md"
-t = open(p).read()
-b, e = "<!-- BEGIN vhost.sh -->", "<!-- END vhost.sh -->"
-if b in t:
-    t = t[: t.index(b) + len(b)] + "\n" + table + "\n" + t[t.index(e):]
-else:
-    t += f"\n{b}\n{table}\n{e}\n"
-open(p, "w").write(t)
-EOF
+python3 benches/put_table.py vhost.sh "$TABLE"

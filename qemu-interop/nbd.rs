@@ -735,6 +735,23 @@ fn python_with_nbd() -> &'static str {
     panic!("no python3 with libnbd's `nbd` module: install python3-libnbd (`bash scripts/test.sh` does it)");
 }
 
+/// Runs the libnbd Python `script` (a file) with `url` as its argument, off the runtime's
+/// threads; fails the test if it fails.
+async fn run_python(script: &Path, url: String) -> String {
+    let py = python_with_nbd();
+    let script = script.to_path_buf();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(py)
+            .args([s(&script), &url])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "python libnbd client: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// What a scripted pipeline does with libnbd's Python binding: writes (one FUA), flush,
 /// zeroes, trim, cache, reads back, block status, and out-of-range reads and cache requests
 /// refused with EINVAL.
@@ -793,20 +810,10 @@ async fn python_libnbd_reads_writes_flushes_and_zeroes() {
     let path = dir.path().join("img.qcow2");
     let img = new_image(&path, 4 << 20).await;
     let srv = start(&img, vec![ExportConfig::live("")], Some(dir.path())).await;
-    let url = srv.url("");
-    let py = python_with_nbd();
     let script = dir.path().join("client.py");
     std::fs::write(&script, PY_CLIENT).unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(py)
-            .args([s(&script), &url])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(out.status.success(), "python libnbd client: {}", text(&out));
-    assert!(text(&out).contains("python ok"), "{}", text(&out));
+    let out = run_python(&script, srv.url("")).await;
+    assert!(out.contains("python ok"), "{out}");
     srv.stop().await;
     img.close().await.unwrap();
     assert_check_clean(&path);
@@ -888,26 +895,13 @@ async fn a_corrupt_cluster_reads_as_eio_like_qemu_nbd() {
     }
 }
 
-/// Runs `tool ARGS... URL` once against qemu-nbd serving `path` (`-f qcow2 EXTRA`) on
-/// `sock`, where `URL` is `url_of(sock)`; qemu-nbd serves that one client and exits.
-async fn qemu_nbd_query(
-    path: &Path,
-    sock: &Path,
-    extra: &[&str],
-    tool: &'static str,
-    mut a: Vec<String>,
-    export: &str,
-) -> String {
-    let server = QemuNbdOnce::export(path, sock, extra);
-    a.push(format!("nbd+unix:///{export}?socket={}", s(sock)));
-    let out = match tool {
-        "qemu-img" => run_ok(tool, a).await,
-        _ => libnbd_ok(tool, a).await,
-    };
-    tokio::task::spawn_blocking(move || server.wait_exit())
-        .await
-        .unwrap();
-    out
+/// A socket path in `dir` that no earlier qemu-nbd of this test used: a qemu-nbd that
+/// served its one client may still hold its pid file for a moment after `wait_exit` saw it
+/// go (seen once as "Cannot lock pid file" when the next one reused the name).
+fn fresh_sock(dir: &Path) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    dir.join(format!("qemu-nbd-{n}.sock"))
 }
 
 /// The queries the allocation contexts are compared by: `nbdinfo --map` for
@@ -918,8 +912,46 @@ fn allocation_queries() -> Vec<(&'static str, Vec<String>)> {
     vec![
         ("nbdinfo", args(&["--map", "--json"])),
         ("nbdinfo", args(&["--map=qemu:allocation-depth", "--json"])),
-        ("qemu-img", args(&["map", "--output=json", "-f", "raw"])),
+        ("qemu-img", args(&["map", "--output=json", "--image-opts"])),
     ]
+}
+
+/// Runs one of [`allocation_queries`] against a server on `sock` (its `export`): qemu-img
+/// gets NBD options naming the depth context, libnbd tools a URL.
+async fn allocation_query(
+    tool: &'static str,
+    mut a: Vec<String>,
+    sock: &Path,
+    export: &str,
+) -> String {
+    if tool == "qemu-img" {
+        a.push(format!(
+            "driver=nbd,server.type=unix,server.path={},export={export},x-dirty-bitmap=qemu:allocation-depth",
+            s(sock)
+        ));
+        run_ok(tool, a).await
+    } else {
+        a.push(format!("nbd+unix:///{export}?socket={}", s(sock)));
+        libnbd_ok(tool, a).await
+    }
+}
+
+/// [`allocation_query`] once against qemu-nbd serving `path` (`-f qcow2 EXTRA`) on a fresh
+/// socket in `dir`; qemu-nbd serves that one client and exits.
+async fn qemu_nbd_query(
+    path: &Path,
+    dir: &Path,
+    extra: &[&str],
+    tool: &'static str,
+    a: Vec<String>,
+) -> String {
+    let sock = fresh_sock(dir);
+    let server = QemuNbdOnce::export(path, &sock, extra);
+    let out = allocation_query(tool, a, &sock, "").await;
+    tokio::task::spawn_blocking(move || server.wait_exit())
+        .await
+        .unwrap();
+    out
 }
 
 /// `qemu:allocation-depth` and `base:allocation` of an overlay whose backing file is shorter
@@ -932,19 +964,10 @@ async fn allocation_depth_on_a_backing_chain_matches_qemu_nbd() {
     qemu_ok("qemu-img", &["create", "-f", "qcow2", s(&base), "4M"]);
     let base_io = ["write -P 1 0 1M", "write -z 2M 512k", "write -P 4 3M 64k"];
     assert_io_clean(&run_ok("qemu-io", io_cmds(s(&base), false, &args(&base_io))).await);
+    let backing = ["-b", s(&base), "-F", "qcow2"];
     qemu_ok(
         "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            s(&base),
-            "-F",
-            "qcow2",
-            s(&top),
-            "8M",
-        ],
+        &[&["create", "-f", "qcow2"], &backing[..], &[s(&top), "8M"]].concat(),
     );
     let top_io = [
         "write -P 2 512k 128k",
@@ -956,37 +979,16 @@ async fn allocation_depth_on_a_backing_chain_matches_qemu_nbd() {
 
     let img = Image::open(&top, &OpenOptions::read_only()).await.unwrap();
     let srv = start(&img, vec![ExportConfig::live("")], Some(dir.path())).await;
+    let sock = srv.sock.clone().unwrap();
     let mut ours = Vec::new();
-    for (tool, mut a) in allocation_queries() {
-        a.push(srv.url(""));
-        ours.push(match tool {
-            "qemu-img" => {
-                // QEMU's client reports a context through x-dirty-bitmap on --image-opts.
-                let opts = srv.opts(",x-dirty-bitmap=qemu:allocation-depth");
-                run_ok(tool, args(&["map", "--output=json", "--image-opts", &opts])).await
-            }
-            _ => libnbd_ok(tool, a).await,
-        });
+    for (tool, a) in allocation_queries() {
+        ours.push(allocation_query(tool, a, &sock, "").await);
     }
     srv.stop().await;
     img.close().await.unwrap();
 
-    let qsock = dir.path().join("qemu-nbd.sock");
-    let opts = format!(
-        "driver=nbd,server.type=unix,server.path={},x-dirty-bitmap=qemu:allocation-depth",
-        s(&qsock)
-    );
     for (i, (tool, a)) in allocation_queries().into_iter().enumerate() {
-        let theirs = if tool == "qemu-img" {
-            let server = QemuNbdOnce::export(&top, &qsock, &["-r", "-A"]);
-            let out = run_ok(tool, args(&["map", "--output=json", "--image-opts", &opts])).await;
-            tokio::task::spawn_blocking(move || server.wait_exit())
-                .await
-                .unwrap();
-            out
-        } else {
-            qemu_nbd_query(&top, &qsock, &["-r", "-A"], tool, a, "").await
-        };
+        let theirs = qemu_nbd_query(&top, dir.path(), &["-r", "-A"], tool, a).await;
         let (o, t) = (json(&ours[i]), json(&theirs));
         assert!(
             o.as_array().unwrap().len() >= 4,
@@ -1026,42 +1028,31 @@ async fn snapshot_export_allocation_matches_qemu_nbd_l() {
     snap.source = Source::Snapshot("s1".into());
     snap.read_only = true;
     let srv = start(&img, vec![ExportConfig::live(""), snap], Some(dir.path())).await;
+    let sock = srv.sock.clone().unwrap();
     let mut ours = Vec::new();
     for export in ["s1", ""] {
-        for (tool, mut a) in allocation_queries().into_iter().take(2) {
-            a.push(srv.url(export));
-            ours.push(libnbd_ok(tool, a).await);
+        for (tool, a) in allocation_queries() {
+            ours.push(allocation_query(tool, a, &sock, export).await);
         }
     }
     srv.stop().await;
     img.close().await.unwrap();
-    let qsock = dir.path().join("qemu-nbd.sock");
-    for (i, (tool, a)) in allocation_queries().into_iter().take(2).enumerate() {
-        let theirs = qemu_nbd_query(&path, &qsock, &["-r", "-A", "-l", "s1"], tool, a, "").await;
+    let (d, n) = (dir.path(), allocation_queries().len());
+    for (i, (tool, a)) in allocation_queries().into_iter().enumerate() {
+        let theirs = qemu_nbd_query(&path, d, &["-r", "-A", "-l", "s1"], tool, a.clone()).await;
+        let snapshot = json(&ours[i]);
         assert_eq!(
-            json(&ours[i]),
+            snapshot,
             json(&theirs),
             "snapshot query {i} differs from qemu-nbd -l"
         );
-        let live = qemu_nbd_query(
-            &path,
-            &qsock,
-            &["-r", "-A"],
-            tool,
-            allocation_queries()[i].1.clone(),
-            "",
-        )
-        .await;
+        let live = json(&qemu_nbd_query(&path, d, &["-r", "-A"], tool, a).await);
         assert_eq!(
-            json(&ours[2 + i]),
-            json(&live),
+            json(&ours[n + i]),
+            live,
             "live query {i} differs from qemu-nbd"
         );
-        assert_ne!(
-            json(&ours[i]),
-            json(&live),
-            "the snapshot differs from the live disk"
-        );
+        assert_ne!(snapshot, live, "the snapshot differs from the live disk");
     }
 }
 
@@ -1103,20 +1094,10 @@ async fn sparse_reads_send_the_holes_qemu_nbd_sends() {
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("sparse.py");
     std::fs::write(&script, PY_SPARSE).unwrap();
-    let py = python_with_nbd();
     let read = |url: String| {
         let script = script.clone();
         async move {
-            let out = tokio::task::spawn_blocking(move || {
-                std::process::Command::new(py)
-                    .args([s(&script), &url])
-                    .output()
-                    .unwrap()
-            })
-            .await
-            .unwrap();
-            assert!(out.status.success(), "python sparse read: {}", text(&out));
-            let v = json(&String::from_utf8_lossy(&out.stdout));
+            let v = json(&run_python(&script, url).await);
             v.as_array()
                 .unwrap()
                 .iter()
@@ -1141,7 +1122,6 @@ async fn sparse_reads_send_the_holes_qemu_nbd_sends() {
     assert_io_clean(&run_ok("qemu-io", io_cmds(s(&aligned), false, &args(&io))).await);
     let mixed = dir.path().join("mixed.qcow2");
     mixed_image(&mixed).await.close().await.unwrap();
-    let qsock = dir.path().join("qemu-nbd.sock");
     let mut runs = Vec::new();
     for path in [&aligned, &mixed] {
         let img = Image::open(path, &OpenOptions::read_only()).await.unwrap();
@@ -1150,6 +1130,7 @@ async fn sparse_reads_send_the_holes_qemu_nbd_sends() {
         let ours = read(srv.url("")).await;
         srv.stop().await;
         img.close().await.unwrap();
+        let qsock = fresh_sock(dir.path());
         let server = QemuNbdOnce::export(path, &qsock, &["-r"]);
         let theirs = read(format!("nbd+unix:///?socket={}", s(&qsock))).await;
         tokio::task::spawn_blocking(move || server.wait_exit())

@@ -68,6 +68,16 @@ fn info(path: &Path) -> serde_json::Value {
     serde_json::from_str(&out).unwrap()
 }
 
+/// A 4 MiB image whose first MiB holds 0x11 in snapshot `snap1` and 0x22 live.
+fn image_with_snapshot(dir: &Path) -> std::path::PathBuf {
+    let img = dir.join("img.qcow2");
+    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "4M"]);
+    qemu_ok("qemu-io", &["-c", "write -P 0x11 0 1M", s(&img)]);
+    qemu_ok("qemu-img", &["snapshot", "-c", "snap1", s(&img)]);
+    qemu_ok("qemu-io", &["-c", "write -P 0x22 0 1M", s(&img)]);
+    img
+}
+
 /// An 8 MiB image with lazy refcounts (so the dirty bit is used) and a bitmap `bm`.
 fn create_with_bitmap(img: &Path) {
     qemu_ok(
@@ -142,11 +152,7 @@ fn serve_shuts_down_on_sigterm_and_sigint_leaving_the_image_clean() {
 #[test]
 fn serve_exports_a_snapshot_read_only_over_tcp() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("img.qcow2");
-    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "4M"]);
-    qemu_ok("qemu-io", &["-c", "write -P 0x11 0 1M", s(&img)]);
-    qemu_ok("qemu-img", &["snapshot", "-c", "snap1", s(&img)]);
-    qemu_ok("qemu-io", &["-c", "write -P 0x22 0 1M", s(&img)]);
+    let img = image_with_snapshot(dir.path());
     let bind = free_bind();
     let child = spawn_serve(&[
         s(&img),
@@ -184,11 +190,7 @@ fn serve_exports_a_snapshot_read_only_over_tcp() {
 #[test]
 fn serve_offers_several_exports_listed_by_nbdinfo() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("img.qcow2");
-    qemu_ok("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), "4M"]);
-    qemu_ok("qemu-io", &["-c", "write -P 0x11 0 1M", s(&img)]);
-    qemu_ok("qemu-img", &["snapshot", "-c", "snap1", s(&img)]);
-    qemu_ok("qemu-io", &["-c", "write -P 0x22 0 1M", s(&img)]);
+    let img = image_with_snapshot(dir.path());
     let bind = free_bind();
     let child = spawn_serve(&[
         s(&img),

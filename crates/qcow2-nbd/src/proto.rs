@@ -480,6 +480,25 @@ impl Mode {
             _ => REQUEST_LEN,
         }
     }
+
+    /// The mode after `NBD_OPT_STRUCTURED_REPLY` (`to` structured) or
+    /// `NBD_OPT_EXTENDED_HEADERS` (`to` extended), or the option error to reply with, as
+    /// qemu-nbd: neither takes data or may repeat, and extended headers imply structured
+    /// replies, so asking for those afterwards gets `NBD_REP_ERR_EXT_HEADER_REQD`.
+    pub fn upgrade(self, to: Mode, no_data: bool) -> Result<Mode, (u32, &'static str)> {
+        if !no_data {
+            Err((rep::ERR_INVALID, "the option takes no data"))
+        } else if self == to {
+            Err((rep::ERR_INVALID, "already negotiated"))
+        } else if self > to {
+            Err((
+                rep::ERR_EXT_HEADER_REQD,
+                "extended headers already negotiated",
+            ))
+        } else {
+            Ok(to)
+        }
+    }
 }
 
 /// A decoded request header.
@@ -1170,6 +1189,21 @@ mod tests {
             let r = validate(&ext(cmd::BLOCK_STATUS, pl, 0, bad), &EXT).unwrap_err();
             assert_eq!(r.errno, errno::EINVAL);
         }
+    }
+
+    #[test]
+    fn modes_upgrade_once_and_extended_implies_structured() {
+        let (s, e) = (Mode::Structured, Mode::Extended);
+        assert_eq!(Mode::Simple.upgrade(s, true), Ok(s));
+        assert_eq!(Mode::Simple.upgrade(e, true), Ok(e));
+        assert_eq!(s.upgrade(e, true), Ok(e));
+        assert_eq!(s.upgrade(s, true).unwrap_err().0, rep::ERR_INVALID);
+        assert_eq!(e.upgrade(e, true).unwrap_err().0, rep::ERR_INVALID);
+        assert_eq!(e.upgrade(s, true).unwrap_err().0, rep::ERR_EXT_HEADER_REQD);
+        assert_eq!(
+            Mode::Simple.upgrade(s, false).unwrap_err().0,
+            rep::ERR_INVALID
+        );
     }
 
     #[test]

@@ -522,39 +522,18 @@ impl Server {
                         }
                     },
                 },
-                opt::STRUCTURED_REPLY if !data.is_empty() => err(
-                    &mut out,
-                    rep::ERR_INVALID,
-                    "NBD_OPT_STRUCTURED_REPLY takes no data",
-                ),
-                // As qemu-nbd: extended headers imply structured replies.
-                opt::STRUCTURED_REPLY if mode == Mode::Extended => err(
-                    &mut out,
-                    rep::ERR_EXT_HEADER_REQD,
-                    "extended headers already negotiated",
-                ),
-                opt::STRUCTURED_REPLY if mode == Mode::Structured => err(
-                    &mut out,
-                    rep::ERR_INVALID,
-                    "structured replies already negotiated",
-                ),
-                opt::STRUCTURED_REPLY => {
-                    mode = Mode::Structured;
-                    proto::option_reply(&mut out, o, rep::ACK, &[]);
-                }
-                opt::EXTENDED_HEADERS if !data.is_empty() => err(
-                    &mut out,
-                    rep::ERR_INVALID,
-                    "NBD_OPT_EXTENDED_HEADERS takes no data",
-                ),
-                opt::EXTENDED_HEADERS if mode == Mode::Extended => err(
-                    &mut out,
-                    rep::ERR_INVALID,
-                    "extended headers already negotiated",
-                ),
-                opt::EXTENDED_HEADERS => {
-                    mode = Mode::Extended;
-                    proto::option_reply(&mut out, o, rep::ACK, &[]);
+                opt::STRUCTURED_REPLY | opt::EXTENDED_HEADERS => {
+                    let to = match o {
+                        opt::EXTENDED_HEADERS => Mode::Extended,
+                        _ => Mode::Structured,
+                    };
+                    match mode.upgrade(to, data.is_empty()) {
+                        Ok(m) => {
+                            mode = m;
+                            proto::option_reply(&mut out, o, rep::ACK, &[]);
+                        }
+                        Err((kind, msg)) => err(&mut out, kind, msg),
+                    }
                 }
                 opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
                     let set = o == opt::SET_META_CONTEXT;

@@ -77,8 +77,52 @@ impl Image {
                 .await?;
             return Ok(buf);
         }
+        let mut buf = match self.read_run(buf, offset).await? {
+            Ok(done) => return Ok(done),
+            Err(buf) => buf,
+        };
         self.read_at_noting(&mut buf, offset, holes).await?;
         Ok(buf)
+    }
+
+    /// A read over several clusters whose data lies in one contiguous run of the data file
+    /// (an image written sequentially, a converted one) goes to the kernel as one request
+    /// for the whole buffer, as QEMU merges contiguous host ranges; cluster by cluster it
+    /// would be a request, a completion and a task per cluster. The shared leases are taken
+    /// in ascending cluster order, as multi-cluster writers take their exclusive ones, so
+    /// the two cannot deadlock. `Ok(Err(buf))`: not one allocated run (or not a candidate);
+    /// the caller reads piece by piece.
+    async fn read_run(&self, buf: IoBuf, offset: u64) -> Result<std::result::Result<IoBuf, IoBuf>> {
+        /// Longer reads are rare and would hold many leases at once.
+        const MAX_RUN: u64 = 256;
+        let (len, cs) = (buf.len() as u64, self.cluster_size());
+        let bits = self.inner.geo.cluster_bits();
+        let candidate = len > 0
+            && !self.inner.crypto.is_encrypted()
+            && !self.inner.geo.extended_l2()
+            && ((offset & (cs - 1)) + len).div_ceil(cs) <= MAX_RUN;
+        if !candidate {
+            return Ok(Err(buf));
+        }
+        let _instant = self.inner.snap_lock.read().await;
+        self.check_range(offset, len)?;
+        let (gc0, last) = (offset >> bits, (offset + len - 1) >> bits);
+        let mut leases = Vec::with_capacity((last - gc0 + 1) as usize);
+        let mut start = 0;
+        for gc in gc0..=last {
+            leases.push(self.inner.leases.shared(gc).await);
+            match self.lookup(gc).await?.0 {
+                L2Entry::Normal { host, .. } if gc == gc0 => start = host.0,
+                L2Entry::Normal { host, .. } if host.0 == start + ((gc - gc0) << bits) => {}
+                _ => return Ok(Err(buf)),
+            }
+        }
+        self.inner
+            .data
+            .read_at(buf, start + (offset & (cs - 1)))
+            .await
+            .map(Ok)
+            .map_err(Error::io("reading guest data"))
     }
 
     /// Writes all of `buf` at guest `offset` and returns the buffer.
