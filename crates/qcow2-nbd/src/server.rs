@@ -644,7 +644,7 @@ impl Server {
                         }
                     }
                     let head = conn.error_reply(&h, rej.errno, rej.reason);
-                    let _ = tx.send(Outgoing::new(head, Vec::new(), slot, None)).await;
+                    let _ = tx.send(Outgoing::new(head, no_data(), slot, None)).await;
                     if rej.disconnect {
                         break Ok(());
                     }
@@ -672,7 +672,8 @@ impl Server {
                 _ => 0,
             };
             let payload = if incoming > 0 {
-                let mut p = vec![0u8; incoming as usize];
+                // Page-aligned, so that an O_DIRECT image takes the payload as it is.
+                let mut p = IoBuf::zeroed(incoming as usize, BUF_ALIGN);
                 // A client that leaves mid-payload leaves the write undone: nothing of it
                 // reaches the image.
                 match r.read_exact(&mut p).await {
@@ -681,7 +682,7 @@ impl Server {
                     Err(e) => break Err(io(e)),
                 }
             } else {
-                Vec::new()
+                no_data()
             };
             let conn = conn.clone();
             let tx = tx.clone();
@@ -852,7 +853,7 @@ impl Session {
 /// is written.
 struct Outgoing {
     head: Vec<u8>,
-    data: Vec<u8>,
+    data: IoBuf,
     _slot: OwnedSemaphorePermit,
     _buffer: Option<OwnedSemaphorePermit>,
 }
@@ -860,7 +861,7 @@ struct Outgoing {
 impl Outgoing {
     fn new(
         head: Vec<u8>,
-        data: Vec<u8>,
+        data: IoBuf,
         slot: OwnedSemaphorePermit,
         buffer: Option<OwnedSemaphorePermit>,
     ) -> Self {
@@ -911,6 +912,14 @@ struct Conn {
     limits: Limits,
 }
 
+/// Alignment of the buffers the server reads into and writes from: a page, which every
+/// O_DIRECT device accepts.
+const BUF_ALIGN: usize = 4096;
+
+fn no_data() -> IoBuf {
+    IoBuf::from_vec(Vec::new())
+}
+
 /// Holes shorter than this go out as data: a hole chunk costs a 20- or 32-byte header plus
 /// 12 bytes, and splitting a read into many small chunks costs the client more than the
 /// zeros it saves.
@@ -936,14 +945,14 @@ impl Conn {
         self.error_reply(h, crate::errno_map::nbd_errno(e), &e.to_string())
     }
 
-    fn done(&self, h: &proto::RequestHeader, r: qcow2_async::Result<()>) -> (Vec<u8>, Vec<u8>) {
+    fn done(&self, h: &proto::RequestHeader, r: qcow2_async::Result<()>) -> (Vec<u8>, IoBuf) {
         match r {
             Ok(()) => {
                 let mut out = Vec::with_capacity(32);
                 self.reply(h).done(&mut out);
-                (out, Vec::new())
+                (out, no_data())
             }
-            Err(e) => (self.engine_error(h, &e), Vec::new()),
+            Err(e) => (self.engine_error(h, &e), no_data()),
         }
     }
 
@@ -952,8 +961,8 @@ impl Conn {
         &self,
         h: &proto::RequestHeader,
         c: Command,
-        payload: Vec<u8>,
-    ) -> (Vec<u8>, Vec<u8>) {
+        payload: IoBuf,
+    ) -> (Vec<u8>, IoBuf) {
         let img = &self.sh.image;
         let fua = |fua: bool| async move {
             if fua {
@@ -965,11 +974,11 @@ impl Conn {
         match c {
             Command::Read { offset, len, df } => match self.read(h, offset, len, df).await {
                 Ok(reply) => reply,
-                Err(e) => (self.engine_error(h, &e), Vec::new()),
+                Err(e) => (self.engine_error(h, &e), no_data()),
             },
             Command::Write { offset, fua: f, .. } => {
                 // The payload buffer goes to the engine as it is.
-                let r = match img.write_buf(IoBuf::from_vec(payload), offset).await {
+                let r = match img.write_buf(payload, offset).await {
                     Ok(_) => fua(f).await,
                     Err(e) => Err(e),
                 };
@@ -1005,7 +1014,7 @@ impl Conn {
                 if fast && !self.zeroing_is_fast(offset, len) {
                     let msg =
                         "zeroing this range would write data (not cluster aligned, or a v2 image)";
-                    return (self.error_reply(h, errno::ENOTSUP, msg), Vec::new());
+                    return (self.error_reply(h, errno::ENOTSUP, msg), no_data());
                 }
                 let r = if len == 0 {
                     Ok(())
@@ -1029,9 +1038,9 @@ impl Conn {
                 offset, req_one, ..
             } => match self.status_filter(h, offset, &payload) {
                 Ok((len, wanted)) => self.status_reply(h, offset, len, req_one, &wanted).await,
-                Err(rej) => (self.error_reply(h, rej.errno, rej.reason), Vec::new()),
+                Err(rej) => (self.error_reply(h, rej.errno, rej.reason), no_data()),
             },
-            Command::Disconnect => (Vec::new(), Vec::new()),
+            Command::Disconnect => (Vec::new(), no_data()),
         }
     }
 
@@ -1044,22 +1053,17 @@ impl Conn {
         offset: u64,
         len: u32,
         df: bool,
-    ) -> qcow2_async::Result<(Vec<u8>, Vec<u8>)> {
+    ) -> qcow2_async::Result<(Vec<u8>, IoBuf)> {
         let img = &self.sh.image;
         let reply = self.reply(h);
-        let buf = vec![0u8; len as usize];
+        // Page-aligned: on an O_DIRECT image the kernel reads into it with no bounce buffer.
+        let buf = IoBuf::zeroed(len as usize, BUF_ALIGN);
         let sparse = self.mode >= Mode::Structured && !df && len > 0;
         let (buf, holes) = match &self.export().source {
-            Source::Live if sparse => {
-                let (buf, holes) = img.read_buf_sparse(IoBuf::from_vec(buf), offset).await?;
-                (buf.into_vec(), holes)
-            }
+            Source::Live if sparse => img.read_buf_sparse(buf, offset).await?,
             // Live reads hand the reply buffer itself to the engine (no copy out of a bounce
             // buffer when the range is mapped); snapshot reads go through slices.
-            Source::Live => (
-                img.read_buf(IoBuf::from_vec(buf), offset).await?.into_vec(),
-                Vec::new(),
-            ),
+            Source::Live => (img.read_buf(buf, offset).await?, Vec::new()),
             Source::Snapshot(id) => {
                 let mut buf = buf;
                 img.read_snapshot_at(id, &mut buf, offset).await?;
@@ -1102,7 +1106,7 @@ impl Conn {
                 out.extend_from_slice(&buf[(from - offset) as usize..(to - offset) as usize]);
             }
         }
-        Ok((out, Vec::new()))
+        Ok((out, no_data()))
     }
 
     /// `NBD_CMD_CACHE`: reads the range and drops the data, as qemu-nbd's prefetch does, so
@@ -1175,10 +1179,10 @@ impl Conn {
         len: u64,
         req_one: bool,
         contexts: &[usize],
-    ) -> (Vec<u8>, Vec<u8>) {
+    ) -> (Vec<u8>, IoBuf) {
         match self.block_status(h, offset, len, req_one, contexts).await {
-            Ok(out) => (out, Vec::new()),
-            Err(e) => (self.engine_error(h, &e), Vec::new()),
+            Ok(out) => (out, no_data()),
+            Err(e) => (self.engine_error(h, &e), no_data()),
         }
     }
 
