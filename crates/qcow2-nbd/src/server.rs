@@ -615,6 +615,7 @@ impl Server {
         let max_in_flight = self.sh.opts.max_in_flight;
         let budget = self.sh.opts.buffer_bytes;
         let mut input = Input::new(ahead, s.mode);
+        let mut pool = BufPool::default();
         let mut out: Vec<u8> = Vec::with_capacity(OUT_CHUNK);
         let mut running = FuturesUnordered::new();
         let mut buffered = 0usize;
@@ -638,6 +639,11 @@ impl Server {
                     }
                     Parsed::Disconnect => closing = true,
                     Parsed::Request(h, command, payload) => {
+                        // A read's reply buffer comes from the pool (Input leaves it empty).
+                        let payload = match command {
+                            Command::Read { len, .. } => pool.get(len as usize),
+                            _ => payload,
+                        };
                         let bytes = match command {
                             Command::Read { len, .. } | Command::Write { len, .. } => len,
                             Command::BlockStatusFiltered { payload, .. } => payload,
@@ -657,7 +663,7 @@ impl Server {
             while let Some(Some(done)) = running.next().now_or_never() {
                 buffered -= done.2;
                 unflushed = true;
-                queue_reply(&mut out, &mut io, done.0, done.1).await?;
+                pool.put(queue_reply(&mut out, &mut io, done.0, done.1).await?);
             }
             if unflushed {
                 io.write_all(&out)
@@ -679,7 +685,7 @@ impl Server {
                 Some(done) = running.next(), if !running.is_empty() => {
                     buffered -= done.2;
                     unflushed = true;
-                    queue_reply(&mut out, &mut io, done.0, done.1).await?;
+                    pool.put(queue_reply(&mut out, &mut io, done.0, done.1).await?);
                 }
                 read = input.fill(&mut io), if can_read => match read {
                     Ok(0) => {
@@ -811,18 +817,18 @@ const WRITE_DIRECT: usize = 16 << 10;
 const READ_CHUNK: usize = 64 << 10;
 
 /// Appends a reply to the batch `out`; large data goes out directly (after the batch, to
-/// keep the order).
+/// keep the order). Returns the data buffer, done with, for reuse.
 async fn queue_reply<W: AsyncWrite + Unpin>(
     out: &mut Vec<u8>,
     w: &mut W,
     head: Vec<u8>,
     data: IoBuf,
-) -> Result<()> {
+) -> Result<IoBuf> {
     out.extend_from_slice(&head);
     if data.len() < WRITE_DIRECT {
         out.extend_from_slice(&data);
         if out.len() < OUT_CHUNK {
-            return Ok(());
+            return Ok(data);
         }
     }
     let io = Error::io("writing replies");
@@ -831,7 +837,42 @@ async fn queue_reply<W: AsyncWrite + Unpin>(
     if data.len() >= WRITE_DIRECT {
         w.write_all(&data).await.map_err(&io)?;
     }
-    Ok(())
+    Ok(data)
+}
+
+/// Read buffers a connection reuses. A fresh page-aligned buffer per read cost more than
+/// the read for large ones: perf showed nbdcopy's 256 KiB reads spending most of the
+/// server's time mapping, zeroing and faulting in new pages (glibc maps allocations that
+/// large, and unmaps them on free). Reads fill every byte of their buffer, so a reused one
+/// needs no zeroing.
+#[derive(Default)]
+struct BufPool {
+    free: Vec<IoBuf>,
+}
+
+impl BufPool {
+    /// Buffers kept: a connection's usual queue depth.
+    const KEEP: usize = 32;
+    /// Larger buffers are not kept.
+    const MAX_LEN: usize = 4 << 20;
+
+    fn get(&mut self, len: usize) -> IoBuf {
+        match self.free.iter().rposition(|b| b.len() == len) {
+            Some(i) => self.free.swap_remove(i),
+            None => IoBuf::zeroed(len, BUF_ALIGN),
+        }
+    }
+
+    /// Keeps `b` if it is one of ours (page-aligned, owned) and of a size worth keeping.
+    fn put(&mut self, b: IoBuf) {
+        if b.alignment() != BUF_ALIGN || b.is_empty() || b.len() > Self::MAX_LEN {
+            return;
+        }
+        if self.free.len() == Self::KEEP {
+            self.free.swap_remove(0);
+        }
+        self.free.push(b);
+    }
 }
 
 /// What the parser found next in a connection's input.
@@ -1049,7 +1090,8 @@ impl Conn {
             }
         };
         match c {
-            Command::Read { offset, len, df } => match self.read(h, offset, len, df).await {
+            Command::Read { offset, len, df } => match self.read(h, offset, len, df, payload).await
+            {
                 Ok(reply) => reply,
                 Err(e) => (self.engine_error(h, &e), no_data()),
             },
@@ -1130,11 +1172,11 @@ impl Conn {
         offset: u64,
         len: u32,
         df: bool,
+        buf: IoBuf,
     ) -> qcow2_async::Result<(Vec<u8>, IoBuf)> {
         let img = &self.sh.image;
         let reply = self.reply(h);
-        // Page-aligned: on an O_DIRECT image the kernel reads into it with no bounce buffer.
-        let buf = IoBuf::zeroed(len as usize, BUF_ALIGN);
+        debug_assert_eq!(buf.len(), len as usize);
         let sparse = self.mode >= Mode::Structured && !df && len > 0;
         let (buf, holes) = match &self.export().source {
             Source::Live if sparse => img.read_buf_sparse(buf, offset).await?,
