@@ -343,3 +343,72 @@ async fn starttls_haggling_as_qemu_nbd() {
     srv.stop().await;
     img.close().await.unwrap();
 }
+
+/// libnbd's clients over TLS (`nbds+unix`), as a user of `nbdcopy` and `nbdinfo` would run
+/// them, under verify-peer with the server's certificate checked too: the client's
+/// credentials directory and the name to check come in the URI (`tls-certificates`,
+/// `tls-hostname`; libnbd's tools allow local paths there). `nbdinfo` reports TLS, `nbdcopy`
+/// writes a file into the export and copies it back out unchanged; a client with no
+/// certificate is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libnbd_clients_copy_in_and_out_over_tls() {
+    let c = creds();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("img.qcow2");
+    let img = new_image(&path).await;
+    let tls = TlsCredentials::from_dir(&c.server, true).unwrap();
+    let srv = start(&img, dir.path(), Some(tls)).await;
+    let url = |creds: &Path| {
+        format!(
+            "nbds+unix:///?socket={}&tls-certificates={}&tls-hostname=localhost",
+            s(&srv.sock),
+            s(creds)
+        )
+    };
+    let src = dir.path().join("src.raw");
+    let data: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(&src, &data).unwrap();
+    let back = dir.path().join("back.raw");
+    let run = |tool: &'static str, args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(tool)
+                .args(&args)
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!("{tool} ({e}): `bash scripts/test.sh` installs libnbd-bin")
+                })
+        })
+    };
+    let ok = |out: std::process::Output| {
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        text
+    };
+    let info = ok(run("nbdinfo", vec!["--json".into(), url(&c.client)])
+        .await
+        .unwrap());
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["TLS"], true, "{info:#}");
+    assert_eq!(info["exports"][0]["export-size"], 8 << 20);
+    ok(run("nbdcopy", vec![s(&src).into(), url(&c.client)])
+        .await
+        .unwrap());
+    ok(run("nbdcopy", vec![url(&c.client), s(&back).into()])
+        .await
+        .unwrap());
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "the copy out differs"
+    );
+    let refused = run("nbdinfo", vec![url(&c.anonymous)]).await.unwrap();
+    assert!(
+        !refused.status.success(),
+        "a client without a certificate got in"
+    );
+    srv.stop().await;
+    img.close().await.unwrap();
+    assert_check_clean(&path);
+}
