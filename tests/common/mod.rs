@@ -193,8 +193,10 @@ impl QemuNbdOnce {
     }
 
     /// Waits (at most 30 s) until the server process has exited and so dropped its locks. A
-    /// zombie counts as exited: its descriptors are closed, and the container's init may
-    /// never reap it.
+    /// zombie counts as exited once it is the last of its threads (the container's init may
+    /// never reap it): the main thread of a multi-threaded qemu-nbd turns zombie while its
+    /// other threads still hold the process's files, pid-file lock included (seen as "Cannot
+    /// lock pid file" from the next qemu-nbd on the same pid file).
     pub fn wait_exit(self) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         let pid = loop {
@@ -211,7 +213,12 @@ impl QemuNbdOnce {
                 Err(_) => return,
                 // The state follows the parenthesised command name.
                 Ok(stat) if stat.rsplit(") ").next().is_some_and(|r| r.starts_with('Z')) => {
-                    return;
+                    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+                        .map(|d| d.count())
+                        .unwrap_or(0);
+                    if threads <= 1 {
+                        return;
+                    }
                 }
                 Ok(_) => {}
             }
