@@ -1,0 +1,399 @@
+//! [`RemoteFile`]: a read-only [`BlockFile`] over one object, read in aligned blocks.
+//!
+//! A read is served from the block cache where it can; the blocks it lacks are fetched in
+//! runs, one range GET per run of neighbouring missing blocks (split at
+//! `max_request`). Every block being fetched is registered as in flight, so a concurrent
+//! reader of the same block waits for that request instead of sending its own, and the
+//! fetch runs as a task of its own: a reader that gives up (a dropped future) does not
+//! cancel what others wait for. Blocks are handed out as the body streams in, so the
+//! first reader of a long run waits only for its own blocks.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Bytes, BytesMut};
+use futures::future::{FutureExt, Shared};
+use futures::StreamExt;
+use object_store::path::Path;
+use object_store::ObjectStore;
+use qcow2_async::io::{holes_past_end, BlockFile, IoBuf, IoFuture};
+use tokio::sync::oneshot;
+use tracing::Instrument;
+
+use crate::cache::BlockCache;
+use crate::error::RemoteError;
+use crate::fetch::{self, Failure, Object, Retry, Transient};
+use crate::options::RemoteOptions;
+use crate::readahead::Sequential;
+
+type BlockResult = Result<Bytes, RemoteError>;
+/// A block in flight: every reader waiting for it holds a clone.
+type Pending = Shared<oneshot::Receiver<BlockResult>>;
+
+/// A read-only file over an object in an object store (S3, GCS, Azure, HTTP, memory).
+///
+/// The object's size and identity (ETag, version) are pinned when the file is opened;
+/// every request asks the store for that same object, and a replaced or deleted object
+/// fails reads with [`RemoteError::Changed`] instead of mixing two objects' bytes. Writes,
+/// truncation and allocation fail with [`RemoteError::ReadOnly`].
+#[derive(Debug, Clone)]
+pub struct RemoteFile {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    obj: Object,
+    opts: RemoteOptions,
+    state: Mutex<State>,
+    requests: AtomicU64,
+    bytes_fetched: AtomicU64,
+    block_hits: AtomicU64,
+}
+
+/// Held only for bookkeeping, never across an await.
+#[derive(Debug)]
+struct State {
+    cache: BlockCache,
+    in_flight: HashMap<u64, Pending>,
+    sequential: Sequential,
+}
+
+/// Counters of a [`RemoteFile`], for tests and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RemoteStats {
+    /// Range GETs sent (retries included).
+    pub requests: u64,
+    /// Bytes received in their bodies.
+    pub bytes_fetched: u64,
+    /// Blocks served from the cache.
+    pub block_hits: u64,
+    /// Bytes the cache holds now.
+    pub cached_bytes: u64,
+}
+
+/// Where a block of a read comes from.
+enum Source {
+    Cached(Bytes),
+    Wait(Pending),
+}
+
+/// Missing blocks to fetch with one request: the first block and one sender per block.
+struct Run {
+    first: u64,
+    senders: Vec<oneshot::Sender<BlockResult>>,
+}
+
+impl RemoteFile {
+    /// Opens the object at `path` of `store`, pinning its size and identity with a HEAD
+    /// request; `url` names it in errors and logs.
+    #[tracing::instrument(skip(store, opts), fields(size))]
+    pub async fn open(
+        store: Arc<dyn ObjectStore>,
+        path: Path,
+        url: &str,
+        opts: RemoteOptions,
+    ) -> Result<RemoteFile, RemoteError> {
+        if let Some(reason) = opts.invalid() {
+            return Err(RemoteError::InvalidUrl {
+                url: url.to_string(),
+                reason: format!("options: {reason}"),
+            });
+        }
+        let meta = fetch::head(&store, &path, url, &opts).await?;
+        tracing::Span::current().record("size", meta.size);
+        Ok(RemoteFile {
+            inner: Arc::new(Inner {
+                obj: Object {
+                    store,
+                    path,
+                    url: url.to_string(),
+                    meta,
+                },
+                state: Mutex::new(State {
+                    cache: BlockCache::new(opts.cache_bytes),
+                    in_flight: HashMap::new(),
+                    sequential: Sequential::default(),
+                }),
+                opts,
+                requests: AtomicU64::new(0),
+                bytes_fetched: AtomicU64::new(0),
+                block_hits: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The URL the file was opened with.
+    pub fn url(&self) -> &str {
+        &self.inner.obj.url
+    }
+
+    /// The object's size, as pinned at open.
+    pub fn size(&self) -> u64 {
+        self.inner.obj.meta.size
+    }
+
+    /// The object's ETag, as pinned at open (`None` if the store has none).
+    pub fn e_tag(&self) -> Option<&str> {
+        self.inner.obj.meta.e_tag.as_deref()
+    }
+
+    /// Requests, bytes and cache hits so far.
+    pub fn stats(&self) -> RemoteStats {
+        let i = &self.inner;
+        RemoteStats {
+            requests: i.requests.load(Ordering::Relaxed),
+            bytes_fetched: i.bytes_fetched.load(Ordering::Relaxed),
+            block_hits: i.block_hits.load(Ordering::Relaxed),
+            cached_bytes: i.lock().cache.used(),
+        }
+    }
+
+    /// Fills `buf` from `offset`; past the end of the object with zeros.
+    async fn read_into(&self, buf: &mut [u8], offset: u64) -> Result<(), RemoteError> {
+        let size = self.size();
+        let bs = self.inner.opts.block_size;
+        let end = offset.saturating_add(buf.len() as u64).min(size);
+        if offset >= end {
+            buf.fill(0);
+            return Ok(());
+        }
+        buf[(end - offset) as usize..].fill(0);
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let sources = self.plan(first, last);
+        for (block, source) in (first..=last).zip(sources) {
+            let bytes = match source {
+                Source::Cached(b) => b,
+                Source::Wait(p) => p.await.map_err(|_| RemoteError::Abandoned {
+                    url: self.url().to_string(),
+                })??,
+            };
+            // The part of this block that the read covers.
+            let block_start = block * bs;
+            let from = offset.max(block_start);
+            let to = end.min(block_start + bytes.len() as u64);
+            let dst = (from - offset) as usize..(to - offset) as usize;
+            buf[dst].copy_from_slice(
+                &bytes[(from - block_start) as usize..(to - block_start) as usize],
+            );
+        }
+        Ok(())
+    }
+
+    /// Finds each block of `[first, last]` in the cache or in flight, starts requests for
+    /// the others and for read-ahead, and says where each block will come from.
+    fn plan(&self, first: u64, last: u64) -> Vec<Source> {
+        let opts = &self.inner.opts;
+        let bs = opts.block_size;
+        let max_run = (opts.max_request / bs) as usize;
+        let total = self.size().div_ceil(bs);
+        let mut runs: Vec<Run> = Vec::new();
+        let mut sources = Vec::with_capacity((last - first + 1) as usize);
+        let mut st = self.inner.lock();
+        let missing = |st: &mut State, block: u64, runs: &mut Vec<Run>| -> Pending {
+            let (tx, rx) = oneshot::channel();
+            let pending = rx.shared();
+            st.in_flight.insert(block, pending.clone());
+            match runs.last_mut() {
+                Some(r)
+                    if r.first + r.senders.len() as u64 == block && r.senders.len() < max_run =>
+                {
+                    r.senders.push(tx)
+                }
+                _ => runs.push(Run {
+                    first: block,
+                    senders: vec![tx],
+                }),
+            }
+            pending
+        };
+        let mut hits = 0;
+        for block in first..=last {
+            sources.push(if let Some(b) = st.cache.get(block) {
+                hits += 1;
+                Source::Cached(b)
+            } else if let Some(p) = st.in_flight.get(&block) {
+                Source::Wait(p.clone())
+            } else {
+                Source::Wait(missing(&mut st, block, &mut runs))
+            });
+        }
+        let window = opts.read_ahead / bs;
+        if let Some(ahead) = st.sequential.observe(first, last + 1, window, total) {
+            for block in ahead {
+                if !st.cache.contains(block) && !st.in_flight.contains_key(&block) {
+                    // Nobody waits yet: the receiver stays in the in-flight table only.
+                    drop(missing(&mut st, block, &mut runs));
+                }
+            }
+        }
+        drop(st);
+        self.inner.block_hits.fetch_add(hits, Ordering::Relaxed);
+        for run in runs {
+            let inner = self.inner.clone();
+            let span = tracing::debug_span!(
+                "remote_get",
+                url = %inner.obj.url,
+                first_block = run.first,
+                blocks = run.senders.len()
+            );
+            tokio::spawn(inner.fetch_run(run).instrument(span));
+        }
+        sources
+    }
+}
+
+impl Inner {
+    // A panic while holding the lock leaves plain bookkeeping behind, still consistent
+    // enough to use: the worst case is a block fetched twice.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Fetches a run of blocks, handing each to its waiters (and the cache) as soon as it
+    /// is complete. A failed attempt resumes from the first block not yet handed out.
+    async fn fetch_run(self: Arc<Self>, run: Run) {
+        let bs = self.opts.block_size;
+        let size = self.obj.meta.size;
+        let end = ((run.first + run.senders.len() as u64) * bs).min(size);
+        let mut next = run.first;
+        let mut senders = run.senders.into_iter();
+        let mut retry = Retry::new(&self.obj.url, run.first * bs..end, &self.opts);
+        let mut pending = BytesMut::new();
+        let failure = 'attempts: loop {
+            let from = next * bs;
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            let failure =
+                match tokio::time::timeout(self.opts.timeout, fetch::get(&self.obj, from..end))
+                    .await
+                {
+                    Err(_) => Failure::Transient(Transient::TimedOut),
+                    Ok(Err(f)) => f,
+                    Ok(Ok(mut body)) => {
+                        pending.clear();
+                        loop {
+                            match tokio::time::timeout(self.opts.timeout, body.next()).await {
+                                Err(_) => break Failure::Transient(Transient::TimedOut),
+                                Ok(None) => {
+                                    let got = next * bs - from + pending.len() as u64;
+                                    break Failure::Transient(Transient::Short(got));
+                                }
+                                Ok(Some(Err(e))) => break fetch::classify(&self.obj.url, e, true),
+                                Ok(Some(Ok(chunk))) => {
+                                    self.bytes_fetched
+                                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                                    pending.extend_from_slice(&chunk);
+                                    loop {
+                                        let want = (bs.min(end - next * bs)) as usize;
+                                        if pending.len() < want {
+                                            break;
+                                        }
+                                        let block = pending.split_to(want).freeze();
+                                        pending.reserve(bs as usize);
+                                        self.deliver(next, Ok(block), senders.next());
+                                        next += 1;
+                                        retry.progress();
+                                        if next * bs >= end {
+                                            return;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                };
+            match failure {
+                Failure::Fatal(e) => break 'attempts e,
+                Failure::Transient(t) => match retry.after(t) {
+                    Ok(wait) => tokio::time::sleep(wait).await,
+                    Err(e) => break 'attempts e,
+                },
+            }
+        };
+        tracing::warn!(url = %self.obj.url, error = %failure, "remote read failed");
+        for tx in senders {
+            self.deliver(next, Err(failure.clone()), Some(tx));
+            next += 1;
+        }
+    }
+
+    fn deliver(&self, block: u64, result: BlockResult, tx: Option<oneshot::Sender<BlockResult>>) {
+        {
+            let mut st = self.lock();
+            st.in_flight.remove(&block);
+            if let Ok(bytes) = &result {
+                st.cache.insert(block, bytes.clone());
+            }
+        }
+        if let Some(tx) = tx {
+            // Nobody left waiting (read-ahead, or readers that gave up) is fine.
+            let _ = tx.send(result);
+        }
+    }
+
+    fn read_only(&self, op: &'static str) -> std::io::Error {
+        RemoteError::ReadOnly {
+            url: self.obj.url.clone(),
+            op,
+        }
+        .into()
+    }
+}
+
+impl BlockFile for RemoteFile {
+    fn read_at(&self, mut buf: IoBuf, offset: u64) -> IoFuture<'_, IoBuf> {
+        Box::pin(async move {
+            if offset.checked_add(buf.len() as u64).is_none() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("range {offset}+{} overflows", buf.len()),
+                ));
+            }
+            self.read_into(&mut buf, offset).await?;
+            Ok(buf)
+        })
+    }
+
+    fn write_at(&self, _buf: IoBuf, _offset: u64) -> IoFuture<'_, IoBuf> {
+        Box::pin(async move { Err(self.inner.read_only("write")) })
+    }
+
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move { Err(self.inner.read_only("flush")) })
+    }
+
+    fn len(&self) -> IoFuture<'_, u64> {
+        Box::pin(async move { Ok(self.size()) })
+    }
+
+    fn set_len(&self, _len: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move { Err(self.inner.read_only("truncate")) })
+    }
+
+    fn allocate(&self, _offset: u64, _len: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move { Err(self.inner.read_only("allocate")) })
+    }
+
+    fn punch_hole(&self, _offset: u64, _len: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move { Err(self.inner.read_only("punch hole")) })
+    }
+
+    fn zero_range(&self, _offset: u64, _len: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move { Err(self.inner.read_only("zero range")) })
+    }
+
+    fn holes(&self, offset: u64, len: u64) -> IoFuture<'_, Vec<(u64, u64)>> {
+        // An object stores every byte below its size.
+        Box::pin(async move { Ok(holes_past_end(self.size(), offset, len)) })
+    }
+
+    fn allocated_bytes(&self) -> IoFuture<'_, u64> {
+        self.len()
+    }
+
+    fn alignment(&self) -> usize {
+        1
+    }
+}
