@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use clap::Args;
 use qcow2_async::io::{Aio, IoBuf, RingOptions};
-use qcow2_async::{BackingPolicy, Image};
+use qcow2_async::BackingPolicy;
 use serde_json::json;
 
 use crate::opts::{parse_size, Result};
@@ -148,7 +148,7 @@ pub async fn bench(a: BenchArgs) -> Result<u8> {
         o.cache_clusters = a.cache_clusters.unwrap_or(crate::opts::rw().cache_clusters);
         o
     };
-    let img = Image::open(&a.filename, &opts).await?;
+    let img = crate::opts::open_image(&a.filename, &opts).await?;
     let size = img.virtual_size();
     if bs == 0 || bs > size {
         return Err("request size must be between 1 and the disk size".into());
