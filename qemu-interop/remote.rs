@@ -134,6 +134,42 @@ fn expected_copy(base: &Path, dir: &Path) -> PathBuf {
     exp
 }
 
+/// The backing file name `top` records, as qemu-img reads it.
+fn recorded_backing(top: &Path) -> serde_json::Value {
+    let info: serde_json::Value =
+        serde_json::from_str(&qemu_ok("qemu-img", &["info", "--output=json", s(top)])).unwrap();
+    info["backing-filename"].clone()
+}
+
+/// Serves the overlay `top` (on a remote copy of `base`) over NBD, writes WRITES through
+/// it, stops the server, and checks that the overlay reads as the same writes made on a
+/// local copy of `base`, which it returns.
+fn write_overlay_through_serve(top: &Path, base: &Path, env: &[(&str, String)]) -> PathBuf {
+    let dir = top.parent().unwrap();
+    let sock = dir.join("nbd.sock");
+    let server = spawn_serve(
+        &[
+            "serve",
+            "--allow-remote-backing",
+            s(top),
+            "--socket",
+            s(&sock),
+        ],
+        env,
+    );
+    wait_for("the socket", || sock.exists());
+    write_via_nbd(&sock);
+    let err = terminate(server);
+    assert!(err.contains("closed cleanly"), "{err}");
+    let expected = expected_copy(base, dir);
+    let same = ok(qcow2_env(
+        &["--allow-remote-backing", "compare", s(top), s(&expected)],
+        env,
+    ));
+    assert!(same.contains("identical"), "{same}");
+    expected
+}
+
 #[test]
 fn http_images_read_like_their_local_copies_and_like_qemus_curl_driver() {
     let dir = tempfile::tempdir().unwrap();
@@ -209,36 +245,15 @@ fn an_overlay_on_an_http_base_is_written_through_serve_and_qemu_reads_it() {
         "qcow2",
         s(&top),
     ]);
-    let info: serde_json::Value =
-        serde_json::from_str(&qemu_ok("qemu-img", &["info", "--output=json", s(&top)])).unwrap();
-    assert_eq!(info["backing-filename"], url.as_str());
-    assert_eq!(info["virtual-size"], 64 << 20);
+    assert_eq!(recorded_backing(&top), url.as_str());
+    assert!(qcow2(&["info", s(&top)]).contains("virtual size: 64 MiB"));
 
     // An image naming a URL is refused unless the user allows remote backing files.
     let o = qcow2_env(&["compare", s(&top), s(&qc)], &[]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("refused by the open policy"));
 
-    let sock = dir.path().join("nbd.sock");
-    let server = spawn_serve(
-        &[
-            "serve",
-            "--allow-remote-backing",
-            s(&top),
-            "--socket",
-            s(&sock),
-        ],
-        &[],
-    );
-    wait_for("the socket", || sock.exists());
-    write_via_nbd(&sock);
-    let err = terminate(server);
-    assert!(err.contains("closed cleanly"), "{err}");
-
-    let expected = expected_copy(&qc, dir.path());
-    assert!(
-        qcow2(&["--allow-remote-backing", "compare", s(&top), s(&expected)]).contains("identical")
-    );
+    let expected = write_overlay_through_serve(&top, &qc, &[]);
     common::assert_check_clean(&top);
     if qemu_has_curl() {
         // QEMU follows the URL backing name itself, through its curl driver.
@@ -276,27 +291,9 @@ fn s3_bases_overlay_convert_and_an_object_replaced_under_a_server() {
         "qcow2",
         s(&top),
     ]);
-    let info: serde_json::Value =
-        serde_json::from_str(&qemu_ok("qemu-img", &["info", "--output=json", s(&top)])).unwrap();
-    assert_eq!(info["backing-filename"], "s3://images/base.qcow2");
+    assert_eq!(recorded_backing(&top), "s3://images/base.qcow2");
+    write_overlay_through_serve(&top, &qc, &env);
     let sock = dir.path().join("nbd.sock");
-    let server = spawn_serve(
-        &[
-            "serve",
-            "--allow-remote-backing",
-            s(&top),
-            "--socket",
-            s(&sock),
-        ],
-        &env,
-    );
-    wait_for("the socket", || sock.exists());
-    write_via_nbd(&sock);
-    assert!(terminate(server).contains("closed cleanly"));
-    let expected = expected_copy(&qc, dir.path());
-    assert!(
-        run(&["--allow-remote-backing", "compare", s(&top), s(&expected)]).contains("identical")
-    );
 
     // The base replaced while a server reads through it: what was read stays, a block not
     // read yet fails as an I/O error, and the server says why.
