@@ -78,26 +78,44 @@ fn make_base(dir: &Path) -> (PathBuf, PathBuf) {
     (qc, raw)
 }
 
-fn spawn_serve(args: &[&str], env: &[(&str, String)]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_qcow2"))
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .env("QCOW2_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("qcow2 binary")
+/// A `qcow2 serve` process, killed if the test fails before stopping it.
+struct Served(Option<Child>);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn_serve(args: &[&str], env: &[(&str, String)]) -> Served {
+    Served(Some(
+        Command::new(env!("CARGO_BIN_EXE_qcow2"))
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("QCOW2_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("qcow2 binary"),
+    ))
 }
 
 /// SIGTERM, wait (bounded), and what the server printed.
-fn terminate(mut child: Child) -> String {
+fn terminate(mut served: Served) -> String {
+    let mut child = served.0.take().unwrap();
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "qcow2 serve did not exit");
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("qcow2 serve did not exit on SIGTERM");
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     let mut err = String::new();

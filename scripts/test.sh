@@ -29,7 +29,9 @@ fi
 # with QEMU's curl block driver (Debian's qemu-block-extra, at the installed qemu-utils' version).
 need=()
 if [ ! -x /usr/sbin/nginx ] && ! command -v nginx >/dev/null 2>&1; then need+=(nginx-light); fi
-if ! qemu-img --help | grep -q ' http '; then
+# (grep reads the whole help: with -q, qemu-img could die of SIGPIPE and pipefail would
+# report the driver missing.)
+if ! qemu-img --help | grep ' http ' >/dev/null; then
     need+=("qemu-block-extra=$(dpkg-query -W -f='${Version}' qemu-utils)")
 fi
 if [ ${#need[@]} -gt 0 ]; then

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use bytes::Bytes;
+use crate::block::SharedBlock;
 
 /// Blocks by index. Not synchronised: the file keeps it under its state lock, which is
 /// never held across an await.
@@ -13,7 +13,7 @@ pub(crate) struct BlockCache {
     used: u64,
     /// Bumped on every use; a block's last use orders eviction.
     clock: u64,
-    blocks: HashMap<u64, (Bytes, u64)>,
+    blocks: HashMap<u64, (SharedBlock, u64)>,
     /// Last use → block, oldest first.
     by_use: BTreeMap<u64, u64>,
 }
@@ -27,7 +27,7 @@ impl BlockCache {
     }
 
     /// The block, marked as just used.
-    pub(crate) fn get(&mut self, block: u64) -> Option<Bytes> {
+    pub(crate) fn get(&mut self, block: u64) -> Option<SharedBlock> {
         self.clock += 1;
         let (bytes, used) = self.blocks.get_mut(&block)?;
         self.by_use.remove(used);
@@ -42,7 +42,7 @@ impl BlockCache {
 
     /// Keeps `bytes` as `block`, evicting the least recently used blocks to stay within
     /// the capacity (a block larger than the whole capacity is not kept).
-    pub(crate) fn insert(&mut self, block: u64, bytes: Bytes) {
+    pub(crate) fn insert(&mut self, block: u64, bytes: SharedBlock) {
         let len = bytes.len() as u64;
         if len > self.capacity {
             return;
@@ -78,9 +78,10 @@ impl BlockCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::block::Block;
 
-    fn block(n: usize) -> Bytes {
-        Bytes::from(vec![0u8; n])
+    fn block(n: usize) -> SharedBlock {
+        std::sync::Arc::new(Block::from(bytes::Bytes::from(vec![0u8; n])))
     }
 
     #[test]

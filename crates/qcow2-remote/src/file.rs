@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::{Bytes, BytesMut};
 use futures::future::{FutureExt, Shared};
 use futures::StreamExt;
 use object_store::path::Path;
@@ -21,13 +20,14 @@ use qcow2_async::io::{holes_past_end, BlockFile, IoBuf, IoFuture};
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
+use crate::block::{Block, SharedBlock};
 use crate::cache::BlockCache;
 use crate::error::RemoteError;
 use crate::fetch::{self, Failure, Object, Retry, Transient};
 use crate::options::RemoteOptions;
 use crate::readahead::Sequential;
 
-type BlockResult = Result<Bytes, RemoteError>;
+type BlockResult = Result<SharedBlock, RemoteError>;
 /// A block in flight: every reader waiting for it holds a clone.
 type Pending = Shared<oneshot::Receiver<BlockResult>>;
 
@@ -76,8 +76,14 @@ pub struct RemoteStats {
 
 /// Where a block of a read comes from.
 enum Source {
-    Cached(Bytes),
+    Cached(SharedBlock),
     Wait(Pending),
+}
+
+/// How far a run got: the next block to hand out and the senders from there on.
+struct Progress {
+    next: u64,
+    senders: std::vec::IntoIter<oneshot::Sender<BlockResult>>,
 }
 
 /// Missing blocks to fetch with one request: the first block and one sender per block.
@@ -175,9 +181,7 @@ impl RemoteFile {
             let from = offset.max(block_start);
             let to = end.min(block_start + bytes.len() as u64);
             let dst = (from - offset) as usize..(to - offset) as usize;
-            buf[dst].copy_from_slice(
-                &bytes[(from - block_start) as usize..(to - block_start) as usize],
-            );
+            bytes.copy_to((from - block_start) as usize, &mut buf[dst]);
         }
         Ok(())
     }
@@ -256,66 +260,72 @@ impl Inner {
     /// is complete. A failed attempt resumes from the first block not yet handed out.
     async fn fetch_run(self: Arc<Self>, run: Run) {
         let bs = self.opts.block_size;
-        let size = self.obj.meta.size;
-        let end = ((run.first + run.senders.len() as u64) * bs).min(size);
-        let mut next = run.first;
-        let mut senders = run.senders.into_iter();
+        let end = ((run.first + run.senders.len() as u64) * bs).min(self.obj.meta.size);
+        let mut at = Progress {
+            next: run.first,
+            senders: run.senders.into_iter(),
+        };
         let mut retry = Retry::new(&self.obj.url, run.first * bs..end, &self.opts);
-        let mut pending = BytesMut::new();
-        let failure = 'attempts: loop {
-            let from = next * bs;
-            self.requests.fetch_add(1, Ordering::Relaxed);
-            let failure =
-                match tokio::time::timeout(self.opts.timeout, fetch::get(&self.obj, from..end))
-                    .await
-                {
-                    Err(_) => Failure::Transient(Transient::TimedOut),
-                    Ok(Err(f)) => f,
-                    Ok(Ok(mut body)) => {
-                        pending.clear();
-                        loop {
-                            match tokio::time::timeout(self.opts.timeout, body.next()).await {
-                                Err(_) => break Failure::Transient(Transient::TimedOut),
-                                Ok(None) => {
-                                    let got = next * bs - from + pending.len() as u64;
-                                    break Failure::Transient(Transient::Short(got));
-                                }
-                                Ok(Some(Err(e))) => break fetch::classify(&self.obj.url, e, true),
-                                Ok(Some(Ok(chunk))) => {
-                                    self.bytes_fetched
-                                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                                    pending.extend_from_slice(&chunk);
-                                    loop {
-                                        let want = (bs.min(end - next * bs)) as usize;
-                                        if pending.len() < want {
-                                            break;
-                                        }
-                                        let block = pending.split_to(want).freeze();
-                                        pending.reserve(bs as usize);
-                                        self.deliver(next, Ok(block), senders.next());
-                                        next += 1;
-                                        retry.progress();
-                                        if next * bs >= end {
-                                            return;
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                    }
-                };
-            match failure {
-                Failure::Fatal(e) => break 'attempts e,
-                Failure::Transient(t) => match retry.after(t) {
+        let failure = loop {
+            match self.attempt(end, &mut at, &mut retry).await {
+                Ok(()) => return,
+                Err(Failure::Fatal(e)) => break e,
+                Err(Failure::Transient(t)) => match retry.after(t) {
                     Ok(wait) => tokio::time::sleep(wait).await,
-                    Err(e) => break 'attempts e,
+                    Err(e) => break e,
                 },
             }
         };
         tracing::warn!(url = %self.obj.url, error = %failure, "remote read failed");
-        for tx in senders {
-            self.deliver(next, Err(failure.clone()), Some(tx));
-            next += 1;
+        for tx in at.senders {
+            self.deliver(at.next, Err(failure.clone()), Some(tx));
+            at.next += 1;
+        }
+    }
+
+    /// One GET of the run's blocks from `at.next` to `end`, each handed out as its last
+    /// byte arrives. Every wait is bounded by the timeout.
+    async fn attempt(
+        &self,
+        end: u64,
+        at: &mut Progress,
+        retry: &mut Retry<'_>,
+    ) -> Result<(), Failure> {
+        let bs = self.opts.block_size;
+        let timeout = self.opts.timeout;
+        let from = at.next * bs;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let mut body = tokio::time::timeout(timeout, fetch::get(&self.obj, from..end))
+            .await
+            .map_err(|_| Failure::Transient(Transient::TimedOut))??;
+        let mut block = Block::default();
+        loop {
+            let mut chunk = match tokio::time::timeout(timeout, body.next()).await {
+                Err(_) => return Err(Failure::Transient(Transient::TimedOut)),
+                Ok(None) => {
+                    let got = at.next * bs - from + block.len() as u64;
+                    return Err(Failure::Transient(Transient::Short(got)));
+                }
+                Ok(Some(Err(e))) => return Err(fetch::classify(&self.obj.url, e, true)),
+                Ok(Some(Ok(chunk))) => chunk,
+            };
+            self.bytes_fetched
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            while !chunk.is_empty() {
+                let want = bs.min(end - at.next * bs) as usize;
+                let take = (want - block.len()).min(chunk.len());
+                block.push(chunk.split_to(take));
+                if block.len() < want {
+                    break;
+                }
+                let done = Arc::new(std::mem::take(&mut block));
+                self.deliver(at.next, Ok(done), at.senders.next());
+                at.next += 1;
+                retry.progress();
+                if at.next * bs >= end {
+                    return Ok(());
+                }
+            }
         }
     }
 

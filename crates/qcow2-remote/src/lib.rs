@@ -27,6 +27,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod block;
 mod cache;
 mod error;
 mod fetch;

@@ -7,8 +7,11 @@ use std::time::Duration;
 #[non_exhaustive]
 pub struct RemoteOptions {
     /// The object is fetched and cached in aligned blocks of this many bytes (a power of
-    /// two, at least 4 KiB). Larger blocks cost fewer requests per byte and more bytes per
-    /// isolated small read.
+    /// two, at least 4 KiB). A random read fetches whole blocks, so they are small (a qcow2
+    /// cluster); sequential and large reads still become large requests, since neighbouring
+    /// missing blocks share one (up to `max_request`). Measured on loopback nginx: 4 KiB
+    /// first-touch reads ran at 4100 IOPS with 64 KiB blocks, 2000 with 256 KiB, 900 with
+    /// 1 MiB, and a sequential read of 1 GiB at the same speed with all three.
     pub block_size: u64,
     /// Upper bound of the in-memory block cache, in bytes; least recently used blocks go
     /// first. 0 disables caching (every read is a request).
@@ -35,7 +38,7 @@ pub struct RemoteOptions {
 impl Default for RemoteOptions {
     fn default() -> RemoteOptions {
         RemoteOptions {
-            block_size: 1 << 20,
+            block_size: 64 << 10,
             cache_bytes: 256 << 20,
             read_ahead: 16 << 20,
             max_request: 4 << 20,
