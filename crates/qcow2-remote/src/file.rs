@@ -2,13 +2,14 @@
 //!
 //! A read is served from the block cache where it can; the blocks it lacks are fetched in
 //! runs, one range GET per run of neighbouring missing blocks (split at
-//! `max_request`). Every block being fetched is registered as in flight, so a concurrent
+//! `max_request`), including those that concurrent reads of the same task queued (see
+//! `Inner::dispatch`). Every block being fetched is registered as in flight, so a concurrent
 //! reader of the same block waits for that request instead of sending its own, and the
 //! fetch runs as a task of its own: a reader that gives up (a dropped future) does not
 //! cancel what others wait for. Blocks are handed out as the body streams in, so the
 //! first reader of a long run waits only for its own blocks.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -57,6 +58,10 @@ struct Inner {
 struct State {
     cache: BlockCache,
     in_flight: HashMap<u64, Pending>,
+    /// Blocks in flight whose request is not sent yet, for `Inner::dispatch`.
+    queued: BTreeMap<u64, oneshot::Sender<BlockResult>>,
+    /// A dispatch task is scheduled.
+    dispatching: bool,
     sequential: Sequential,
 }
 
@@ -121,6 +126,8 @@ impl RemoteFile {
                 state: Mutex::new(State {
                     cache: BlockCache::new(opts.cache_bytes),
                     in_flight: HashMap::new(),
+                    queued: BTreeMap::new(),
+                    dispatching: false,
                     sequential: Sequential::default(),
                 }),
                 opts,
@@ -186,33 +193,14 @@ impl RemoteFile {
         Ok(())
     }
 
-    /// Finds each block of `[first, last]` in the cache or in flight, starts requests for
+    /// Finds each block of `[first, last]` in the cache or in flight, queues requests for
     /// the others and for read-ahead, and says where each block will come from.
     fn plan(&self, first: u64, last: u64) -> Vec<Source> {
         let opts = &self.inner.opts;
         let bs = opts.block_size;
-        let max_run = (opts.max_request / bs) as usize;
         let total = self.size().div_ceil(bs);
-        let mut runs: Vec<Run> = Vec::new();
         let mut sources = Vec::with_capacity((last - first + 1) as usize);
         let mut st = self.inner.lock();
-        let missing = |st: &mut State, block: u64, runs: &mut Vec<Run>| -> Pending {
-            let (tx, rx) = oneshot::channel();
-            let pending = rx.shared();
-            st.in_flight.insert(block, pending.clone());
-            match runs.last_mut() {
-                Some(r)
-                    if r.first + r.senders.len() as u64 == block && r.senders.len() < max_run =>
-                {
-                    r.senders.push(tx)
-                }
-                _ => runs.push(Run {
-                    first: block,
-                    senders: vec![tx],
-                }),
-            }
-            pending
-        };
         let mut hits = 0;
         for block in first..=last {
             sources.push(if let Some(b) = st.cache.get(block) {
@@ -221,35 +209,98 @@ impl RemoteFile {
             } else if let Some(p) = st.in_flight.get(&block) {
                 Source::Wait(p.clone())
             } else {
-                Source::Wait(missing(&mut st, block, &mut runs))
+                Source::Wait(st.queue(block))
             });
         }
         let window = opts.read_ahead / bs;
-        if let Some(ahead) = st.sequential.observe(first, last + 1, window, total) {
+        let min_stream = opts.max_request / bs;
+        if let Some(ahead) = st
+            .sequential
+            .observe(first, last + 1, window, min_stream, total)
+        {
             for block in ahead {
                 if !st.cache.contains(block) && !st.in_flight.contains_key(&block) {
                     // Nobody waits yet: the receiver stays in the in-flight table only.
-                    drop(missing(&mut st, block, &mut runs));
+                    drop(st.queue(block));
                 }
             }
         }
+        let dispatch = !st.queued.is_empty() && !std::mem::replace(&mut st.dispatching, true);
         drop(st);
         self.inner.block_hits.fetch_add(hits, Ordering::Relaxed);
-        for run in runs {
-            let inner = self.inner.clone();
-            let span = tracing::debug_span!(
-                "remote_get",
-                url = %inner.obj.url,
-                first_block = run.first,
-                blocks = run.senders.len()
-            );
-            tokio::spawn(inner.fetch_run(run).instrument(span));
+        if dispatch {
+            tokio::spawn(self.inner.clone().dispatch());
         }
         sources
     }
 }
 
+impl State {
+    /// Registers `block` as in flight and queues its request.
+    fn queue(&mut self, block: u64) -> Pending {
+        let (tx, rx) = oneshot::channel();
+        let pending = rx.shared();
+        self.in_flight.insert(block, pending.clone());
+        self.queued.insert(block, tx);
+        pending
+    }
+}
+
 impl Inner {
+    /// Sends the queued requests, neighbouring blocks together (up to `max_request`).
+    ///
+    /// Requests are not sent by the reader that queues them but by this task, which runs
+    /// once that reader's task yields: the engine reads the clusters of one large request
+    /// concurrently within one task, and so all of them are queued by then and travel in
+    /// one GET instead of one per cluster.
+    async fn dispatch(self: Arc<Self>) {
+        // If another worker took this task at once, the reader may still be queueing.
+        tokio::task::yield_now().await;
+        let max_run = (self.opts.max_request / self.opts.block_size) as usize;
+        let runs = {
+            let mut st = self.lock();
+            st.dispatching = false;
+            let mut runs: Vec<Run> = Vec::new();
+            for (block, tx) in std::mem::take(&mut st.queued) {
+                match runs.last_mut() {
+                    Some(r)
+                        if r.first + r.senders.len() as u64 == block
+                            && r.senders.len() < max_run =>
+                    {
+                        r.senders.push(tx)
+                    }
+                    _ => runs.push(Run {
+                        first: block,
+                        senders: vec![tx],
+                    }),
+                }
+            }
+            // A run right behind a block still being fetched waits for that fetch to end
+            // (it dispatches again): the engine reads a large request a few clusters at a
+            // time, starting the next as each completes, and without this every later
+            // cluster would be a request of its own. Decided under the lock that
+            // `fetch_run`'s end takes too, so no run is left waiting for a fetch that ended.
+            let (held, send): (Vec<Run>, Vec<Run>) = runs
+                .into_iter()
+                .partition(|r| r.first > 0 && st.in_flight.contains_key(&(r.first - 1)));
+            for run in held {
+                for (i, tx) in run.senders.into_iter().enumerate() {
+                    st.queued.insert(run.first + i as u64, tx);
+                }
+            }
+            send
+        };
+        for run in runs {
+            let span = tracing::debug_span!(
+                "remote_get",
+                url = %self.obj.url,
+                first_block = run.first,
+                blocks = run.senders.len()
+            );
+            tokio::spawn(self.clone().fetch_run(run).instrument(span));
+        }
+    }
+
     // A panic while holding the lock leaves plain bookkeeping behind, still consistent
     // enough to use: the worst case is a block fetched twice.
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -268,7 +319,7 @@ impl Inner {
         let mut retry = Retry::new(&self.obj.url, run.first * bs..end, &self.opts);
         let failure = loop {
             match self.attempt(end, &mut at, &mut retry).await {
-                Ok(()) => return,
+                Ok(()) => return self.dispatch_held(),
                 Err(Failure::Fatal(e)) => break e,
                 Err(Failure::Transient(t)) => match retry.after(t) {
                     Ok(wait) => tokio::time::sleep(wait).await,
@@ -280,6 +331,16 @@ impl Inner {
         for tx in at.senders {
             self.deliver(at.next, Err(failure.clone()), Some(tx));
             at.next += 1;
+        }
+        self.dispatch_held();
+    }
+
+    /// After a fetch ended: sends what waited for it (see `dispatch`).
+    fn dispatch_held(self: &Arc<Self>) {
+        let mut st = self.lock();
+        if !st.queued.is_empty() && !std::mem::replace(&mut st.dispatching, true) {
+            drop(st);
+            tokio::spawn(self.clone().dispatch());
         }
     }
 
