@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite. Installs what a fresh Debian machine lacks first: the QEMU tools
 # that the interop and golden tests compare against, libnbd's NBD clients (nbdinfo, nbdcopy,
-# the Python binding), and qemu-system-x86 with a guest kernel for the vhost-user-blk guest
-# test (they fail loudly without them).
+# the Python binding), nginx, QEMU's curl driver and moto's S3 server for the remote-image
+# tests, and qemu-system-x86 with a guest kernel for the vhost-user-blk guest test (they fail
+# loudly without them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +24,28 @@ if ! command -v nbdinfo >/dev/null 2>&1 || ! command -v nbdcopy >/dev/null 2>&1 
     if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libnbd-bin python3-libnbd >/dev/null
+fi
+# The remote-image tests (qemu-interop/remote.rs) start nginx and moto's S3 server, and compare
+# with QEMU's curl block driver (Debian's qemu-block-extra, at the installed qemu-utils' version).
+need=()
+if [ ! -x /usr/sbin/nginx ] && ! command -v nginx >/dev/null 2>&1; then need+=(nginx-light); fi
+# (grep reads the whole help: with -q, qemu-img could die of SIGPIPE and pipefail would
+# report the driver missing.)
+if ! qemu-img --help | grep ' http ' >/dev/null; then
+    need+=("qemu-block-extra=$(dpkg-query -W -f='${Version}' qemu-utils)")
+fi
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing ${need[*]} for the remote-image tests" >&2
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if ! command -v moto_server >/dev/null 2>&1 || ! python3 -c 'import boto3, moto' 2>/dev/null; then
+    echo "moto's S3 server not found: pip install 'moto[server]'" >&2
+    # A Debian system Python refuses pip installs (PEP 668) unless told otherwise.
+    python3 -m pip install -q 'moto[server]' ||
+        python3 -m pip install -q --break-system-packages 'moto[server]'
 fi
 # The guest test boots a Debian kernel under qemu-system-x86_64 (qemu-interop/vhost_guest.rs).
 bash scripts/guest-assets.sh target/guest

@@ -16,6 +16,7 @@ mod cursor;
 mod encrypted;
 mod map;
 mod owned;
+mod remote;
 mod resize;
 mod subcluster;
 pub use cursor::Cursor;
@@ -308,6 +309,19 @@ impl Image {
         drop(create_lock);
         // Reopen by path so that backing and data files are resolved as for any image; a new
         // encrypted image opens with the passphrase it was created with unless told otherwise.
+        // A remote backing file the caller names here is the caller's choice, not a name
+        // found in an image from elsewhere.
+        let allowed;
+        let open = match &create.backing_file {
+            Some(name) if crate::remote::is_url(name) => {
+                allowed = OpenOptions {
+                    remote_backing: crate::RemoteBacking::Allow,
+                    ..open.clone()
+                };
+                &allowed
+            }
+            _ => open,
+        };
         match (&open.secret, &create.encryption) {
             (None, Some(e)) => {
                 let open = OpenOptions {
@@ -2286,10 +2300,33 @@ async fn open_backing(
                 reason: "backing files are forbidden by the open policy".into(),
             })
         }
-        (BackingPolicy::Override(p, f), Some(_)) => (p.clone(), *f),
+        (BackingPolicy::Override(p, f), Some(_)) => {
+            if let Some(url) = p.to_str().filter(|p| crate::remote::is_url(p)) {
+                // The caller's own choice of a URL: no policy to consult.
+                return remote::open_remote(url, Some(*f), opts, depth + 1, chain)
+                    .await
+                    .map(Some);
+            }
+            (p.clone(), *f)
+        }
         (BackingPolicy::FromImage, Some(name)) => {
-            if name.starts_with("json:") || name.contains("://") {
+            if name.starts_with("json:") {
                 return Err(Error::unsupported("backing file protocol", name.clone()));
+            }
+            if let Some(url) = remote::backing_url(image, name, opts)? {
+                let format = hdr
+                    .backing_format
+                    .as_deref()
+                    .map(|f| {
+                        f.parse::<BackingFormat>().map_err(|reason| Error::Backing {
+                            path: url.clone().into(),
+                            reason,
+                        })
+                    })
+                    .transpose()?;
+                return remote::open_remote(&url, format, opts, depth + 1, chain)
+                    .await
+                    .map(Some);
             }
             let p = Path::new(name);
             let path = if p.is_absolute() {

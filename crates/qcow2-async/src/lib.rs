@@ -56,6 +56,7 @@ pub mod ops;
 mod options;
 mod overlap;
 mod refcounts;
+pub mod remote;
 mod sharded;
 mod snapshot;
 
@@ -74,6 +75,7 @@ pub use options::{
     BackingFormat, BackingPolicy, CreateOptions, DataFilePolicy, OpenOptions, Preallocation,
 };
 pub use qcow2_format;
+pub use remote::{RemoteBacking, RemoteOpener};
 pub use snapshot::SnapshotInfo;
 
 /// Internals exposed only for the criterion benchmarks in `benches/`; not a stable API.

@@ -1,10 +1,12 @@
 //! Options for creating and opening images.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::barrier::BarrierMode;
 use crate::crypto::{EncryptionOptions, Secret};
 use crate::io::{Aio, RingOptions};
+use crate::remote::{RemoteBacking, RemoteOpener};
 
 /// How much of the image `create` allocates up front (qemu-img's `preallocation`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -185,6 +187,13 @@ pub struct OpenOptions {
     /// Share every permission with other users (QEMU's `force-share`, qemu-img `-U`): for
     /// inspecting an image another process writes. Read-only opens only.
     pub force_share: bool,
+    /// Opens URLs (`s3://`, `https://`, ...) as read-only files: needed for remote
+    /// backing files and [`crate::Image::open_url`]. Without one, a URL is refused with
+    /// [`crate::Error::Unsupported`].
+    pub remote: Option<Arc<dyn RemoteOpener>>,
+    /// Whether an image may name a remote backing file; refused by default (see
+    /// [`RemoteBacking`]).
+    pub remote_backing: RemoteBacking,
 }
 
 impl Default for OpenOptions {
@@ -205,6 +214,8 @@ impl Default for OpenOptions {
             secret: None,
             locking: crate::Locking::Auto,
             force_share: false,
+            remote: None,
+            remote_backing: RemoteBacking::Refuse,
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use clap::Args;
 use qcow2_async::io::{Aio, IoBuf, RingOptions};
-use qcow2_async::{BackingPolicy, Image};
+use qcow2_async::BackingPolicy;
 use serde_json::json;
 
 use crate::opts::{parse_size, Result};
@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// Random block-aligned offsets (seeded, reproducible) instead of the stride.
     #[arg(long)]
     random: bool,
+    /// Read every offset of the run once before timing it (reads only): the cached-read
+    /// numbers of a remote image, whose first reads go to the store.
+    #[arg(long)]
+    warmup: bool,
     /// Mixed mode: this percentage of requests read, the rest write.
     #[arg(long = "read-percent")]
     read_percent: Option<u8>,
@@ -148,7 +152,7 @@ pub async fn bench(a: BenchArgs) -> Result<u8> {
         o.cache_clusters = a.cache_clusters.unwrap_or(crate::opts::rw().cache_clusters);
         o
     };
-    let img = Image::open(&a.filename, &opts).await?;
+    let img = crate::opts::open_image(&a.filename, &opts).await?;
     let size = img.virtual_size();
     if bs == 0 || bs > size {
         return Err("request size must be between 1 and the disk size".into());
@@ -169,6 +173,26 @@ pub async fn bench(a: BenchArgs) -> Result<u8> {
             if a.random { "random".into() } else { step.to_string() }
         );
     }
+    let (count, random) = (a.count, a.random);
+    // Request i's offset, for the warm-up pass and the timed one alike.
+    let offset_of = move |i: u64| -> u64 {
+        let off = if random {
+            mix(i) % blocks * bs
+        } else {
+            // qemu-img 10.0: offset += step, modulo the image size.
+            ((start_off as u128 + i as u128 * step as u128) % size as u128) as u64
+        };
+        off.min(size - bs)
+    };
+    if a.warmup {
+        if writes {
+            return Err("--warmup is for read benchmarks".into());
+        }
+        let mut buf = vec![0u8; bs as usize];
+        for i in 0..count {
+            img.read_at(&mut buf, offset_of(i)).await?;
+        }
+    }
     let depth = a.depth.max(1);
     let written = Arc::new(AtomicU64::new(0));
     let (bar, cb) = crate::progress::bar(a.progress);
@@ -177,8 +201,7 @@ pub async fn bench(a: BenchArgs) -> Result<u8> {
     let mut tasks = Vec::new();
     for task in 0..depth {
         let (img, written, cb) = (img.clone(), written.clone(), cb.clone());
-        let (count, random, read_pct, write, flush_every) =
-            (a.count, a.random, a.read_percent, a.write, a.flush_interval);
+        let (read_pct, write, flush_every) = (a.read_percent, a.write, a.flush_interval);
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut buf = vec![pattern; bs as usize];
@@ -198,13 +221,7 @@ pub async fn bench(a: BenchArgs) -> Result<u8> {
                     break;
                 }
                 next += depth;
-                let off = if random {
-                    mix(i) % blocks * bs
-                } else {
-                    // qemu-img 10.0: offset += step, modulo the image size.
-                    ((start_off as u128 + i as u128 * step as u128) % size as u128) as u64
-                };
-                let off = off.min(size - bs);
+                let off = offset_of(i);
                 let is_write = match read_pct {
                     Some(p) => mix(i ^ 0x5555) % 100 >= u64::from(p),
                     None => write,

@@ -137,7 +137,7 @@ pub async fn rebase(a: RebaseArgs) -> Result<u8> {
             Some(f) => parse_format(f)?,
             None => {
                 let p = std::path::Path::new(&a.backing);
-                let full = if p.is_absolute() {
+                let full = if p.is_absolute() || crate::opts::url_of(p).is_some() {
                     p.to_path_buf()
                 } else {
                     a.filename
@@ -145,7 +145,7 @@ pub async fn rebase(a: RebaseArgs) -> Result<u8> {
                         .unwrap_or(std::path::Path::new("."))
                         .join(p)
                 };
-                format_of(&full, None)?
+                format_of(&full, None).await?
             }
         };
         Some((a.backing.as_str(), fmt))

@@ -47,7 +47,7 @@ pub async fn check(a: CheckArgs) -> Result<u8> {
         o.open_for_repair = repair.is_some();
         o
     };
-    let img = Image::open(&a.filename, &opts).await?;
+    let img = crate::opts::open_image(&a.filename, &opts).await?;
     let report = img.check(repair).await?;
     if repair.is_some() {
         img.close().await?;
@@ -155,11 +155,11 @@ pub struct MapArgs {
 
 /// Prints the block status of every guest byte (`qemu-img map`).
 pub async fn map(a: MapArgs) -> Result<u8> {
-    let fmt = crate::opts::format_of(&a.filename, a.format.as_deref())?;
+    let fmt = crate::opts::format_of(&a.filename, a.format.as_deref()).await?;
     if fmt != qcow2_async::BackingFormat::Qcow2 {
         return Err("map is implemented for qcow2 images".into());
     }
-    let img = Image::open(&a.filename, &crate::opts::ro()).await?;
+    let img = crate::opts::open_image(&a.filename, &crate::opts::ro()).await?;
     let size = img.virtual_size();
     let start = a.start.min(size);
     let len = a.max_length.unwrap_or(size).min(size - start);

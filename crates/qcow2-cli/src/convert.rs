@@ -4,10 +4,12 @@ use std::path::PathBuf;
 
 use clap::Args;
 use qcow2_async::ops::{self, CacheMode, CompareResult, ConvertOptions};
-use qcow2_async::{BackingFormat, CreateOptions, Disk};
+use qcow2_async::{BackingFormat, CreateOptions};
 use serde_json::json;
 
-use crate::opts::{apply_create_options, format_of, parse_format, parse_size, Result};
+use crate::opts::{
+    apply_create_options, format_of, open_disk, parse_format, parse_size, url_of, Result,
+};
 
 #[derive(Args)]
 pub struct ConvertArgs {
@@ -50,14 +52,14 @@ pub struct ConvertArgs {
 }
 
 pub async fn convert(a: ConvertArgs) -> Result<u8> {
-    let sfmt = format_of(&a.source, a.src_format.as_deref())?;
+    let sfmt = format_of(&a.source, a.src_format.as_deref()).await?;
     let src_cache: CacheMode = a.src_cache.parse()?;
     let src_opts = {
         let mut o = crate::opts::ro();
         o.direct = src_cache.direct();
         o
     };
-    let src = Disk::open(&a.source, sfmt, &src_opts).await?;
+    let src = open_disk(&a.source, sfmt, &src_opts).await?;
     let mut o = ConvertOptions::new(parse_format(&a.format)?);
     o.target_cache = a.cache.parse()?;
     o.compress = a.compress;
@@ -68,7 +70,7 @@ pub async fn convert(a: ConvertArgs) -> Result<u8> {
         c.backing_file = Some(b.clone());
         c.backing_format = Some(match &a.backing_fmt {
             Some(f) => parse_format(f)?,
-            None => format_of(&qcow2_async_path(&a.target, b), None)?,
+            None => format_of(&qcow2_async_path(&a.target, b), None).await?,
         });
     }
     if o.format == BackingFormat::Raw && (c.backing_file.is_some() || a.compress) {
@@ -87,7 +89,7 @@ pub async fn convert(a: ConvertArgs) -> Result<u8> {
 /// A backing name as qemu-img resolves it: relative to the target's folder.
 fn qcow2_async_path(target: &std::path::Path, name: &str) -> PathBuf {
     let p = std::path::Path::new(name);
-    if p.is_absolute() {
+    if p.is_absolute() || url_of(p).is_some() {
         p.to_path_buf()
     } else {
         target.parent().unwrap_or(std::path::Path::new(".")).join(p)
@@ -121,8 +123,8 @@ pub async fn compare(a: CompareArgs) -> Result<u8> {
         let p = p.clone();
         let f = f.map(str::to_string);
         async move {
-            let fmt = format_of(&p, f.as_deref())?;
-            Ok::<_, Box<dyn std::error::Error>>(Disk::open(&p, fmt, &crate::opts::ro()).await?)
+            let fmt = format_of(&p, f.as_deref()).await?;
+            open_disk(&p, fmt, &crate::opts::ro()).await
         }
     };
     let (x, y) = match (
@@ -175,8 +177,8 @@ pub struct MeasureArgs {
 pub async fn measure(a: MeasureArgs) -> Result<u8> {
     let src = match (&a.filename, &a.size) {
         (Some(p), None) => {
-            let f = format_of(p, a.src_format.as_deref())?;
-            Some(Disk::open(p, f, &crate::opts::ro()).await?)
+            let f = format_of(p, a.src_format.as_deref()).await?;
+            Some(open_disk(p, f, &crate::opts::ro()).await?)
         }
         (None, Some(_)) => None,
         _ => return Err("either --size N or a filename must be given (not both)".into()),

@@ -32,13 +32,17 @@ pub async fn info(a: InfoArgs) -> Result<u8> {
         o.backing = qcow2_async::BackingPolicy::Ignore;
         o
     };
-    let img = Image::open(&a.filename, &opts).await?;
+    let img = crate::opts::open_image(&a.filename, &opts).await?;
     let h = img.header().await;
     let hd = &h.header;
-    let disk = std::fs::metadata(&a.filename).map(|m| {
-        use std::os::unix::fs::MetadataExt;
-        m.blocks() * 512
-    })?;
+    // What an object occupies in its store is not known (qemu-img: "unavailable").
+    let disk = match crate::opts::url_of(&a.filename) {
+        Some(_) => None,
+        None => Some(std::fs::metadata(&a.filename).map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.blocks() * 512
+        })?),
+    };
     let compat = if hd.version == Version::V3 {
         "1.1"
     } else {
@@ -75,10 +79,12 @@ pub async fn info(a: InfoArgs) -> Result<u8> {
             "filename": a.filename,
             "cluster-size": img.cluster_size(),
             "format": "qcow2",
-            "actual-size": disk,
             "format-specific": {"type": "qcow2", "data": data},
             "dirty-flag": false,
         });
+        if let Some(d) = disk {
+            v["actual-size"] = json!(d);
+        }
         if let Some(b) = &h.backing_file {
             v["backing-filename"] = json!(b);
         }
@@ -100,7 +106,10 @@ pub async fn info(a: InfoArgs) -> Result<u8> {
             human(img.virtual_size()),
             img.virtual_size()
         );
-        outln!("disk size: {}", human(disk));
+        match disk {
+            Some(d) => outln!("disk size: {}", human(d)),
+            None => outln!("disk size: unavailable"),
+        }
         outln!("cluster_size: {}", img.cluster_size());
         if let Some(b) = &h.backing_file {
             outln!("backing file: {b}");
@@ -205,7 +214,7 @@ async fn backing_size(image: &std::path::Path, o: &CreateOptions) -> Result<u64>
         .into());
     };
     let p = std::path::Path::new(name);
-    let path = if p.is_absolute() {
+    let path = if p.is_absolute() || crate::opts::url_of(p).is_some() {
         p.to_path_buf()
     } else {
         image.parent().unwrap_or(std::path::Path::new(".")).join(p)
@@ -216,7 +225,7 @@ async fn backing_size(image: &std::path::Path, o: &CreateOptions) -> Result<u64>
         o.backing = qcow2_async::BackingPolicy::Ignore;
         o
     };
-    let backing = qcow2_async::Disk::open(&path, format, &opts)
+    let backing = crate::opts::open_disk(&path, format, &opts)
         .await
         .map_err(|e| format!("Could not open backing image '{name}': {e}"))?;
     Ok(backing.size())

@@ -54,6 +54,8 @@ struct Cli {
     keys: opts::KeyArgs,
     #[command(flatten)]
     share: opts::ShareArgs,
+    #[command(flatten)]
+    remote: opts::RemoteArgs,
 }
 
 #[derive(Subcommand)]
@@ -98,7 +100,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if let Err(e) = opts::load_secret(&cli.keys).and_then(|()| opts::load_share(&cli.share)) {
+    if let Err(e) = opts::load_secret(&cli.keys)
+        .and_then(|()| opts::load_share(&cli.share))
+        .and_then(|()| opts::load_remote(&cli.remote))
+    {
         eprintln!("qcow2: {e}");
         return ExitCode::from(1);
     }

@@ -2,13 +2,15 @@
 //! qemu-img's option names.
 
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use std::sync::OnceLock;
-
+use qcow2_async::io::IoBuf;
 use qcow2_async::{
-    BackingFormat, CipherAlg, CipherMode, CreateOptions, EncryptionOptions, HashAlg, IvGenAlg,
-    KdfIterations, OpenOptions, Preallocation, Secret,
+    BackingFormat, CipherAlg, CipherMode, CreateOptions, Disk, EncryptionOptions, HashAlg, Image,
+    IvGenAlg, KdfIterations, OpenOptions, Preallocation, RemoteBacking, RemoteOpener, Secret,
 };
+use qcow2_remote::{ObjectStoreOpener, RemoteOptions};
 
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -68,8 +70,96 @@ pub struct ShareArgs {
     pub locking: String,
 }
 
+/// Images in object storage, for every verb: any file name may be a URL (`s3://bucket/key`,
+/// `gs://`, `az://`, `http(s)://`; credentials and endpoints from the `AWS_*`, `GOOGLE_*`,
+/// `AZURE_*` environment), read-only.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RemoteArgs {
+    /// Follow backing file names that are URLs when an image names one. Off by default: a
+    /// backing name is data in the image, and following it sends requests, with this
+    /// process's credentials, wherever it points (an image created here with `-b URL`
+    /// names one the user chose).
+    #[arg(long = "allow-remote-backing", global = true)]
+    pub allow_remote_backing: bool,
+    // The fields below carry a `remote_` prefix: clap identifies global arguments by field
+    // name, and the verbs have their own `cache`, `timeout`, ...
+    /// Remote reads: block size (fetched and cached unit), e.g. 1M.
+    #[arg(long = "remote-block-size", global = true, value_name = "SIZE")]
+    pub remote_block_size: Option<String>,
+    /// Remote reads: in-memory cache size, e.g. 256M (0: no cache).
+    #[arg(long = "remote-cache", global = true, value_name = "SIZE")]
+    pub remote_cache: Option<String>,
+    /// Remote reads: read-ahead for sequential readers, e.g. 16M (0: none).
+    #[arg(long = "remote-read-ahead", global = true, value_name = "SIZE")]
+    pub remote_read_ahead: Option<String>,
+    /// Remote reads: seconds to wait for an answer before an attempt counts as failed.
+    #[arg(long = "remote-timeout", global = true, value_name = "SECS")]
+    pub remote_timeout: Option<f64>,
+    /// Remote reads: attempts after the first for transient failures.
+    #[arg(long = "remote-retries", global = true, value_name = "N")]
+    pub remote_retries: Option<u32>,
+}
+
 static SECRET: OnceLock<Option<Secret>> = OnceLock::new();
 static SHARE: OnceLock<(bool, qcow2_async::Locking)> = OnceLock::new();
+static REMOTE: OnceLock<(Arc<dyn RemoteOpener>, RemoteBacking)> = OnceLock::new();
+
+/// Sets up the opener of remote files, once, before any image is opened.
+pub fn load_remote(a: &RemoteArgs) -> Result<()> {
+    let mut o = RemoteOptions::default();
+    if let Some(s) = &a.remote_block_size {
+        o.block_size = parse_size(s)?;
+        o.max_request = o.max_request.max(o.block_size);
+    }
+    if let Some(s) = &a.remote_cache {
+        o.cache_bytes = parse_size(s)?;
+    }
+    if let Some(s) = &a.remote_read_ahead {
+        o.read_ahead = parse_size(s)?;
+    }
+    if let Some(t) = a.remote_timeout {
+        o.timeout = Duration::try_from_secs_f64(t).map_err(|e| format!("--remote-timeout: {e}"))?;
+    }
+    if let Some(n) = a.remote_retries {
+        o.retries = n;
+    }
+    let policy = if a.allow_remote_backing {
+        RemoteBacking::Allow
+    } else {
+        RemoteBacking::Refuse
+    };
+    let _ = REMOTE.set((Arc::new(ObjectStoreOpener::new(o)), policy));
+    Ok(())
+}
+
+fn with_remote(mut o: OpenOptions) -> OpenOptions {
+    if let Some((opener, policy)) = REMOTE.get() {
+        o.remote = Some(opener.clone());
+        o.remote_backing = *policy;
+    }
+    o
+}
+
+/// The URL `name` is, if it is one rather than a path.
+pub fn url_of(name: &Path) -> Option<&str> {
+    name.to_str().filter(|s| qcow2_async::remote::is_url(s))
+}
+
+/// Opens a qcow2 image by path or URL (read-only: `opts` must say so for a URL).
+pub async fn open_image(name: &Path, opts: &OpenOptions) -> Result<Image> {
+    Ok(match url_of(name) {
+        Some(url) => Image::open_url(url, opts).await?,
+        None => Image::open(name, opts).await?,
+    })
+}
+
+/// Opens a read-only disk by path or URL.
+pub async fn open_disk(name: &Path, format: BackingFormat, opts: &OpenOptions) -> Result<Disk> {
+    Ok(match url_of(name) {
+        Some(url) => Disk::open_url(url, format, opts).await?,
+        None => Disk::open(name, format, opts).await?,
+    })
+}
 
 /// Records the sharing flags, once, before any image is opened.
 pub fn load_share(a: &ShareArgs) -> Result<()> {
@@ -139,7 +229,7 @@ pub fn ro() -> OpenOptions {
         o.secret = secret();
         o.force_share = force_share;
         o.locking = locking;
-        o
+        with_remote(o)
     }
 }
 
@@ -152,7 +242,7 @@ pub fn rw() -> OpenOptions {
         o.secret = secret();
         o.force_share = force_share;
         o.locking = locking;
-        o
+        with_remote(o)
     }
 }
 
@@ -264,17 +354,34 @@ pub fn parse_format(s: &str) -> Result<BackingFormat> {
     Ok(s.parse::<BackingFormat>()?)
 }
 
-/// The format of `path`: given, or probed from its magic (qemu-img probes too, with a
-/// warning for raw).
-pub fn format_of(path: &Path, given: Option<&str>) -> Result<BackingFormat> {
+/// The format of `path` (a file or a URL): given, or probed from its magic (qemu-img
+/// probes too, with a warning for raw).
+pub async fn format_of(path: &Path, given: Option<&str>) -> Result<BackingFormat> {
     if let Some(f) = given {
         return parse_format(f);
     }
-    use std::io::Read;
     let mut magic = [0u8; 4];
-    let n = std::fs::File::open(path)
-        .and_then(|mut f| f.read(&mut magic))
-        .map_err(|e| format!("Could not open '{}': {e}", path.display()))?;
+    let n = match url_of(path) {
+        Some(url) => {
+            let opener = with_remote(OpenOptions::read_only())
+                .remote
+                .ok_or("no remote opener")?;
+            let file = opener
+                .open(url)
+                .await
+                .map_err(|e| format!("Could not open '{url}': {e}"))?;
+            let len = file.len().await?.min(4) as usize;
+            let b = file.read_at(IoBuf::zeroed(4, 1), 0).await?;
+            magic.copy_from_slice(&b[..4]);
+            len
+        }
+        None => {
+            use std::io::Read;
+            std::fs::File::open(path)
+                .and_then(|mut f| f.read(&mut magic))
+                .map_err(|e| format!("Could not open '{}': {e}", path.display()))?
+        }
+    };
     Ok(if n == 4 && magic == *b"QFI\xfb" {
         BackingFormat::Qcow2
     } else {

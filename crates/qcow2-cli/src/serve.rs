@@ -101,7 +101,7 @@ pub async fn serve(a: ServeArgs) -> Result<u8> {
         "threads" => qcow2_async::io::Aio::Threads,
         o => return Err(format!("invalid aio '{o}' (io_uring or threads)").into()),
     });
-    let img = Image::open(&a.filename, &opts).await?;
+    let img = crate::opts::open_image(&a.filename, &opts).await?;
     if let Some(sock) = &a.vhost_user_blk {
         return serve_vhost(&a, img, sock, read_only).await;
     }

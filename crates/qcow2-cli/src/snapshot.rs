@@ -45,7 +45,7 @@ pub async fn snapshot(a: SnapshotArgs) -> Result<u8> {
         o.read_only = a.list;
         o
     };
-    let img = Image::open(&a.filename, &opts).await?;
+    let img = crate::opts::open_image(&a.filename, &opts).await?;
     if a.list {
         let list = img.list_snapshots().await?;
         if a.output == "json" {

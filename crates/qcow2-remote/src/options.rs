@@ -1,0 +1,69 @@
+//! Tuning of a remote file: block size, cache bound, read-ahead, retries, timeouts.
+
+use std::time::Duration;
+
+/// How a [`crate::RemoteFile`] reads its object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RemoteOptions {
+    /// The object is fetched and cached in aligned blocks of this many bytes (a power of
+    /// two, at least 4 KiB). A random read fetches whole blocks, so they are small (a qcow2
+    /// cluster); sequential and large reads still become large requests, since neighbouring
+    /// missing blocks share one (up to `max_request`). Measured on loopback nginx: 4 KiB
+    /// first-touch reads ran at 4100 IOPS with 64 KiB blocks, 2000 with 256 KiB, 900 with
+    /// 1 MiB, and a sequential read of 1 GiB at the same speed with all three.
+    pub block_size: u64,
+    /// Upper bound of the in-memory block cache, in bytes; least recently used blocks go
+    /// first. 0 disables caching (every read is a request).
+    pub cache_bytes: u64,
+    /// How far past a sequential reader blocks are fetched ahead of it, in bytes (0: no
+    /// read-ahead). A reader counts as sequential from its second request in a row that
+    /// continues where the previous one ended.
+    pub read_ahead: u64,
+    /// Largest range one request asks for; longer runs of missing blocks are split into
+    /// requests that run in parallel.
+    pub max_request: u64,
+    /// Attempts after the first one for a request that failed transiently (connection
+    /// refused or reset, a server error, a timeout).
+    pub retries: u32,
+    /// Wait before the first retry; each further retry waits twice as long, up to 8 times
+    /// this.
+    pub backoff: Duration,
+    /// How long one attempt may wait for an answer: for the response to a request, and then
+    /// for each next piece of its body. A store that stops answering fails the read after
+    /// `(retries + 1)` of these plus the backoff, never hangs it.
+    pub timeout: Duration,
+}
+
+impl Default for RemoteOptions {
+    fn default() -> RemoteOptions {
+        RemoteOptions {
+            block_size: 64 << 10,
+            cache_bytes: 256 << 20,
+            read_ahead: 16 << 20,
+            max_request: 4 << 20,
+            retries: 4,
+            backoff: Duration::from_millis(100),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RemoteOptions {
+    /// Checks the sizes: `None` if they are usable, what is wrong otherwise.
+    pub(crate) fn invalid(&self) -> Option<String> {
+        if !self.block_size.is_power_of_two() || self.block_size < 4096 {
+            return Some(format!(
+                "block size {} is not a power of two of at least 4096",
+                self.block_size
+            ));
+        }
+        if self.max_request < self.block_size {
+            return Some(format!(
+                "largest request {} is smaller than a block ({})",
+                self.max_request, self.block_size
+            ));
+        }
+        None
+    }
+}

@@ -1,0 +1,199 @@
+//! Real servers for the remote-image tests, started per test on loopback ports: nginx
+//! serving a folder (static files with Range and If-Match support, and a rate-limited
+//! view of it under `/slow/`), moto's S3 server, and a TCP server that accepts and never
+//! answers. Each stops when dropped. A missing program fails the test loudly
+//! (`bash scripts/test.sh` installs nginx and moto).
+#![allow(dead_code)]
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free loopback port (bound, then released for the server to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_listening(port: u16, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("{what} exited before listening: {st}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} is not listening on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// nginx serving `root` at `http://127.0.0.1:PORT/`, and at `/slow/` at 2 MiB/s per
+/// connection.
+pub struct Nginx {
+    pub port: u16,
+    child: Option<Child>,
+    _conf: tempfile::TempDir,
+}
+
+impl Nginx {
+    pub fn start(root: &Path) -> Nginx {
+        let conf = tempfile::tempdir().unwrap();
+        let port = free_port();
+        // One process (no master), so that killing it kills the server.
+        let text = format!(
+            "daemon off;\nmaster_process off;\npid {dir}/nginx.pid;\nerror_log stderr error;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n\
+               fastcgi_temp_path {dir};\n  uwsgi_temp_path {dir};\n  scgi_temp_path {dir};\n\
+               sendfile on;\n  keepalive_requests 100000;\n\
+               server {{\n    listen 127.0.0.1:{port};\n    root {root};\n\
+                 location /slow/ {{ alias {root}/; limit_rate 2m; }}\n  }}\n}}\n",
+            dir = conf.path().display(),
+            root = root.display(),
+        );
+        let file = conf.path().join("nginx.conf");
+        std::fs::write(&file, text).unwrap();
+        let mut child = Command::new(nginx_binary())
+            .args(["-e", "stderr", "-p"])
+            .arg(conf.path())
+            .arg("-c")
+            .arg(&file)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("nginx not found ({e}): apt install nginx-light"));
+        wait_listening(port, &mut child, "nginx");
+        Nginx {
+            port,
+            child: Some(child),
+            _conf: conf,
+        }
+    }
+
+    pub fn url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Kills the server at once (SIGKILL): connections in progress break.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn nginx_binary() -> PathBuf {
+    // /usr/sbin is not on every user's PATH.
+    let sbin = PathBuf::from("/usr/sbin/nginx");
+    if sbin.exists() {
+        sbin
+    } else {
+        PathBuf::from("nginx")
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// moto's S3 server at `http://127.0.0.1:PORT`, with the environment `object_store`
+/// reads to reach it.
+pub struct Moto {
+    pub port: u16,
+    child: Child,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let port = free_port();
+        let mut child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("moto_server not found ({e}): pip install 'moto[server]'"));
+        wait_listening(port, &mut child, "moto_server");
+        Moto { port, child }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `AWS_*` variables for a client of this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT", self.endpoint()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+
+    /// Runs boto3 `code` with `s3` a client of this server.
+    pub fn boto3(&self, code: &str) {
+        let script = format!(
+            "import boto3\ns3 = boto3.client('s3', endpoint_url='{}', aws_access_key_id='test', \
+             aws_secret_access_key='test', region_name='us-east-1')\n{code}\n",
+            self.endpoint()
+        );
+        let out = Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "boto3: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn create_bucket(&self, bucket: &str) {
+        self.boto3(&format!("s3.create_bucket(Bucket='{bucket}')"));
+    }
+
+    /// Uploads (or replaces) `key` with the contents of `file`.
+    pub fn upload(&self, file: &Path, bucket: &str, key: &str) {
+        self.boto3(&format!(
+            "s3.upload_file('{}', '{bucket}', '{key}')",
+            file.display()
+        ));
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP server that accepts connections and reads requests but never answers: a store
+/// that hangs.
+pub struct Silent {
+    pub port: u16,
+}
+
+impl Silent {
+    pub fn start() -> Silent {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            // Bounded: the test process ends long before this many connections.
+            for conn in listener.incoming().take(256).flatten() {
+                held.push(conn);
+            }
+        });
+        Silent { port }
+    }
+}
