@@ -1770,22 +1770,9 @@ impl Image {
     ) -> Result<()> {
         let _instant = self.inner.snap_lock.read().await;
         self.inner.crypto.data()?;
-        let (l1, size) = {
-            let mut meta = self.inner.meta.lock().await;
-            let snap = meta.find_snapshot(id_or_name).await?;
-            let size = snap.disk_size.unwrap_or(self.virtual_size());
-            (meta.read_l1(&snap).await?, size)
-        };
-        match offset.checked_add(buf.len() as u64) {
-            Some(end) if end <= size => {}
-            _ => {
-                return Err(Error::OutOfRange {
-                    offset,
-                    len: buf.len() as u64,
-                    size,
-                })
-            }
-        }
+        let l1 = self
+            .snapshot_l1(id_or_name, offset, buf.len() as u64)
+            .await?;
         for (gc, inc, r) in self.pieces(offset, buf.len() as u64) {
             let (entry, bm) = self
                 .inner
@@ -1797,6 +1784,23 @@ impl Image {
             self.read_mapped(gc, entry, bm, inc, &mut buf[r]).await?;
         }
         Ok(())
+    }
+
+    /// The L1 table of a snapshot (by id or name), after checking `[offset, offset + len)`
+    /// against the snapshot's size. The caller holds the instant lock.
+    pub(crate) async fn snapshot_l1(
+        &self,
+        id_or_name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u64>> {
+        let mut meta = self.inner.meta.lock().await;
+        let snap = meta.find_snapshot(id_or_name).await?;
+        let size = snap.disk_size.unwrap_or(self.virtual_size());
+        if !matches!(offset.checked_add(len), Some(end) if end <= size) {
+            return Err(Error::OutOfRange { offset, len, size });
+        }
+        meta.read_l1(&snap).await
     }
 
     /// With `data_file_raw` the data file must stay a valid raw image of the guest: zeroed or

@@ -645,6 +645,26 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Bytes of payload that follow the request header: a write's data, a block-status
+    /// filter.
+    pub fn payload_len(&self) -> u32 {
+        match *self {
+            Command::Write { len, .. } => len,
+            Command::BlockStatusFiltered { payload, .. } => payload,
+            _ => 0,
+        }
+    }
+
+    /// Bytes of buffer the request holds while it runs: its payload, or a read's data.
+    pub fn buffer_len(&self) -> u32 {
+        match *self {
+            Command::Read { len, .. } => len,
+            _ => self.payload_len(),
+        }
+    }
+}
+
 /// A request refused before it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rejection {

@@ -608,7 +608,6 @@ impl Server {
         let conn = Conn {
             sh: self.sh.clone(),
             export: s.export,
-            mode: s.mode,
             contexts: s.contexts,
             limits,
         };
@@ -644,11 +643,7 @@ impl Server {
                             Command::Read { len, .. } => pool.get(len as usize),
                             _ => payload,
                         };
-                        let bytes = match command {
-                            Command::Read { len, .. } | Command::Write { len, .. } => len,
-                            Command::BlockStatusFiltered { payload, .. } => payload,
-                            _ => 0,
-                        } as usize;
+                        let bytes = command.buffer_len() as usize;
                         buffered += bytes;
                         let conn = &conn;
                         running.push(Box::pin(async move {
@@ -976,11 +971,7 @@ impl Input {
                 return Parsed::Refused(h, rej);
             }
         };
-        let incoming = match command {
-            Command::Write { len, .. } => len,
-            Command::BlockStatusFiltered { payload, .. } => payload,
-            _ => 0,
-        } as usize;
+        let incoming = command.payload_len() as usize;
         if incoming == 0 {
             return Parsed::Request(h, command, no_data());
         }
@@ -1025,8 +1016,9 @@ impl Input {
 struct Conn {
     sh: Arc<Shared>,
     export: usize,
-    mode: Mode,
+    /// Indices into the export's contexts, in the order selected.
     contexts: Vec<usize>,
+    /// The export's size and permissions and the session's mode.
     limits: Limits,
 }
 
@@ -1049,7 +1041,7 @@ impl Conn {
     }
 
     fn reply(&self, h: &proto::RequestHeader) -> Reply {
-        Reply::new(self.mode, h.cookie, h.offset)
+        Reply::new(self.limits.mode, h.cookie, h.offset)
     }
 
     fn error_reply(&self, h: &proto::RequestHeader, errno: u32, msg: &str) -> Vec<u8> {
@@ -1063,15 +1055,25 @@ impl Conn {
         self.error_reply(h, crate::errno_map::nbd_errno(e), &e.to_string())
     }
 
+    /// The reply to a command that ran on the engine: its own, or the engine's error.
+    fn answer(
+        &self,
+        h: &proto::RequestHeader,
+        r: qcow2_async::Result<(Vec<u8>, IoBuf)>,
+    ) -> (Vec<u8>, IoBuf) {
+        r.unwrap_or_else(|e| (self.engine_error(h, &e), no_data()))
+    }
+
+    /// The reply to a command that returns no data.
     fn done(&self, h: &proto::RequestHeader, r: qcow2_async::Result<()>) -> (Vec<u8>, IoBuf) {
-        match r {
-            Ok(()) => {
+        self.answer(
+            h,
+            r.map(|()| {
                 let mut out = Vec::with_capacity(32);
                 self.reply(h).done(&mut out);
                 (out, no_data())
-            }
-            Err(e) => (self.engine_error(h, &e), no_data()),
-        }
+            }),
+        )
     }
 
     /// Runs one validated command; returns the reply header and data.
@@ -1090,11 +1092,9 @@ impl Conn {
             }
         };
         match c {
-            Command::Read { offset, len, df } => match self.read(h, offset, len, df, payload).await
-            {
-                Ok(reply) => reply,
-                Err(e) => (self.engine_error(h, &e), no_data()),
-            },
+            Command::Read { offset, len, df } => {
+                self.answer(h, self.read(h, offset, len, df, payload).await)
+            }
             Command::Write { offset, fua: f, .. } => {
                 // The payload buffer goes to the engine as it is.
                 let r = match img.write_buf(payload, offset).await {
@@ -1150,13 +1150,16 @@ impl Conn {
                 len,
                 req_one,
             } => {
-                let all = self.contexts.clone();
-                self.status_reply(h, offset, len, req_one, &all).await
+                let r = self.block_status(h, offset, len, req_one, &self.contexts);
+                self.answer(h, r.await)
             }
             Command::BlockStatusFiltered {
                 offset, req_one, ..
             } => match self.status_filter(h, offset, &payload) {
-                Ok((len, wanted)) => self.status_reply(h, offset, len, req_one, &wanted).await,
+                Ok((len, wanted)) => {
+                    let r = self.block_status(h, offset, len, req_one, &wanted);
+                    self.answer(h, r.await)
+                }
                 Err(rej) => (self.error_reply(h, rej.errno, rej.reason), no_data()),
             },
             Command::Disconnect => (Vec::new(), no_data()),
@@ -1177,7 +1180,7 @@ impl Conn {
         let img = &self.sh.image;
         let reply = self.reply(h);
         debug_assert_eq!(buf.len(), len as usize);
-        let sparse = self.mode >= Mode::Structured && !df && len > 0;
+        let sparse = self.limits.mode >= Mode::Structured && !df && len > 0;
         let (buf, holes) = match &self.export().source {
             Source::Live if sparse => img.read_buf_sparse(buf, offset).await?,
             // Live reads hand the reply buffer itself to the engine (no copy out of a bounce
@@ -1291,20 +1294,6 @@ impl Conn {
         Ok((f.len, wanted))
     }
 
-    async fn status_reply(
-        &self,
-        h: &proto::RequestHeader,
-        offset: u64,
-        len: u64,
-        req_one: bool,
-        contexts: &[usize],
-    ) -> (Vec<u8>, IoBuf) {
-        match self.block_status(h, offset, len, req_one, contexts).await {
-            Ok(out) => (out, no_data()),
-            Err(e) => (self.engine_error(h, &e), no_data()),
-        }
-    }
-
     async fn block_status(
         &self,
         h: &proto::RequestHeader,
@@ -1312,7 +1301,7 @@ impl Conn {
         len: u64,
         req_one: bool,
         contexts: &[usize],
-    ) -> qcow2_async::Result<Vec<u8>> {
+    ) -> qcow2_async::Result<(Vec<u8>, IoBuf)> {
         let img = &self.sh.image;
         let len = len.min(BLOCK_STATUS_SPAN);
         let end = offset + len;
@@ -1380,6 +1369,6 @@ impl Conn {
             let last = k + 1 == contexts.len();
             self.reply(h).block_status(&mut out, last, ci as u32, &ext);
         }
-        Ok(out)
+        Ok((out, no_data()))
     }
 }

@@ -132,15 +132,7 @@ impl Image {
         len: u64,
     ) -> Result<Vec<MapExtent>> {
         let _instant = self.inner.snap_lock.read().await;
-        let (l1, size) = {
-            let mut meta = self.inner.meta.lock().await;
-            let snap = meta.find_snapshot(id_or_name).await?;
-            let size = snap.disk_size.unwrap_or(self.virtual_size());
-            (meta.read_l1(&snap).await?, size)
-        };
-        if !matches!(offset.checked_add(len), Some(end) if end <= size) {
-            return Err(crate::error::Error::OutOfRange { offset, len, size });
-        }
+        let l1 = self.snapshot_l1(id_or_name, offset, len).await?;
         self.map_mapping(offset, len, Some(&l1)).await
     }
 
