@@ -78,10 +78,13 @@ impl BlockCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::block::Block;
+    use crate::block::BlockPool;
 
     fn block(n: usize) -> SharedBlock {
-        std::sync::Arc::new(Block::from(bytes::Bytes::from(vec![0u8; n])))
+        let pool = BlockPool::new(512, 512);
+        let mut b = pool.take();
+        b.push(&vec![0u8; n]);
+        std::sync::Arc::new(b)
     }
 
     #[test]

@@ -21,7 +21,7 @@ use qcow2_async::io::{holes_past_end, BlockFile, IoBuf, IoFuture};
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
-use crate::block::{Block, SharedBlock};
+use crate::block::{Block, BlockPool, SharedBlock};
 use crate::cache::BlockCache;
 use crate::error::RemoteError;
 use crate::fetch::{self, Failure, Object, Retry, Transient};
@@ -47,6 +47,8 @@ pub struct RemoteFile {
 struct Inner {
     obj: Object,
     opts: RemoteOptions,
+    /// Memory of the blocks (cached, in flight, being read).
+    pool: Arc<BlockPool>,
     state: Mutex<State>,
     requests: AtomicU64,
     bytes_fetched: AtomicU64,
@@ -130,6 +132,7 @@ impl RemoteFile {
                     dispatching: false,
                     sequential: Sequential::default(),
                 }),
+                pool: BlockPool::new(opts.block_size as usize, pool_chunk(&opts)),
                 opts,
                 requests: AtomicU64::new(0),
                 bytes_fetched: AtomicU64::new(0),
@@ -359,12 +362,13 @@ impl Inner {
         let mut body = tokio::time::timeout(timeout, fetch::get(&self.obj, from..end))
             .await
             .map_err(|_| Failure::Transient(Transient::TimedOut))??;
-        let mut block = Block::default();
+        let mut block: Option<Block> = None;
         loop {
-            let mut chunk = match tokio::time::timeout(timeout, body.next()).await {
+            let chunk = match tokio::time::timeout(timeout, body.next()).await {
                 Err(_) => return Err(Failure::Transient(Transient::TimedOut)),
                 Ok(None) => {
-                    let got = at.next * bs - from + block.len() as u64;
+                    let partial = block.as_ref().map_or(0, Block::len);
+                    let got = at.next * bs - from + partial as u64;
                     return Err(Failure::Transient(Transient::Short(got)));
                 }
                 Ok(Some(Err(e))) => return Err(fetch::classify(&self.obj.url, e, true)),
@@ -372,14 +376,17 @@ impl Inner {
             };
             self.bytes_fetched
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            while !chunk.is_empty() {
+            let mut rest = &chunk[..];
+            while !rest.is_empty() {
                 let want = bs.min(end - at.next * bs) as usize;
-                let take = (want - block.len()).min(chunk.len());
-                block.push(chunk.split_to(take));
-                if block.len() < want {
+                let filling = block.get_or_insert_with(|| self.pool.take());
+                let take = (want - filling.len()).min(rest.len());
+                filling.push(&rest[..take]);
+                rest = &rest[take..];
+                if filling.len() < want {
                     break;
                 }
-                let done = Arc::new(std::mem::take(&mut block));
+                let done = Arc::new(block.take().expect("a block was being filled"));
                 self.deliver(at.next, Ok(done), at.senders.next());
                 at.next += 1;
                 retry.progress();
@@ -411,6 +418,14 @@ impl Inner {
         }
         .into()
     }
+}
+
+/// How much block memory the pool allocates at a time: an eighth of the cache, between one
+/// huge page and 32 MiB (large enough that most of a chunk is huge-page aligned, small
+/// enough that a small cache does not allocate far past its bound).
+fn pool_chunk(opts: &RemoteOptions) -> usize {
+    let eighth = usize::try_from(opts.cache_bytes / 8).unwrap_or(usize::MAX);
+    eighth.clamp(2 << 20, 32 << 20)
 }
 
 impl BlockFile for RemoteFile {
