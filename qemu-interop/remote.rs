@@ -469,3 +469,79 @@ async fn an_http_object_replaced_in_use_fails_reads_as_changed() {
     // What was cached stays readable: it is the object that was opened.
     assert!(read(&f, 0, 4096).await.unwrap().iter().all(|&b| b == 1));
 }
+
+/// A local cache folder (`--remote-cache-dir`, `ObjectStoreOpener::cache_dir`) against
+/// nginx: a second process reads the blocks the first one fetched from its cache file and
+/// asks the server for none of them; a replaced object is fetched afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_dir_serves_a_later_process_and_notices_a_replaced_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let (qc, raw) = make_base(dir.path());
+    let web = Nginx::start(dir.path());
+    let url = web.url("base.qcow2");
+    let cache = dir.path().join("cache");
+
+    // The tool, twice: the same bytes each time, and the cache file has been filled.
+    let dir_arg = ["--remote-cache-dir", s(&cache)];
+    for i in 0..2 {
+        let out = dir.path().join(format!("copy{i}.raw"));
+        let mut args = dir_arg.to_vec();
+        args.extend(["convert", "-O", "raw", url.as_str(), s(&out)]);
+        qcow2(&args);
+        assert!(std::fs::read(&out).unwrap() == std::fs::read(&raw).unwrap());
+    }
+    let file = cache.join(qcow2_remote::cache_file_name(&url));
+    let mut state = file.clone().into_os_string();
+    state.push(".state");
+    assert!(std::path::Path::new(&state).exists());
+    let image_len = std::fs::metadata(&qc).unwrap().len();
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), image_len);
+
+    // The library finds what the tool fetched (convert reads the metadata and data it
+    // needs, not every block), reads the rest, and a later open asks nginx for nothing.
+    let mut opener = ObjectStoreOpener::new(RemoteOptions::default());
+    opener.cache_dir = Some(cache.clone());
+    let open = || async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // (The previous file's last background write may hold the lock for a moment.)
+            match opener.open_file(&url).await {
+                Err(RemoteError::CacheInUse { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                other => break other.unwrap(),
+            }
+        }
+    };
+    let f = open().await;
+    let blocks = image_len.div_ceil(64 << 10);
+    assert!(f.stats().file_blocks > blocks / 2, "{:?}", f.stats());
+    let all = read(&f, 0, image_len as usize).await.unwrap();
+    assert!(all[..] == std::fs::read(&qc).unwrap()[..]);
+    assert!(f.stats().file_hits > 0, "{:?}", f.stats());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f.stats().file_blocks < blocks {
+        assert!(Instant::now() < deadline, "{:?}", f.stats());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(f);
+    let f = open().await;
+    let all = read(&f, 0, image_len as usize).await.unwrap();
+    assert!(all[..] == std::fs::read(&qc).unwrap()[..]);
+    let st = f.stats();
+    assert_eq!(st.requests, 0, "{st:?}");
+    assert_eq!(st.file_hits, blocks, "{st:?}");
+    drop(f);
+
+    // Replaced (a new file renamed over it, as a deployment would): new bytes, fetched.
+    let new = dir.path().join("new.qcow2");
+    common::qemu_create(&new, &[], "64M");
+    qemu_ok("qemu-io", &["-c", "write -P 0x33 0 1M", s(&new)]);
+    std::fs::rename(&new, &qc).unwrap();
+    let f = open().await;
+    assert_eq!(f.stats().file_blocks, 0);
+    let len = f.size() as usize;
+    let all = read(&f, 0, len).await.unwrap();
+    assert!(all[..] == std::fs::read(&qc).unwrap()[..]);
+    assert!(f.stats().requests > 0);
+}

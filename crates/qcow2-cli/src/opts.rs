@@ -98,6 +98,10 @@ pub struct RemoteArgs {
     /// Remote reads: attempts after the first for transient failures.
     #[arg(long = "remote-retries", global = true, value_name = "N")]
     pub remote_retries: Option<u32>,
+    /// Remote reads: keep fetched blocks in a local cache file per URL in this folder,
+    /// reused by later runs while the object is unchanged (sparse, at most the object's size).
+    #[arg(long = "remote-cache-dir", global = true, value_name = "DIR")]
+    pub remote_cache_dir: Option<std::path::PathBuf>,
 }
 
 static SECRET: OnceLock<Option<Secret>> = OnceLock::new();
@@ -128,7 +132,13 @@ pub fn load_remote(a: &RemoteArgs) -> Result<()> {
     } else {
         RemoteBacking::Refuse
     };
-    let _ = REMOTE.set((Arc::new(ObjectStoreOpener::new(o)), policy));
+    let mut opener = ObjectStoreOpener::new(o);
+    if let Some(dir) = &a.remote_cache_dir {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("--remote-cache-dir {}: {e}", dir.display()))?;
+        opener.cache_dir = Some(dir.clone());
+    }
+    let _ = REMOTE.set((Arc::new(opener), policy));
     Ok(())
 }
 

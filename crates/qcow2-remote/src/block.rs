@@ -36,6 +36,24 @@ impl Block {
         self.data.extend_from_slice(part);
     }
 
+    /// Fills the block with `len` bytes (at most the block size) that `read` puts into the
+    /// slice it is given.
+    pub(crate) fn fill_with(
+        &mut self,
+        len: usize,
+        read: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        debug_assert!(len <= self.pool.block_size);
+        self.data.clear();
+        self.data.resize(len, 0);
+        read(&mut self.data[..])
+    }
+
+    /// The block's bytes.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
     /// Copies the block's bytes from `from` on into all of `dst` (which the caller sized to
     /// fit within the block).
     pub(crate) fn copy_to(&self, from: usize, dst: &mut [u8]) {

@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use crate::block::{Block, BlockPool, SharedBlock};
 use crate::cache::BlockCache;
+use crate::cache_file::CacheFile;
 use crate::error::RemoteError;
 use crate::fetch::{self, Failure, Object, Retry, Transient};
 use crate::options::RemoteOptions;
@@ -49,10 +50,13 @@ struct Inner {
     opts: RemoteOptions,
     /// Memory of the blocks (cached, in flight, being read).
     pool: Arc<BlockPool>,
+    /// The local cache file, if configured: read before the store, written after it.
+    cache_file: Option<Arc<CacheFile>>,
     state: Mutex<State>,
     requests: AtomicU64,
     bytes_fetched: AtomicU64,
     block_hits: AtomicU64,
+    file_hits: AtomicU64,
 }
 
 /// Held only for bookkeeping, never across an await.
@@ -79,6 +83,10 @@ pub struct RemoteStats {
     pub block_hits: u64,
     /// Bytes the cache holds now.
     pub cached_bytes: u64,
+    /// Blocks read from the local cache file (not from the store).
+    pub file_hits: u64,
+    /// Blocks the local cache file holds now (0 without one).
+    pub file_blocks: u64,
 }
 
 /// Where a block of a read comes from.
@@ -91,12 +99,16 @@ enum Source {
 struct Progress {
     next: u64,
     senders: std::vec::IntoIter<oneshot::Sender<BlockResult>>,
+    /// Blocks fetched so far, for the cache file (empty without one).
+    fetched: Vec<(u64, SharedBlock)>,
 }
 
-/// Missing blocks to fetch with one request: the first block and one sender per block.
+/// Missing blocks to read with one request: the first block and one sender per block.
 struct Run {
     first: u64,
     senders: Vec<oneshot::Sender<BlockResult>>,
+    /// From the local cache file rather than the store.
+    local: bool,
 }
 
 impl RemoteFile {
@@ -117,6 +129,23 @@ impl RemoteFile {
         }
         let meta = fetch::head(&store, &path, url, &opts).await?;
         tracing::Span::current().record("size", meta.size);
+        let cache_file = match &opts.cache_file {
+            None => None,
+            Some(p) => {
+                let (p, bs, size) = (p.clone(), opts.block_size, meta.size);
+                let identity = format!(
+                    "{url}\n{size}\n{:?}\n{:?}\n{}",
+                    meta.e_tag, meta.version, meta.last_modified
+                );
+                let opened =
+                    tokio::task::spawn_blocking(move || CacheFile::open(&p, &identity, bs, size))
+                        .await
+                        .map_err(|_| RemoteError::Abandoned {
+                            url: url.to_string(),
+                        })??;
+                Some(Arc::new(opened))
+            }
+        };
         Ok(RemoteFile {
             inner: Arc::new(Inner {
                 obj: Object {
@@ -133,10 +162,12 @@ impl RemoteFile {
                     sequential: Sequential::default(),
                 }),
                 pool: BlockPool::new(opts.block_size as usize, pool_chunk(&opts)),
+                cache_file,
                 opts,
                 requests: AtomicU64::new(0),
                 bytes_fetched: AtomicU64::new(0),
                 block_hits: AtomicU64::new(0),
+                file_hits: AtomicU64::new(0),
             }),
         })
     }
@@ -164,6 +195,8 @@ impl RemoteFile {
             bytes_fetched: i.bytes_fetched.load(Ordering::Relaxed),
             block_hits: i.block_hits.load(Ordering::Relaxed),
             cached_bytes: i.lock().cache.used(),
+            file_hits: i.file_hits.load(Ordering::Relaxed),
+            file_blocks: i.cache_file.as_ref().map_or(0, |c| c.blocks()),
         }
     }
 
@@ -265,27 +298,30 @@ impl Inner {
             st.dispatching = false;
             let mut runs: Vec<Run> = Vec::new();
             for (block, tx) in std::mem::take(&mut st.queued) {
+                let local = self.cache_file.as_ref().is_some_and(|c| c.has(block));
                 match runs.last_mut() {
                     Some(r)
                         if r.first + r.senders.len() as u64 == block
-                            && r.senders.len() < max_run =>
+                            && r.senders.len() < max_run
+                            && r.local == local =>
                     {
                         r.senders.push(tx)
                     }
                     _ => runs.push(Run {
                         first: block,
                         senders: vec![tx],
+                        local,
                     }),
                 }
             }
-            // A run right behind a block still being fetched waits for that fetch to end
-            // (it dispatches again): the engine reads a large request a few clusters at a
+            // A run right behind a block still being fetched (or loaded from the cache file)
+            // waits for that to end (it dispatches again): the engine reads a large request a few clusters at a
             // time, starting the next as each completes, and without this every later
             // cluster would be a request of its own. Decided under the lock that
             // `fetch_run`'s end takes too, so no run is left waiting for a fetch that ended.
-            let (held, send): (Vec<Run>, Vec<Run>) = runs
-                .into_iter()
-                .partition(|r| r.first > 0 && st.in_flight.contains_key(&(r.first - 1)));
+            let (held, send): (Vec<Run>, Vec<Run>) = runs.into_iter().partition(|r| {
+                !r.local && r.first > 0 && st.in_flight.contains_key(&(r.first - 1))
+            });
             for run in held {
                 for (i, tx) in run.senders.into_iter().enumerate() {
                     st.queued.insert(run.first + i as u64, tx);
@@ -294,6 +330,10 @@ impl Inner {
             send
         };
         for run in runs {
+            if run.local {
+                tokio::spawn(self.clone().load_run(run));
+                continue;
+            }
             let span = tracing::debug_span!(
                 "remote_get",
                 url = %self.obj.url,
@@ -310,6 +350,44 @@ impl Inner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Reads a run of blocks from the local cache file. Should that fail, the run is
+    /// fetched from the store instead (and written to the file again).
+    async fn load_run(self: Arc<Self>, mut run: Run) {
+        let Some(file) = self.cache_file.clone() else {
+            run.local = false;
+            return self.fetch_run(run).await;
+        };
+        let bs = self.opts.block_size;
+        let size = self.obj.meta.size;
+        let lens: Vec<usize> = (run.first..run.first + run.senders.len() as u64)
+            .map(|b| (size - b * bs).min(bs) as usize)
+            .collect();
+        let pool = self.pool.clone();
+        let first = run.first;
+        let read =
+            tokio::task::spawn_blocking(move || file.read_run(first, &lens, || pool.take())).await;
+        match read {
+            Ok(Ok(blocks)) => {
+                self.file_hits
+                    .fetch_add(blocks.len() as u64, Ordering::Relaxed);
+                for (i, (block, tx)) in blocks.into_iter().zip(run.senders).enumerate() {
+                    self.deliver(run.first + i as u64, Ok(Arc::new(block)), Some(tx));
+                }
+            }
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "the read was abandoned".to_string(),
+                };
+                tracing::warn!(url = %self.obj.url, error = %why, "cache file read failed; fetching");
+                run.local = false;
+                return self.fetch_run(run).await;
+            }
+        }
+        // Runs held behind these blocks (see `dispatch`) go now.
+        self.dispatch_held();
+    }
+
     /// Fetches a run of blocks, handing each to its waiters (and the cache) as soon as it
     /// is complete. A failed attempt resumes from the first block not yet handed out.
     async fn fetch_run(self: Arc<Self>, run: Run) {
@@ -318,24 +396,44 @@ impl Inner {
         let mut at = Progress {
             next: run.first,
             senders: run.senders.into_iter(),
+            fetched: Vec::new(),
         };
         let mut retry = Retry::new(&self.obj.url, run.first * bs..end, &self.opts);
         let failure = loop {
             match self.attempt(end, &mut at, &mut retry).await {
-                Ok(()) => return self.dispatch_held(),
-                Err(Failure::Fatal(e)) => break e,
+                Ok(()) => break None,
+                Err(Failure::Fatal(e)) => break Some(e),
                 Err(Failure::Transient(t)) => match retry.after(t) {
                     Ok(wait) => tokio::time::sleep(wait).await,
-                    Err(e) => break e,
+                    Err(e) => break Some(e),
                 },
             }
         };
-        tracing::warn!(url = %self.obj.url, error = %failure, "remote read failed");
-        for tx in at.senders {
-            self.deliver(at.next, Err(failure.clone()), Some(tx));
-            at.next += 1;
+        self.keep_locally(std::mem::take(&mut at.fetched));
+        if let Some(failure) = failure {
+            tracing::warn!(url = %self.obj.url, error = %failure, "remote read failed");
+            for tx in at.senders {
+                self.deliver(at.next, Err(failure.clone()), Some(tx));
+                at.next += 1;
+            }
         }
         self.dispatch_held();
+    }
+
+    /// Writes fetched blocks to the local cache file, in the background. A failed write
+    /// only costs a later fetch.
+    fn keep_locally(&self, fetched: Vec<(u64, SharedBlock)>) {
+        let Some(file) = self.cache_file.clone() else {
+            return;
+        };
+        if fetched.is_empty() {
+            return;
+        }
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = file.write(&fetched) {
+                tracing::warn!(path = %file.path().display(), error = %e, "cache file write failed");
+            }
+        });
     }
 
     /// After a fetch ended: sends what waited for it (see `dispatch`).
@@ -387,6 +485,9 @@ impl Inner {
                     break;
                 }
                 let done = Arc::new(block.take().expect("a block was being filled"));
+                if self.cache_file.is_some() {
+                    at.fetched.push((at.next, done.clone()));
+                }
                 self.deliver(at.next, Ok(done), at.senders.next());
                 at.next += 1;
                 retry.progress();

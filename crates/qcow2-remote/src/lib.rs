@@ -29,6 +29,7 @@
 
 mod block;
 mod cache;
+mod cache_file;
 mod error;
 mod fetch;
 mod file;
@@ -39,6 +40,6 @@ mod store;
 
 pub use error::RemoteError;
 pub use file::{RemoteFile, RemoteStats};
-pub use opener::ObjectStoreOpener;
+pub use opener::{cache_file_name, ObjectStoreOpener};
 pub use options::RemoteOptions;
 pub use store::{store_for_url, SCHEMES};

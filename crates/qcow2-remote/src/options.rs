@@ -33,6 +33,11 @@ pub struct RemoteOptions {
     /// for each next piece of its body. A store that stops answering fails the read after
     /// `(retries + 1)` of these plus the backoff, never hangs it.
     pub timeout: Duration,
+    /// A local file that keeps fetched blocks across opens (`None`: memory only). It is as
+    /// long as the object (sparse: only fetched blocks take room) and comes with
+    /// `PATH.state`, which records the blocks it holds and which object they belong to;
+    /// a replaced object empties it. One process may use it at a time.
+    pub cache_file: Option<std::path::PathBuf>,
 }
 
 impl Default for RemoteOptions {
@@ -45,6 +50,7 @@ impl Default for RemoteOptions {
             retries: 4,
             backoff: Duration::from_millis(100),
             timeout: Duration::from_secs(30),
+            cache_file: None,
         }
     }
 }

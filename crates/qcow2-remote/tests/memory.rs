@@ -44,7 +44,11 @@ async fn setup(len: usize, o: RemoteOptions) -> (Arc<Counting>, RemoteFile, Vec<
 }
 
 async fn read(f: &RemoteFile, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    Ok(f.read_at(IoBuf::zeroed(len, 1), off).await?.to_vec())
+    let read = f.read_at(IoBuf::zeroed(len, 1), off);
+    match tokio::time::timeout(Duration::from_secs(20), read).await {
+        Ok(r) => Ok(r?.to_vec()),
+        Err(_) => panic!("a read of {off}+{len} hangs: {:?}", f.stats()),
+    }
 }
 
 fn remote_error(e: &std::io::Error) -> &RemoteError {
@@ -151,8 +155,17 @@ async fn a_sequential_reader_is_read_ahead_in_large_requests() {
     // shortest stream that counts), in requests of up to 4 blocks, about a third of that.
     let gets = store.gets();
     assert!(gets <= 14, "{gets} GETs for 32 blocks read in order");
-    // Random reads get no read-ahead: one GET each.
-    let before = store.gets();
+    // Random reads get no read-ahead: one GET each (counted once the read-ahead of the
+    // sequential reads, sent by a task of its own, has all been sent).
+    let mut before = store.gets();
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = store.gets();
+        if now == before {
+            break;
+        }
+        before = now;
+    }
     for b in [60u64, 45, 55, 50] {
         read(&f, b * BLOCK, 4096).await.unwrap();
     }
@@ -259,4 +272,87 @@ async fn opening_a_missing_object_and_writing_are_refused() {
         f.holes(0, 2 * BLOCK).await.unwrap(),
         vec![(BLOCK, 2 * BLOCK)]
     );
+}
+
+/// Opens `img/base.raw` of `store` with `o`, waiting out the previous user of the cache
+/// file (whose last background write may still hold it for a moment after its drop).
+async fn reopen(store: &Arc<Counting>, o: &RemoteOptions) -> RemoteFile {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match RemoteFile::open(
+            store.clone() as Arc<dyn ObjectStore>,
+            Path::from("img/base.raw"),
+            "mem://img/base.raw",
+            o.clone(),
+        )
+        .await
+        {
+            Err(RemoteError::CacheInUse { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
+async fn wait_for_file_blocks(f: &RemoteFile, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f.stats().file_blocks < n {
+        assert!(Instant::now() < deadline, "{:?}", f.stats());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_file_serves_later_opens_without_requests_until_the_object_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts();
+    o.read_ahead = 0;
+    o.cache_bytes = 0; // every read past the first goes to the file or the store
+    o.cache_file = Some(dir.path().join("base.cache"));
+    let len = 6 * BLOCK as usize + 777; // a short last block
+    let (store, f, data) = setup(len, o.clone()).await;
+    let ranges = [
+        (0, 10),
+        (BLOCK - 5, 20),
+        (3 * BLOCK, 2 * BLOCK as usize),
+        (6 * BLOCK, 777),
+    ];
+    for &(off, n) in &ranges {
+        assert_eq!(read(&f, off, n).await.unwrap(), data[off as usize..][..n]);
+    }
+    wait_for_file_blocks(&f, 5).await; // blocks 0, 1, 3, 4 and 6
+    let gets = store.gets();
+    drop(f);
+
+    // A new open of the same object: the file answers, the store is not asked.
+    let f = reopen(&store, &o).await;
+    assert_eq!(f.stats().file_blocks, 5);
+    for _ in 0..2 {
+        for &(off, n) in &ranges {
+            assert_eq!(read(&f, off, n).await.unwrap(), data[off as usize..][..n]);
+        }
+    }
+    assert_eq!(store.gets(), gets, "{:?}", f.stats());
+    assert!(f.stats().file_hits >= 12, "{:?}", f.stats());
+    // A block the file lacks is fetched, and kept too.
+    assert_eq!(
+        read(&f, 2 * BLOCK, 10).await.unwrap(),
+        data[2 * BLOCK as usize..][..10]
+    );
+    assert_eq!(store.gets(), gets + 1);
+    wait_for_file_blocks(&f, 6).await;
+    drop(f);
+
+    // The object is replaced: the file's blocks belong to the old one and are not used.
+    let new = pattern(len, 99);
+    store.put_bytes("img/base.raw", new.clone()).await;
+    let f = reopen(&store, &o).await;
+    assert_eq!(f.stats().file_blocks, 0);
+    for &(off, n) in &ranges {
+        assert_eq!(read(&f, off, n).await.unwrap(), new[off as usize..][..n]);
+    }
+    // Blocks 0, 1, 3-4 and 6 came from the store (block 0 again only if its write to the
+    // file had not finished when the second read wanted it).
+    assert!(store.gets() >= gets + 1 + 4, "{:?}", f.stats());
 }
