@@ -12,6 +12,8 @@
 #   cached:      the same offsets read once first (`qcow2 bench --warmup`, a cache that
 #                holds the image), then timed; QEMU's driver has no cache of that size and
 #                is timed re-reading them, as it would;
+#   cache file:  the same offsets read by one process with `--remote-cache-dir`, then
+#                timed in a second process with the same folder (QEMU: as for cached);
 #   sequential:  the whole image read in 1 MiB requests (`qcow2 bench`, QD8), against
 #                `curl -o /dev/null` of the object: what the store serves;
 #   convert:     the whole image to raw on tmpfs, against curl writing the object to tmpfs
@@ -100,6 +102,15 @@ ours_bench() {
   "$Q" "${global[@]}" bench -c "$c" -d "$d" -s "$s" -S "$st" "${warm[@]}" --output json "$URL" >"$DIR/.out"
   python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["iops"]))' "$DIR/.out"
 }
+# IOPS of `qcow2 bench` in a second process over a warm local cache file
+# (`--remote-cache-dir`): a first process reads the same offsets and fills the file (not
+# timed), the second is timed with an empty memory cache. $1 depth, $2 count, $3 size, $4 step
+ours_file_bench() {
+  rm -rf "$DIR/cache-dir"
+  "$Q" --remote-cache-dir "$DIR/cache-dir" bench -c "$2" -d "$1" -s "$3" -S "$4" "$URL" >/dev/null
+  "$Q" --remote-cache-dir "$DIR/cache-dir" bench -c "$2" -d "$1" -s "$3" -S "$4" --output json "$URL" >"$DIR/.out"
+  python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["iops"]))' "$DIR/.out"
+}
 # MiB/s of `qcow2 bench` on the URL: $1 depth, $2 count, $3 size, $4 step
 ours_mibs() {
   "$Q" bench -c "$2" -d "$1" -s "$3" -S "$4" --output json "$URL" >"$DIR/.out"
@@ -127,6 +138,10 @@ for rep in $(seq "$REPS"); do
   add qc1m "$(qemu_bench 1024 1M $STEP)"
   add oc1m "$(ours_bench 1 1024 1M $STEP warm)"
   add pc1m "$(ours_bench 8 1024 1M $STEP warm)"
+  add of4k "$(ours_file_bench 1 4096 4k $((STEP + 4096)))"
+  add pf4k "$(ours_file_bench 8 4096 4k $((STEP + 4096)))"
+  add of1m "$(ours_file_bench 1 1024 1M $STEP)"
+  add pf1m "$(ours_file_bench 8 1024 1M $STEP)"
   add curl "$(mibs curl -sf -o /dev/null "$URL")"
   add oseq "$(ours_mibs 8 1024 1M 1M)"
   add curlshm "$(mibs curl -sf -o "$SHM/curl.raw" "$URL")"; rm -f "$SHM/curl.raw"
@@ -149,6 +164,8 @@ TABLE=$(
   row "1 MiB random read, first touch (IOPS)" "$(med q1m)" "$(med o1m)" "$(med p1m)" "≥ 2 × QEMU"
   row "4 KiB random read, cached (IOPS; QEMU re-reads)" "$(med qc4k)" "$(med oc4k)" "$(med pc4k)" "no request to the store (tested)"
   row "1 MiB random read, cached (IOPS; QEMU re-reads)" "$(med qc1m)" "$(med oc1m)" "$(med pc1m)" "no request to the store (tested)"
+  row "4 KiB random read, later process, warm cache file (IOPS; QEMU re-reads)" "$(med qc4k)" "$(med of4k)" "$(med pf4k)" "no request to the store (tested)"
+  row "1 MiB random read, later process, warm cache file (IOPS; QEMU re-reads)" "$(med qc1m)" "$(med of1m)" "$(med pf1m)" "no request to the store (tested)"
   printf '| %s | %s | | %s | | %s | %s |\n' "sequential read of 1 GiB, 1 MiB requests, vs \`curl -o /dev/null\` (MiB/s; curl in the QEMU column)" \
     "$(med curl)" "$(med oseq)" "$(ratio "$(med oseq)" "$(med curl)")" "≥ 0.8 × curl"
   printf '| %s | %s | %s | | %s | | %s |\n' "convert 1 GiB to raw on tmpfs vs curl to a tmpfs file (MiB/s; curl in the QEMU column)" \

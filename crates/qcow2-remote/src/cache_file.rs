@@ -38,7 +38,7 @@ const VERSION: u32 = 1;
 const MAX_IDENTITY: usize = 64 << 10;
 /// Written blocks are recorded in the state file at most this often (and when the file
 /// is closed).
-const SAVE_EVERY: Duration = Duration::from_secs(2);
+const SAVE_EVERY: Duration = Duration::from_secs(30);
 
 /// The local cache file of one remote object. Its methods do blocking I/O: call them from
 /// `spawn_blocking`.

@@ -13,6 +13,7 @@ use crate::store::store_for_url;
 /// Opens `s3://`, `gs://`, `az://`, `http(s)://` URLs (see [`store_for_url`]) as
 /// [`RemoteFile`]s with these options. Install it in `OpenOptions::remote`.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct ObjectStoreOpener {
     /// Options of every file it opens.
     pub options: RemoteOptions,
