@@ -18,24 +18,36 @@
 //! - `PATH.state` of another object (a replaced object, another URL, another block size)
 //!   is removed, durably, before `PATH` is touched: no crash can leave a state file next
 //!   to data it does not describe.
-//! - One process at a time: `PATH` is locked (`flock`) for as long as it is open.
+//! - The state file names the data file it describes (device and inode) and its length:
+//!   a data file deleted or replaced behind the state's back is not trusted.
+//! - After a failed `fdatasync` (whose error Linux reports once, dropping the pages) the
+//!   state file is removed and the cache file is no longer used by this process.
+//! - One process at a time: `PATH` is locked (`flock`) for as long as it is open; within
+//!   the process, opens of the same object share one `CacheFile` ([`CacheFile::shared`]).
+//!
+//! The cache file is an optimisation: whenever it cannot be used (in use by another
+//! process, another object under the same name in use here, an I/O error), reads go on
+//! from memory and the store, with a warning.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::block::{Block, SharedBlock};
-use crate::error::RemoteError;
 
 /// Start of a state file, then its format version.
 const MAGIC: &[u8; 8] = b"QC2RCACH";
 const VERSION: u32 = 1;
 /// Longest identity a state file may carry; a longer one is not ours.
 const MAX_IDENTITY: usize = 64 << 10;
+/// Largest block map, in 64-bit words (64 MiB: 2^32 blocks, 256 TiB at 64 KiB blocks).
+const MAX_MAP_WORDS: u64 = 8 << 20;
 /// Written blocks are recorded in the state file at most this often (and when the file
 /// is closed).
 const SAVE_EVERY: Duration = Duration::from_secs(30);
@@ -54,6 +66,16 @@ pub(crate) struct CacheFile {
     written: Mutex<Written>,
     /// Serialises saves, so that one waits for another instead of repeating it.
     saving: Mutex<()>,
+    /// A sync failed: nothing is read from or written to the file any more.
+    broken: AtomicBool,
+}
+
+/// The cache files open in this process, by device and inode.
+type Registry = Mutex<HashMap<(u64, u64), Weak<CacheFile>>>;
+
+fn registry() -> &'static Registry {
+    static OPEN: OnceLock<Registry> = OnceLock::new();
+    OPEN.get_or_init(Registry::default)
 }
 
 /// Which blocks `PATH` holds.
@@ -85,73 +107,120 @@ impl Written {
 }
 
 impl CacheFile {
-    /// Opens (or creates) the cache file at `path` for an object of `size` bytes read in
-    /// blocks of `block_size`, known by `identity`. What the file holds is kept only if its
-    /// state file names the same object and block size.
-    pub(crate) fn open(
+    /// The cache file at `path` for this object, shared with the other opens of it in this
+    /// process; `None` (with a warning) if it cannot be used.
+    pub(crate) fn shared(
         path: &Path,
         identity: &str,
         block_size: u64,
         size: u64,
-    ) -> Result<CacheFile, RemoteError> {
-        let err = |op: &'static str| {
-            let path = path.to_path_buf();
-            move |source: io::Error| RemoteError::CacheFile {
-                path,
-                op,
-                source: Arc::new(source),
+    ) -> Option<Arc<CacheFile>> {
+        let mut open = registry().lock().unwrap_or_else(|e| e.into_inner());
+        let result = Self::open_in(&mut open, path, identity, block_size, size);
+        match result {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cache file not used");
+                None
             }
-        };
+        }
+    }
+
+    fn open_in(
+        open: &mut HashMap<(u64, u64), Weak<CacheFile>>,
+        path: &Path,
+        identity: &str,
+        block_size: u64,
+        size: u64,
+    ) -> io::Result<Arc<CacheFile>> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(path)
-            .map_err(err("open"))?;
+            .open(path)?;
+        let meta = file.metadata()?;
+        let key = (meta.dev(), meta.ino());
+        open.retain(|_, c| c.strong_count() > 0);
+        if let Some(c) = open.get(&key).and_then(Weak::upgrade) {
+            // (`file` is another open file description: closing it leaves `c`'s lock.)
+            if c.header == header(key, block_size, size, identity) {
+                return Ok(c);
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "in use in this process for another object",
+            ));
+        }
+        let c = Arc::new(CacheFile::open(file, path, identity, block_size, size)?);
+        open.insert(key, Arc::downgrade(&c));
+        Ok(c)
+    }
+
+    /// Takes `file` (opened at `path`) as the cache file for an object of `size` bytes read
+    /// in blocks of `block_size`, known by `identity`. What it holds is kept only if its
+    /// state file names this data file, the same object and block size. Fails with
+    /// `WouldBlock` if another process holds it.
+    pub(crate) fn open(
+        file: File,
+        path: &Path,
+        identity: &str,
+        block_size: u64,
+        size: u64,
+    ) -> io::Result<CacheFile> {
         lock(&file).map_err(|e| match e.kind() {
-            io::ErrorKind::WouldBlock => RemoteError::CacheInUse {
-                path: path.to_path_buf(),
-            },
-            _ => err("lock")(e),
+            io::ErrorKind::WouldBlock => {
+                io::Error::new(io::ErrorKind::WouldBlock, "in use by another process")
+            }
+            _ => e,
         })?;
-        let mut header = Vec::new();
-        header.extend_from_slice(MAGIC);
-        header.extend_from_slice(&VERSION.to_le_bytes());
-        header.extend_from_slice(&block_size.to_le_bytes());
-        header.extend_from_slice(&size.to_le_bytes());
-        header.extend_from_slice(&(identity.len() as u64).to_le_bytes());
-        header.extend_from_slice(identity.as_bytes());
-        let words = size.div_ceil(block_size).div_ceil(64) as usize;
-        let state_path = state_path(path);
+        let meta = file.metadata()?;
+        let header = header((meta.dev(), meta.ino()), block_size, size, identity);
+        let words = size.div_ceil(block_size).div_ceil(64);
+        if words > MAX_MAP_WORDS {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("an object of {size} bytes has too many blocks for a cache file"),
+            ));
+        }
+        let words = words as usize;
+        // The size comes from the store: a hostile one must fail here, not abort.
+        let mut bits = Vec::new();
+        bits.try_reserve_exact(words)
+            .map_err(|_| io::Error::from(io::ErrorKind::OutOfMemory))?;
+        bits.resize(words, 0);
         let cache = CacheFile {
             path: path.to_path_buf(),
-            state_path,
+            state_path: state_path(path),
             file,
             header,
             block_size,
             written: Mutex::new(Written {
-                bits: vec![0; words],
+                bits,
                 count: 0,
                 unsaved: 0,
                 last_save: Instant::now(),
             }),
             saving: Mutex::new(()),
+            broken: AtomicBool::new(false),
         };
-        match cache.load(words).map_err(err("read the state of"))? {
+        match cache.load(words, meta.len() == size)? {
             Some(bits) => {
                 let mut w = cache.lock();
                 w.count = bits.iter().map(|x| u64::from(x.count_ones())).sum();
                 w.bits = bits;
                 tracing::debug!(path = %path.display(), blocks = w.count, "cache file reused");
             }
-            None => cache.reset(size).map_err(err("reset"))?,
+            None => cache.reset(size)?,
         }
         Ok(cache)
     }
 
     /// The block bitmap of the state file, if the state file describes this object.
-    fn load(&self, words: usize) -> io::Result<Option<Vec<u64>>> {
+    fn load(&self, words: usize, data_len_right: bool) -> io::Result<Option<Vec<u64>>> {
+        if !data_len_right {
+            return Ok(None);
+        }
         let mut f = match File::open(&self.state_path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -192,7 +261,7 @@ impl CacheFile {
 
     /// The file holds `block`.
     pub(crate) fn has(&self, block: u64) -> bool {
-        self.lock().has(block)
+        !self.broken.load(Ordering::Acquire) && self.lock().has(block)
     }
 
     /// Blocks the file holds.
@@ -221,6 +290,9 @@ impl CacheFile {
     /// Writes fetched blocks into the file and records them; saves the record if the last
     /// save is long enough ago.
     pub(crate) fn write(&self, blocks: &[(u64, SharedBlock)]) -> io::Result<()> {
+        if self.broken.load(Ordering::Acquire) {
+            return Ok(());
+        }
         for (block, data) in blocks {
             self.file
                 .write_all_at(data.bytes(), block * self.block_size)?;
@@ -238,6 +310,9 @@ impl CacheFile {
 
     /// Makes the written blocks durable and records them in the state file.
     pub(crate) fn save(&self) -> io::Result<()> {
+        if self.broken.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let _one = self.saving.lock().unwrap_or_else(|e| e.into_inner());
         // Taken before the sync: every block named here was written before it.
         let bits = {
@@ -249,7 +324,17 @@ impl CacheFile {
             w.last_save = Instant::now();
             w.bits.clone()
         };
-        self.file.sync_data()?;
+        if let Err(e) = self.file.sync_data() {
+            // The kernel reports a write-back error once and may have dropped the pages:
+            // a later sync would succeed and name blocks that are not there. Give up on
+            // the file instead.
+            self.broken.store(true, Ordering::Release);
+            let _ = std::fs::remove_file(&self.state_path);
+            let mut w = self.lock();
+            w.bits.fill(0);
+            w.count = 0;
+            return Err(e);
+        }
         let mut tmp_name = self.state_path.clone().into_os_string();
         tmp_name.push(".tmp");
         let tmp = PathBuf::from(tmp_name);
@@ -277,6 +362,21 @@ impl Drop for CacheFile {
             tracing::warn!(path = %self.path.display(), error = %e, "cache file not saved");
         }
     }
+}
+
+/// What a state file must start with to describe the data file `(device, inode)` for
+/// this object and block size.
+fn header(data_file: (u64, u64), block_size: u64, size: u64, identity: &str) -> Vec<u8> {
+    let mut h = Vec::with_capacity(48 + identity.len());
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(&VERSION.to_le_bytes());
+    h.extend_from_slice(&data_file.0.to_le_bytes());
+    h.extend_from_slice(&data_file.1.to_le_bytes());
+    h.extend_from_slice(&block_size.to_le_bytes());
+    h.extend_from_slice(&size.to_le_bytes());
+    h.extend_from_slice(&(identity.len() as u64).to_le_bytes());
+    h.extend_from_slice(identity.as_bytes());
+    h
 }
 
 /// `PATH.state`.
@@ -314,6 +414,16 @@ mod tests {
 
     const BS: u64 = 4096;
 
+    fn open(path: &Path, identity: &str, bs: u64, size: u64) -> io::Result<CacheFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        CacheFile::open(file, path, identity, bs, size)
+    }
+
     fn block(pool: &Arc<BlockPool>, byte: u8, len: usize) -> SharedBlock {
         let mut b = pool.take();
         b.push(&vec![byte; len]);
@@ -324,11 +434,7 @@ mod tests {
         c.read_run(first, lens, || pool.take())
             .unwrap()
             .iter()
-            .map(|b| {
-                let mut v = vec![0; b.len()];
-                b.copy_to(0, &mut v);
-                v
-            })
+            .map(|b| b.bytes().to_vec())
             .collect()
     }
 
@@ -339,7 +445,7 @@ mod tests {
         let pool = BlockPool::new(BS as usize, BS as usize * 4);
         let size = 10 * BS + 100;
         {
-            let c = CacheFile::open(&path, "etag-1", BS, size).unwrap();
+            let c = open(&path, "etag-1", BS, size).unwrap();
             assert!(!c.has(3));
             c.write(&[
                 (3, block(&pool, 3, BS as usize)),
@@ -351,29 +457,27 @@ mod tests {
                 read(&c, &pool, 3, &[BS as usize]),
                 vec![vec![3; BS as usize]]
             );
-            // A second opener is refused while this one holds the file.
-            assert!(matches!(
-                CacheFile::open(&path, "etag-1", BS, size),
-                Err(RemoteError::CacheInUse { .. })
-            ));
+            // Another open file (another process) is refused while this one holds it.
+            let e = open(&path, "etag-1", BS, size).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
         } // dropped: saved
-        let c = CacheFile::open(&path, "etag-1", BS, size).unwrap();
+        let c = open(&path, "etag-1", BS, size).unwrap();
         assert_eq!(c.blocks(), 2);
         assert_eq!(read(&c, &pool, 10, &[100]), vec![vec![10; 100]]);
         drop(c);
         // Another object (or block size) under the same path: nothing is reused.
-        let c = CacheFile::open(&path, "etag-2", BS, size).unwrap();
+        let c = open(&path, "etag-2", BS, size).unwrap();
         assert_eq!(c.blocks(), 0);
         assert!(!c.has(3));
         drop(c);
-        let c = CacheFile::open(&path, "etag-1", BS, size).unwrap();
+        let c = open(&path, "etag-1", BS, size).unwrap();
         assert_eq!(
             c.blocks(),
             0,
             "the reset removed the first object's state for good"
         );
         drop(c);
-        let c = CacheFile::open(&path, "etag-1", 2 * BS, size).unwrap();
+        let c = open(&path, "etag-1", 2 * BS, size).unwrap();
         assert_eq!(c.blocks(), 0);
     }
 
@@ -383,7 +487,7 @@ mod tests {
         let path = dir.path().join("base.cache");
         let pool = BlockPool::new(BS as usize, BS as usize * 4);
         let size = 64 * BS;
-        let c = CacheFile::open(&path, "v", BS, size).unwrap();
+        let c = open(&path, "v", BS, size).unwrap();
         c.write(&[(1, block(&pool, 1, BS as usize))]).unwrap();
         c.save().unwrap();
         c.write(&[(2, block(&pool, 2, BS as usize))]).unwrap();
@@ -392,17 +496,50 @@ mod tests {
         let state = std::fs::read(state_path(&path)).unwrap();
         drop(c);
         std::fs::write(state_path(&path), &state).unwrap();
-        let c = CacheFile::open(&path, "v", BS, size).unwrap();
+        let c = open(&path, "v", BS, size).unwrap();
         assert!(c.has(1) && !c.has(2));
         drop(c);
         // Truncated or altered state files describe nothing.
         let mut bad = state.clone();
         bad.pop();
         std::fs::write(state_path(&path), &bad).unwrap();
-        assert_eq!(CacheFile::open(&path, "v", BS, size).unwrap().blocks(), 0);
+        assert_eq!(open(&path, "v", BS, size).unwrap().blocks(), 0);
         let mut bad = state;
         bad[0] ^= 1;
         std::fs::write(state_path(&path), &bad).unwrap();
-        assert_eq!(CacheFile::open(&path, "v", BS, size).unwrap().blocks(), 0);
+        assert_eq!(open(&path, "v", BS, size).unwrap().blocks(), 0);
+    }
+
+    #[test]
+    fn a_state_file_whose_data_file_was_replaced_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("base.cache");
+        let pool = BlockPool::new(BS as usize, BS as usize * 4);
+        let size = 8 * BS;
+        let c = open(&path, "v", BS, size).unwrap();
+        c.write(&[(5, block(&pool, 5, BS as usize))]).unwrap();
+        drop(c);
+        // `rm base.cache` leaves `base.cache.state` behind; a new data file has holes.
+        std::fs::remove_file(&path).unwrap();
+        let c = open(&path, "v", BS, size).unwrap();
+        assert!(!c.has(5));
+        assert_eq!(c.blocks(), 0);
+    }
+
+    #[test]
+    fn opens_in_one_process_share_the_file_of_their_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("base.cache");
+        let a = CacheFile::shared(&path, "v", BS, 8 * BS).unwrap();
+        let b = CacheFile::shared(&path, "v", BS, 8 * BS).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        // Another object under the same name while the first is open: memory only.
+        assert!(CacheFile::shared(&path, "w", BS, 8 * BS).is_none());
+        drop((a, b));
+        let c = CacheFile::shared(&path, "w", BS, 8 * BS).unwrap();
+        assert_eq!(c.blocks(), 0);
+        // A size no memory could map is refused, not an abort.
+        let other = dir.path().join("huge.cache");
+        assert!(CacheFile::shared(&other, "v", 4096, u64::MAX - 4096).is_none());
     }
 }

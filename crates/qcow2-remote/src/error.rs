@@ -114,24 +114,6 @@ pub enum RemoteError {
         /// The refused operation.
         op: &'static str,
     },
-    /// The local cache file failed (it is optional: reads go on without it only if it was
-    /// never configured).
-    #[error("cache file {}: cannot {op} it: {source}", path.display())]
-    CacheFile {
-        /// The cache file.
-        path: std::path::PathBuf,
-        /// What was being done.
-        op: &'static str,
-        /// The I/O error.
-        #[source]
-        source: Arc<io::Error>,
-    },
-    /// Another process (or another open file of this one) uses the cache file.
-    #[error("cache file {}: in use by another process", path.display())]
-    CacheInUse {
-        /// The cache file.
-        path: std::path::PathBuf,
-    },
     /// The task fetching a range stopped without an answer (its runtime shut down).
     #[error("{url}: the fetch of this range was abandoned")]
     Abandoned {
@@ -158,8 +140,6 @@ impl RemoteError {
             }
             RemoteError::Timeout { .. } => io::ErrorKind::TimedOut,
             RemoteError::ShortBody { .. } => io::ErrorKind::UnexpectedEof,
-            RemoteError::CacheInUse { .. } => io::ErrorKind::WouldBlock,
-            RemoteError::CacheFile { source, .. } => source.kind(),
             RemoteError::Changed { .. }
             | RemoteError::Unreachable { .. }
             | RemoteError::Store { .. }

@@ -50,8 +50,12 @@ struct Inner {
     opts: RemoteOptions,
     /// Memory of the blocks (cached, in flight, being read).
     pool: Arc<BlockPool>,
-    /// The local cache file, if configured: read before the store, written after it.
+    /// The local cache file, if configured and usable: read before the store, written
+    /// after it.
     cache_file: Option<Arc<CacheFile>>,
+    /// Bytes of fetched blocks waiting to be written to the cache file (bounded by
+    /// [`MAX_PENDING_LOCAL`], so a slow local disk cannot hold blocks past the cache bound).
+    pending_local: Arc<AtomicU64>,
     state: Mutex<State>,
     requests: AtomicU64,
     bytes_fetched: AtomicU64,
@@ -137,13 +141,11 @@ impl RemoteFile {
                     "{url}\n{size}\n{:?}\n{:?}\n{}",
                     meta.e_tag, meta.version, meta.last_modified
                 );
-                let opened =
-                    tokio::task::spawn_blocking(move || CacheFile::open(&p, &identity, bs, size))
-                        .await
-                        .map_err(|_| RemoteError::Abandoned {
-                            url: url.to_string(),
-                        })??;
-                Some(Arc::new(opened))
+                tokio::task::spawn_blocking(move || CacheFile::shared(&p, &identity, bs, size))
+                    .await
+                    .map_err(|_| RemoteError::Abandoned {
+                        url: url.to_string(),
+                    })?
             }
         };
         Ok(RemoteFile {
@@ -154,6 +156,7 @@ impl RemoteFile {
                     url: url.to_string(),
                     meta,
                 },
+                pending_local: Arc::default(),
                 state: Mutex::new(State {
                     cache: BlockCache::new(opts.cache_bytes),
                     in_flight: HashMap::new(),
@@ -426,13 +429,24 @@ impl Inner {
         let Some(file) = self.cache_file.clone() else {
             return;
         };
-        if fetched.is_empty() {
+        let bytes: u64 = fetched.iter().map(|(_, b)| b.len() as u64).sum();
+        if bytes == 0 {
             return;
         }
+        let pending = self.pending_local.fetch_add(bytes, Ordering::AcqRel);
+        if pending + bytes > MAX_PENDING_LOCAL {
+            // The disk is behind: these blocks are not kept (a later open fetches them).
+            self.pending_local.fetch_sub(bytes, Ordering::AcqRel);
+            tracing::debug!(path = %file.path().display(), bytes, "cache file behind; not kept");
+            return;
+        }
+        let pending_local = self.pending_local.clone();
         tokio::task::spawn_blocking(move || {
             if let Err(e) = file.write(&fetched) {
                 tracing::warn!(path = %file.path().display(), error = %e, "cache file write failed");
             }
+            drop(fetched);
+            pending_local.fetch_sub(bytes, Ordering::AcqRel);
         });
     }
 
@@ -520,6 +534,9 @@ impl Inner {
         .into()
     }
 }
+
+/// Most bytes of fetched blocks waiting for their write to the local cache file.
+const MAX_PENDING_LOCAL: u64 = 64 << 20;
 
 /// How much block memory the pool allocates at a time: an eighth of the cache, between one
 /// huge page and 32 MiB (large enough that most of a chunk is huge-page aligned, small
