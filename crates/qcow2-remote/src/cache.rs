@@ -81,7 +81,7 @@ mod tests {
     use crate::block::BlockPool;
 
     fn block(n: usize) -> SharedBlock {
-        let pool = BlockPool::new(512, 512);
+        let pool = BlockPool::new(512, 512, false);
         let mut b = pool.take();
         b.push(&vec![0u8; n]);
         std::sync::Arc::new(b)

@@ -442,7 +442,7 @@ mod tests {
     fn blocks_survive_a_reopen_for_the_same_object_only() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("base.cache");
-        let pool = BlockPool::new(BS as usize, BS as usize * 4);
+        let pool = BlockPool::new(BS as usize, BS as usize * 4, false);
         let size = 10 * BS + 100;
         {
             let c = open(&path, "etag-1", BS, size).unwrap();
@@ -485,7 +485,7 @@ mod tests {
     fn unsaved_blocks_are_not_claimed_and_a_damaged_state_file_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("base.cache");
-        let pool = BlockPool::new(BS as usize, BS as usize * 4);
+        let pool = BlockPool::new(BS as usize, BS as usize * 4, false);
         let size = 64 * BS;
         let c = open(&path, "v", BS, size).unwrap();
         c.write(&[(1, block(&pool, 1, BS as usize))]).unwrap();
@@ -514,7 +514,7 @@ mod tests {
     fn a_state_file_whose_data_file_was_replaced_is_not_trusted() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("base.cache");
-        let pool = BlockPool::new(BS as usize, BS as usize * 4);
+        let pool = BlockPool::new(BS as usize, BS as usize * 4, false);
         let size = 8 * BS;
         let c = open(&path, "v", BS, size).unwrap();
         c.write(&[(5, block(&pool, 5, BS as usize))]).unwrap();
