@@ -13,6 +13,8 @@
 #   cached:      the same offsets read once first (`qcow2 bench --warmup`, a cache that
 #                holds the image), then timed; QEMU's driver has no cache of that size and
 #                is timed re-reading them, as it would;
+#   floor:       curl fetching the first-touch ranges one at a time on one connection
+#                (64 KiB, our block size, and 1 MiB): what QD1 can reach at best;
 #   cache file:  the same offsets read by one process with `--remote-cache-dir`, then
 #                timed in a second process with the same folder (QEMU: as for cached);
 #   sequential:  the whole image read in 1 MiB requests (`qcow2 bench`, QD8), against
@@ -119,6 +121,20 @@ ours_mibs() {
   "$Q" bench -c "$2" -d "$1" -s "$3" -S "$4" --output json "$URL" >"$DIR/.out"
   python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["mib-per-second"]))' "$DIR/.out"
 }
+# Requests/s of curl fetching $2-byte ranges at the first-touch offsets ($1 of them, stride
+# 633 MiB), one after another on one kept-alive connection: the store's own floor at QD1.
+curl_ranges() {
+  local n=$1 size=$2 t0 t1
+  python3 - "$n" "$size" "$URL" >"$DIR/curl.cfg" <<'PY'
+import sys
+n, size, url = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+for i in range(n):
+    off = (i * (633 << 20)) % (1 << 30) // size * size
+    print(f'url = "{url}"\nrange = "{off}-{off + size - 1}"\noutput = "/dev/null"')
+PY
+  t0=$(date +%s.%N); curl -sf -K "$DIR/curl.cfg"; t1=$(date +%s.%N)
+  awk -v n="$n" -v a="$t0" -v b="$t1" 'BEGIN{printf "%.0f\n", n/(b-a)}'
+}
 # MiB/s of a command that moves the 1 GiB image
 mibs() {
   local t0 t1
@@ -145,6 +161,7 @@ for rep in $(seq "$REPS"); do
   add pf4k "$(ours_file_bench 8 4096 4k $((STEP + 4096)))"
   add of1m "$(ours_file_bench 1 1024 1M $STEP)"
   add pf1m "$(ours_file_bench 8 1024 1M $STEP)"
+  add c64k "$(curl_ranges 1024 65536)"; add c1m "$(curl_ranges 1024 1048576)"
   add curl "$(mibs curl -sf -o /dev/null "$URL")"
   add oseq "$(ours_mibs 8 1024 1M 1M)"
   add curlshm "$(mibs curl -sf -o "$SHM/curl.raw" "$URL")"; rm -f "$SHM/curl.raw"
@@ -165,6 +182,8 @@ TABLE=$(
   echo "|---|---:|---:|---:|---:|---:|---|"
   row "4 KiB random read, first touch (IOPS)" "$(med q4k)" "$(med o4k)" "$(med p4k)" "≥ 2 × QEMU"
   row "1 MiB random read, first touch (IOPS)" "$(med q1m)" "$(med o1m)" "$(med p1m)" "≥ 2 × QEMU"
+  printf '| %s | %s | | | %s | | %s |\n' "the store's floor: curl fetching the same first-touch ranges one by one, 64 KiB (our block) / 1 MiB (requests/s; curl in the QEMU column)" \
+    "$(med c64k) / $(med c1m)" "$(ratio "$(med c64k)" "$(med q4k)") / $(ratio "$(med c1m)" "$(med q1m)") (curl / QEMU)" "—"
   row "4 KiB random read, cached (IOPS; QEMU re-reads)" "$(med qc4k)" "$(med oc4k)" "$(med pc4k)" "no request to the store (tested)"
   row "1 MiB random read, cached (IOPS; QEMU re-reads)" "$(med qc1m)" "$(med oc1m)" "$(med pc1m)" "no request to the store (tested)"
   row "4 KiB random read, later process, warm cache file (IOPS; QEMU re-reads)" "$(med qc4k)" "$(med of4k)" "$(med pf4k)" "no request to the store (tested)"
