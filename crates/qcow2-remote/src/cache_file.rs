@@ -133,12 +133,7 @@ impl CacheFile {
         block_size: u64,
         size: u64,
     ) -> io::Result<Arc<CacheFile>> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let file = open_data(path)?;
         let meta = file.metadata()?;
         let key = (meta.dev(), meta.ino());
         open.retain(|_, c| c.strong_count() > 0);
@@ -379,6 +374,16 @@ fn header(data_file: (u64, u64), block_size: u64, size: u64, identity: &str) -> 
     h
 }
 
+/// The data file at `path`, created if missing, never truncated here.
+fn open_data(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+}
+
 /// `PATH.state`.
 fn state_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
@@ -415,13 +420,18 @@ mod tests {
     const BS: u64 = 4096;
 
     fn open(path: &Path, identity: &str, bs: u64, size: u64) -> io::Result<CacheFile> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
-        CacheFile::open(file, path, identity, bs, size)
+        CacheFile::open(open_data(path)?, path, identity, bs, size)
+    }
+
+    /// A folder (kept alive by the caller), the cache file's path in it, and a pool.
+    fn fixture() -> (tempfile::TempDir, PathBuf, Arc<BlockPool>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("base.cache");
+        (
+            dir,
+            path,
+            BlockPool::new(BS as usize, BS as usize * 4, false),
+        )
     }
 
     fn block(pool: &Arc<BlockPool>, byte: u8, len: usize) -> SharedBlock {
@@ -440,9 +450,7 @@ mod tests {
 
     #[test]
     fn blocks_survive_a_reopen_for_the_same_object_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("base.cache");
-        let pool = BlockPool::new(BS as usize, BS as usize * 4, false);
+        let (_dir, path, pool) = fixture();
         let size = 10 * BS + 100;
         {
             let c = open(&path, "etag-1", BS, size).unwrap();
@@ -483,9 +491,7 @@ mod tests {
 
     #[test]
     fn unsaved_blocks_are_not_claimed_and_a_damaged_state_file_is_ignored() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("base.cache");
-        let pool = BlockPool::new(BS as usize, BS as usize * 4, false);
+        let (_dir, path, pool) = fixture();
         let size = 64 * BS;
         let c = open(&path, "v", BS, size).unwrap();
         c.write(&[(1, block(&pool, 1, BS as usize))]).unwrap();
@@ -512,9 +518,7 @@ mod tests {
 
     #[test]
     fn a_state_file_whose_data_file_was_replaced_is_not_trusted() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("base.cache");
-        let pool = BlockPool::new(BS as usize, BS as usize * 4, false);
+        let (_dir, path, pool) = fixture();
         let size = 8 * BS;
         let c = open(&path, "v", BS, size).unwrap();
         c.write(&[(5, block(&pool, 5, BS as usize))]).unwrap();
