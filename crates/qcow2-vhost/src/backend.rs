@@ -5,8 +5,11 @@
 //! loop on a thread of its own (one queue per thread, so queues never wait for each
 //! other). A kick pops every available chain, parses it ([`Layout`]) and starts one
 //! [`Task`] per request: polled first on the queue's thread (so the I/O is submitted with no
-//! thread hop), continued on the engine's runtime when its I/O wakes it; the vring lock is held only to pop chains and
-//! to add used entries, never across I/O. A completion sets the status byte, adds the used
+//! thread hop). The queue thread also watches the io_uring rings its requests went to and
+//! reaps them itself, so a request answered there continues there (`run_here`); one that a
+//! runtime worker reaps first (the worker still watches every ring) continues on the
+//! runtime. The vring lock is held only to pop chains and to add used entries, never
+//! across I/O. A completion sets the status byte, adds the used
 //! entry and signals the call eventfd if the driver asked for it (`needs_notification`,
 //! which with `EVENT_IDX` suppresses the signals a busy driver would not look at: the
 //! batching the spec intends).
@@ -16,14 +19,15 @@
 //! touch them again.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock, Weak};
 
-use qcow2_async::io::IoBuf;
+use qcow2_async::io::{IoBuf, RingWatch};
 use qcow2_async::Image;
 use tracing::{debug, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_queue::QueueOwnedT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -37,7 +41,7 @@ use crate::request::{
     byte_range, Desc, Header, Kind, Layout, Segment, Status, HEADER_LEN, ID_LEN, SECTOR,
     SEGMENT_LEN,
 };
-use crate::task::Task;
+use crate::task::{run_here, Task};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 type Vring = VringRwLock<Mem>;
@@ -100,6 +104,17 @@ pub(crate) struct BlkBackend {
     /// Per queue: the memory view the last kick used (rebuilt when the map changes).
     views: Vec<Mutex<Option<Arc<GuestView>>>>,
     in_flight: Vec<Arc<InFlight>>,
+    /// Each queue thread's event loop, to watch rings in (set once the daemon exists; weak,
+    /// since the loops hold this backend).
+    loops: OnceLock<Vec<Weak<VringEpollHandler<Arc<BlkBackend>>>>>,
+    /// Per queue: the rings its requests were submitted to, watched by its thread (event
+    /// `ring_event(i)` is ring `i`; `false` once unwatched). See `handle_event`.
+    rings: Vec<Mutex<Vec<(RingWatch, bool)>>>,
+}
+
+/// The event-loop id of watched ring `i` (ids up to the number of queues are the loop's).
+fn ring_event(num_queues: usize, i: usize) -> u64 {
+    (num_queues + 1 + i) as u64
 }
 
 impl BlkBackend {
@@ -111,6 +126,63 @@ impl BlkBackend {
             event_idx: AtomicBool::new(false),
             views: (0..n).map(|_| Mutex::new(None)).collect(),
             in_flight: (0..n).map(|_| Arc::default()).collect(),
+            loops: OnceLock::new(),
+            rings: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
+        }
+    }
+
+    /// Lets each queue thread watch the rings its requests go to (see `handle_event`).
+    pub(crate) fn set_event_loops(&self, loops: &[Arc<VringEpollHandler<Arc<BlkBackend>>>]) {
+        let _ = self.loops.set(loops.iter().map(Arc::downgrade).collect());
+    }
+
+    /// Starts watching, on queue `q`'s thread, the rings it has not watched yet.
+    fn watch(&self, q: usize, submitted: Vec<RingWatch>) {
+        if submitted.is_empty() {
+            return;
+        }
+        let Some(lp) = self
+            .loops
+            .get()
+            .and_then(|l| l.get(q))
+            .and_then(Weak::upgrade)
+        else {
+            return;
+        };
+        let mut rings = self.rings[q].lock().expect("rings lock");
+        for ring in submitted {
+            if rings.iter().any(|(r, _)| r.same(&ring)) {
+                continue;
+            }
+            let id = ring_event(self.device.num_queues(), rings.len());
+            match lp.register_listener(ring.as_raw_fd(), EventSet::IN, id) {
+                Ok(()) => rings.push((ring, true)),
+                Err(e) => debug!(queue = q, error = %e, "cannot watch an io_uring ring"),
+            }
+        }
+    }
+
+    /// Reaps watched ring `i` of queue `q` on this thread.
+    fn reap(&self, q: usize, i: usize) {
+        let ring = match self.rings[q].lock().expect("rings lock").get(i) {
+            Some((r, true)) => r.clone(),
+            _ => return,
+        };
+        if ring.reap() {
+            return;
+        }
+        // Reaped by a thread of its own: its descriptor would stay readable here.
+        if let Some(lp) = self
+            .loops
+            .get()
+            .and_then(|l| l.get(q))
+            .and_then(Weak::upgrade)
+        {
+            let id = ring_event(self.device.num_queues(), i);
+            let _ = lp.unregister_listener(ring.as_raw_fd(), EventSet::IN, id);
+        }
+        if let Some(entry) = self.rings[q].lock().expect("rings lock").get_mut(i) {
+            entry.1 = false;
         }
     }
 
@@ -442,10 +514,32 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         }
         // One queue per thread: the thread's only vring is queue `thread_id`.
-        match vrings.get(usize::from(device_event)) {
-            Some(vring) => self.process_queue(thread_id, vring),
-            None => Ok(()),
-        }
+        //
+        // This thread also reaps the io_uring completions of what it submitted. It watches
+        // each ring its requests went to (readable while completions wait), and requests
+        // answered here continue here (`run_here`). A request otherwise costs three thread
+        // wake-ups: this thread for the kick, this thread again (io_uring runs the
+        // completion as task work of the submitter), and the runtime worker that watches the
+        // ring. That worker still watches it, and whoever comes first reaps, so nothing
+        // depends on this thread being alive.
+        let q = thread_id;
+        run_here(|| {
+            let plug = qcow2_async::io::plug();
+            let n = self.device.num_queues();
+            let result = match usize::from(device_event) {
+                e if e < n => match vrings.get(e) {
+                    Some(vring) => self.process_queue(q, vring),
+                    None => Ok(()),
+                },
+                e if e > n => {
+                    self.reap(q, e - n - 1);
+                    Ok(())
+                }
+                _ => Ok(()),
+            };
+            self.watch(q, plug.finish());
+            result
+        })
     }
 }
 

@@ -165,6 +165,7 @@ impl Export {
                 GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             )
             .map_err(Error::vhost("setting up a connection"))?;
+            backend.set_event_loops(&daemon.get_epoll_handlers());
             if let Err(e) = daemon.start(&mut listener) {
                 // A frontend that goes away during the handshake does not end the export.
                 warn!(error = %e, "vhost-user connection failed to start");

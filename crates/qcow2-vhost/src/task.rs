@@ -1,5 +1,5 @@
-//! A request future that starts on the thread that popped it and continues on the runtime
-//! only when its I/O wakes it.
+//! A request future that starts on the thread that popped it and continues where its I/O
+//! is reaped: that thread, or a runtime worker.
 //!
 //! Spawning each request onto Tokio from a queue's event-loop thread costs a cross-thread
 //! wake-up per request: the spawn lands in the runtime's inject queue and unparks an idle
@@ -8,11 +8,13 @@
 //! server CPU). A [`Task`] is polled first where it was made, so the request reaches the
 //! engine and the kernel with no hop; when the I/O completes, the waker runs on the worker
 //! that reaped the completion, and the continuation is spawned *there*, into that worker's
-//! own queue, where it runs next without waking anyone else.
+//! own queue, where it runs next without waking anyone else. A task woken on a queue thread
+//! inside [`run_here`] (the thread reaped the completion itself) is polled there instead.
 //!
 //! The poll state is one atomic word, so a wake-up that races with a running poll is never
 //! lost: the poller sees `NOTIFIED` and polls again.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -20,6 +22,43 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Wake, Waker};
 
 type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+thread_local! {
+    /// `Some` while this thread runs [`run_here`]: tasks woken on it are polled here, at
+    /// its end, instead of on the runtime.
+    static HERE: RefCell<Option<Vec<Arc<Task>>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` and then, until none is left, every task that was woken on this thread meanwhile
+/// (by `f`, or by the tasks run after it). A queue thread that reaps its own io_uring
+/// completions calls it, so that the request a completion answers continues right there:
+/// no spawn, no wake-up of a runtime worker. Nested calls run `f` only.
+pub(crate) fn run_here<R>(f: impl FnOnce() -> R) -> R {
+    let outer = HERE.with(|h| {
+        let mut h = h.borrow_mut();
+        if h.is_some() {
+            return false;
+        }
+        *h = Some(Vec::new());
+        true
+    });
+    let r = f();
+    if outer {
+        loop {
+            let ready = HERE.with(|h| std::mem::take(h.borrow_mut().as_mut().expect("set above")));
+            if ready.is_empty() {
+                break;
+            }
+            for task in ready {
+                let _context = task.runtime.enter();
+                task.state.store(RUNNING, Ordering::Release);
+                task.run();
+            }
+        }
+        HERE.with(|h| h.borrow_mut().take());
+    }
+    r
+}
 
 /// Not being polled and not woken since its last poll.
 const IDLE: u8 = 0;
@@ -112,8 +151,16 @@ impl Wake for Task {
         }
         if s == IDLE {
             // Never poll inside wake(): the waker may be called under the caller's locks.
-            // Spawned from a runtime worker (the usual case: the worker that reaped the
-            // completion), the continuation goes to that worker's own queue.
+            // On a thread inside `run_here`, the task is polled at its end; spawned from a
+            // runtime worker (the worker that reaped the completion), the continuation goes
+            // to that worker's own queue.
+            let queued = HERE.with(|h| match h.try_borrow_mut() {
+                Ok(mut h) => h.as_mut().map(|ready| ready.push(self.clone())).is_some(),
+                Err(_) => false,
+            });
+            if queued {
+                return;
+            }
             let task = self.clone();
             self.runtime.spawn(async move {
                 task.state.store(RUNNING, Ordering::Release);
@@ -265,6 +312,28 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
             assert_eq!(finished.load(Ordering::SeqCst), 1);
         }
+    }
+
+    #[test]
+    fn a_task_woken_inside_run_here_continues_on_this_thread() {
+        let rt = runtime();
+        let here = std::thread::current().id();
+        let (g, (open, waker, polls)) = gate();
+        let ran_on = Arc::new(Mutex::new(None));
+        let r = ran_on.clone();
+        Task::start(rt.handle(), async move {
+            g.await;
+            *r.lock().unwrap() = Some(std::thread::current().id());
+        });
+        assert_eq!(polls.load(Ordering::SeqCst), 1);
+        open.store(true, Ordering::SeqCst);
+        // A completion reaped on this thread wakes the task: it runs at the end of run_here.
+        run_here(|| {
+            waker.lock().unwrap().take().unwrap().wake();
+            assert!(ran_on.lock().unwrap().is_none(), "not polled inside wake()");
+        });
+        assert_eq!(*ran_on.lock().unwrap(), Some(here));
+        assert_eq!(polls.load(Ordering::SeqCst), 2);
     }
 
     #[test]

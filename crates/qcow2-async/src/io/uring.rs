@@ -903,13 +903,14 @@ enum Then {
     Plugged,
 }
 
-pub use plug::{plug, Plug};
+pub use plug::{plug, Plug, RingWatch};
 
 /// Holding submissions back on a thread, so that requests started together reach the kernel
 /// in one `io_uring_enter` (QEMU's `blk_io_plug`).
 mod plug {
     use std::cell::RefCell;
     use std::marker::PhantomData;
+    use std::os::fd::AsRawFd;
     use std::sync::Arc;
 
     use super::Ring;
@@ -1001,11 +1002,39 @@ mod plug {
         }
     }
 
+    impl Plug {
+        /// Submits what the plug held, as dropping it does, and returns the rings that
+        /// requests started under it went to (none for an inner plug, which held nothing).
+        ///
+        /// For a thread that reaps its own completions: it watches each ring's descriptor
+        /// (readable while completions wait) and calls [`RingWatch::reap`], so that a
+        /// request it submitted is answered on this thread, without waking the runtime's
+        /// worker that would otherwise reap it (which still may: whoever comes first).
+        pub fn finish(self) -> Vec<RingWatch> {
+            if !self.outer {
+                return Vec::new();
+            }
+            let rings = HELD
+                .with(|held| held.borrow_mut().take())
+                .unwrap_or_default();
+            rings
+                .into_iter()
+                .map(|(ring, n)| {
+                    if n > 0 {
+                        ring.unplug();
+                    }
+                    RingWatch(ring)
+                })
+                .collect()
+        }
+    }
+
     impl Drop for Plug {
         fn drop(&mut self) {
             if !self.outer {
                 return;
             }
+            // (Empty after `finish`.)
             let rings = HELD
                 .with(|held| held.borrow_mut().take())
                 .unwrap_or_default();
@@ -1014,6 +1043,40 @@ mod plug {
                     ring.unplug();
                 }
             }
+        }
+    }
+
+    /// A ring that a [`Plug`] submitted to, for a thread that reaps its completions itself
+    /// (see [`Plug::finish`]). Holding it keeps the ring's descriptor open.
+    #[derive(Clone)]
+    pub struct RingWatch(Arc<Ring>);
+
+    impl RingWatch {
+        /// Answers the requests that have completed, on this thread; returns whether this
+        /// ring can be reaped this way at all (false: a thread of its own reaps it; stop
+        /// watching it, or its descriptor would stay readable).
+        pub fn reap(&self) -> bool {
+            if let Err(e) = self.0.reap_inline() {
+                self.0.hand_over_submission(&e);
+            }
+            self.0.lock().reaper == super::Reaper::Task
+        }
+
+        /// Whether both watch the same ring.
+        pub fn same(&self, other: &RingWatch) -> bool {
+            Arc::ptr_eq(&self.0, &other.0)
+        }
+    }
+
+    impl AsRawFd for RingWatch {
+        fn as_raw_fd(&self) -> std::os::fd::RawFd {
+            self.0.uring.as_raw_fd()
+        }
+    }
+
+    impl std::fmt::Debug for RingWatch {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_tuple("RingWatch").field(&self.as_raw_fd()).finish()
         }
     }
 }
@@ -1914,5 +1977,40 @@ pub(crate) mod tests {
             wait_until("an unplugged write", || a.in_flight() == 0).await;
             assert!(poll_once(&mut w).await);
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_finished_plug_names_its_rings_and_their_completions_can_be_reaped_here() {
+        let opts = RingOptions::new().nowait_reads(false);
+        let open = || UringFile::with_options(tempfile::tempfile().unwrap(), &opts);
+        let (Ok(a), Ok(b)) = (open(), open()) else {
+            return println!("skipping: io_uring unavailable");
+        };
+        let outer = plug();
+        let mut wa = a.write_at(IoBuf::from(vec![0xa1; 4096]), 0);
+        let mut wb = b.write_at(IoBuf::from(vec![0xb2; 4096]), 0);
+        assert!(!poll_once(&mut wa).await);
+        assert!(!poll_once(&mut wb).await);
+        // An inner plug held nothing and names nothing.
+        assert!(plug().finish().is_empty());
+        let rings = outer.finish();
+        assert_eq!(rings.len(), 2, "{rings:?}");
+        assert!(!rings[0].same(&rings[1]));
+        assert!(rings[0].as_raw_fd() >= 0);
+        // Submitted by finish: reaping here (or by the runtime's reaper, whichever comes
+        // first) answers them; both rings are reaped by tasks, so watching them works.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while a.in_flight() + b.in_flight() > 0 {
+            assert!(std::time::Instant::now() < deadline, "never answered");
+            for r in &rings {
+                assert!(r.reap());
+            }
+            std::thread::yield_now();
+        }
+        assert_eq!(wa.await.unwrap().len(), 4096);
+        assert_eq!(wb.await.unwrap().len(), 4096);
+        // No plug held now: a plain request goes at once, and finish of a fresh plug with
+        // nothing started names no ring.
+        assert!(plug().finish().is_empty());
     }
 }
