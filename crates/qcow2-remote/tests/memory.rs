@@ -32,14 +32,7 @@ async fn setup(len: usize, o: RemoteOptions) -> (Arc<Counting>, RemoteFile, Vec<
     let store = Counting::new();
     let data = pattern(len, 7);
     store.put_bytes("img/base.raw", data.clone()).await;
-    let file = RemoteFile::open(
-        store.clone() as Arc<dyn ObjectStore>,
-        Path::from("img/base.raw"),
-        "mem://img/base.raw",
-        o,
-    )
-    .await
-    .unwrap();
+    let file = reopen(&store, &o).await;
     (store, file, data)
 }
 
@@ -274,7 +267,7 @@ async fn opening_a_missing_object_and_writing_are_refused() {
     );
 }
 
-/// Opens `img/base.raw` of `store` with `o` again.
+/// Opens `img/base.raw` of `store` with `o`.
 async fn reopen(store: &Arc<Counting>, o: &RemoteOptions) -> RemoteFile {
     RemoteFile::open(
         store.clone() as Arc<dyn ObjectStore>,

@@ -136,17 +136,17 @@ impl BlkBackend {
         let _ = self.loops.set(loops.iter().map(Arc::downgrade).collect());
     }
 
+    /// Queue `q`'s event loop, while the daemon lives.
+    fn event_loop(&self, q: usize) -> Option<Arc<VringEpollHandler<Arc<BlkBackend>>>> {
+        self.loops.get()?.get(q)?.upgrade()
+    }
+
     /// Starts watching, on queue `q`'s thread, the rings it has not watched yet.
     fn watch(&self, q: usize, submitted: Vec<RingWatch>) {
         if submitted.is_empty() {
             return;
         }
-        let Some(lp) = self
-            .loops
-            .get()
-            .and_then(|l| l.get(q))
-            .and_then(Weak::upgrade)
-        else {
+        let Some(lp) = self.event_loop(q) else {
             return;
         };
         let mut rings = self.rings[q].lock().expect("rings lock");
@@ -172,12 +172,7 @@ impl BlkBackend {
             return;
         }
         // Reaped by a thread of its own: its descriptor would stay readable here.
-        if let Some(lp) = self
-            .loops
-            .get()
-            .and_then(|l| l.get(q))
-            .and_then(Weak::upgrade)
-        {
+        if let Some(lp) = self.event_loop(q) {
             let id = ring_event(self.device.num_queues(), i);
             let _ = lp.unregister_listener(ring.as_raw_fd(), EventSet::IN, id);
         }
@@ -235,10 +230,9 @@ impl BlkBackend {
                 .iter(mem.clone())
                 .map_err(io::Error::other)?
                 .collect();
-            // Every request of the round is first polled right here (`Task::start`), so
-            // under a plug their reads and writes reach the kernel in one submission per
-            // ring instead of one system call (and doorbell) each.
-            let plug = qcow2_async::io::plug();
+            // Every request of the round is first polled right here (`Task::start`), under
+            // the plug `handle_event` holds, so their reads and writes reach the kernel in
+            // one submission per ring instead of one system call (and doorbell) each.
             for chain in chains {
                 let head = chain.head_index();
                 let descs = chain.map(|d| Desc {
@@ -256,7 +250,6 @@ impl BlkBackend {
                     }
                 }
             }
-            drop(plug);
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
                 return Ok(());
             }

@@ -1011,6 +1011,12 @@ mod plug {
         /// request it submitted is answered on this thread, without waking the runtime's
         /// worker that would otherwise reap it (which still may: whoever comes first).
         pub fn finish(self) -> Vec<RingWatch> {
+            self.release().into_iter().map(RingWatch).collect()
+        }
+
+        /// Submits what the plug held and returns the rings it held for (all of them, also
+        /// those with nothing left to submit); empty for an inner plug, and once released.
+        fn release(&self) -> Vec<Arc<Ring>> {
             if !self.outer {
                 return Vec::new();
             }
@@ -1023,7 +1029,7 @@ mod plug {
                     if n > 0 {
                         ring.unplug();
                     }
-                    RingWatch(ring)
+                    ring
                 })
                 .collect()
         }
@@ -1031,18 +1037,8 @@ mod plug {
 
     impl Drop for Plug {
         fn drop(&mut self) {
-            if !self.outer {
-                return;
-            }
-            // (Empty after `finish`.)
-            let rings = HELD
-                .with(|held| held.borrow_mut().take())
-                .unwrap_or_default();
-            for (ring, n) in rings {
-                if n > 0 {
-                    ring.unplug();
-                }
-            }
+            // (Nothing left after `finish`.)
+            self.release();
         }
     }
 
@@ -1928,12 +1924,17 @@ pub(crate) mod tests {
         assert_eq!(file.read_at(IoBuf::zeroed(4, 1), 0).await.unwrap().len(), 4);
     }
 
+    /// Two files on rings of their own whose writes (and reads: no page-cache attempt)
+    /// always go through the ring; `None` without io_uring.
+    fn two_ring_files() -> Option<(UringFile, UringFile)> {
+        let opts = RingOptions::new().nowait_reads(false);
+        let open = || UringFile::with_options(tempfile::tempfile().unwrap(), &opts).ok();
+        Some((open()?, open()?))
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_plug_holds_submissions_until_the_outer_one_is_dropped() {
-        // Writes (and reads without the page-cache attempt) always go through the ring.
-        let opts = RingOptions::new().nowait_reads(false);
-        let open = || UringFile::with_options(tempfile::tempfile().unwrap(), &opts);
-        let (Ok(a), Ok(b)) = (open(), open()) else {
+        let Some((a, b)) = two_ring_files() else {
             return println!("skipping: io_uring unavailable");
         };
         let outer = plug();
@@ -1981,9 +1982,7 @@ pub(crate) mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_finished_plug_names_its_rings_and_their_completions_can_be_reaped_here() {
-        let opts = RingOptions::new().nowait_reads(false);
-        let open = || UringFile::with_options(tempfile::tempfile().unwrap(), &opts);
-        let (Ok(a), Ok(b)) = (open(), open()) else {
+        let Some((a, b)) = two_ring_files() else {
             return println!("skipping: io_uring unavailable");
         };
         let outer = plug();
