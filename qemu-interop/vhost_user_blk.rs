@@ -350,3 +350,57 @@ fn read_only_exports_offer_ro_and_still_read() {
     served.finish();
     assert_check_clean(&img);
 }
+
+/// A frontend that goes away with requests in flight: the export finishes them (the queue
+/// threads' io_uring claims are given up when the threads stop, so the runtime reaps what
+/// is left), serves the next frontend, and shuts down cleanly; a hang here fails the test
+/// instead of stalling the suite.
+#[test]
+fn a_frontend_leaving_with_requests_in_flight_does_not_stall_the_export() {
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.qcow2");
+        let sock = dir.path().join("vhost.sock");
+        let size = 32 * MIB;
+        qemu_create(&img, &[], &size.to_string());
+        let mut opts = ExportOptions::new();
+        opts.num_queues = 2;
+        let served = serve(&img, &sock, opts, OpenOptions::default());
+        for round in 0..3u64 {
+            let mut c = connect(&sock, 2, false).expect("libblkio connects");
+            for slot in 0..64usize {
+                let q = slot % 2;
+                let b = c.buf(slot, 64 << 10);
+                b.fill(round as u8 + 1);
+                let p = b.as_ptr();
+                let offset = (slot as u64 * 4 + round) * (64 << 10);
+                c.queues[q].write(offset, p, 64 << 10, slot, ReqFlags::empty());
+            }
+            c.queues[0].flush(64, ReqFlags::empty());
+            for q in 0..2 {
+                let mut none: [MaybeUninit<Completion>; 0] = [];
+                c.queues[q].do_io(&mut none, 0, None, None).expect("submit");
+            }
+            // Gone without waiting for a single answer.
+        }
+        let mut c = connect(&sock, 2, false).expect("the next frontend is served");
+        let want = vec![0x3c; 128 << 10];
+        c.buf(0, want.len()).copy_from_slice(&want);
+        let p = c.buf(0, want.len()).as_ptr();
+        c.queues[1].write(size - (1 << 20), p, want.len(), 0, ReqFlags::empty());
+        assert_eq!(c.wait(1, 1)[0].ret, 0);
+        c.buf(1, want.len()).fill(0);
+        let p = c.buf(1, want.len()).as_mut_ptr();
+        c.queues[0].read(size - (1 << 20), p, want.len(), 1, ReqFlags::empty());
+        assert_eq!(c.wait(0, 1)[0].ret, 0);
+        assert!(c.buf(1, want.len()) == &want[..]);
+        drop(c);
+        served.finish();
+        assert_check_clean(&img);
+        done.send(()).unwrap();
+    });
+    finished
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the export stalled (or the test thread failed; see its panic above)");
+}

@@ -186,8 +186,10 @@ impl Export {
                 .lock()
                 .expect("connection lock")
                 .take();
-            // Dropping the daemon stops the queue threads; running requests still finish.
+            // Dropping the daemon stops the queue threads; running requests still finish,
+            // reaped by the runtime once the threads' ring claims are given up.
             drop(daemon);
+            backend.unclaim(None);
             backend.drain();
             match ended {
                 Ok(()) => info!("vhost-user frontend disconnected"),

@@ -33,7 +33,7 @@ pub use mem::MemFile;
 pub use open::{open_file, Aio, Completion, FileOptions, ParseRingError, RingOptions};
 pub use threads::ThreadFile;
 #[cfg(target_os = "linux")]
-pub use uring::{plug, Plug, RingWatch, UringFile};
+pub use uring::{plug, Plug, RingClaim, RingWatch, UringFile};
 
 /// A boxed I/O future.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = io::Result<T>> + Send + 'a>>;

@@ -143,6 +143,13 @@ struct Ring {
     /// Page-cache attempts that failed in a row; many mean the data is not cached, and the
     /// attempts are then mostly skipped.
     nowait_misses: AtomicUsize,
+    /// Live [`RingClaim`]s: threads that watch the descriptor and reap it themselves. While
+    /// there are any, the reaper task keeps the descriptor out of the reactor, so that a
+    /// completion wakes the claimant's thread only, not a runtime worker as well (measured:
+    /// the second wake-up cost a third of a vhost-user QD1 request's rate, `BENCHMARKS.md`).
+    /// Invariant: a claimant reaps whenever the descriptor is readable, until it drops its
+    /// claim; the drop returns the descriptor to the reactor.
+    claims: AtomicUsize,
 }
 
 /// After this many misses in a row, only every [`NOWAIT_PROBE`]th read tries the page cache.
@@ -475,6 +482,7 @@ impl UringFile {
                 .map(|_| std::sync::OnceLock::new())
                 .collect(),
             nowait_misses: AtomicUsize::new(0),
+            claims: AtomicUsize::new(0),
         });
         match reactor {
             Some(runtime) => {
@@ -671,12 +679,15 @@ struct HandOver {
 
 impl HandOver {
     async fn reap(mut self, fd: AsyncFd<RingFd>) {
-        let result = self.ring.task_loop(&fd).await;
-        // Deregister before the ring (and its descriptor) can go away.
-        drop(fd);
+        // The loop deregisters the descriptor (dropping `fd`) before it returns.
+        let result = self.ring.task_loop(Some(fd)).await;
         self.defused = true;
         match result {
-            Ok(()) => tracing::debug!("io_uring reaper task exiting"),
+            Ok(Exit::Done) => tracing::debug!("io_uring reaper task exiting"),
+            Ok(Exit::Unwatchable(e)) => {
+                tracing::warn!("io_uring ring cannot rejoin the reactor ({e}); a thread reaps it");
+                self.ring.hand_to_thread();
+            }
             Err(e) => {
                 tracing::error!("io_uring reaper failed, failing all its requests: {e}");
                 self.ring.shut_down(Some(e.to_string()));
@@ -687,24 +698,19 @@ impl HandOver {
 
 impl Drop for HandOver {
     fn drop(&mut self) {
-        if self.defused {
-            return;
-        }
-        {
-            let mut core = self.ring.lock();
-            core.reaper = Reaper::Thread;
-            core.reaper_awake = false;
-            core.left_for_reaper = 0;
-            if core.disconnected && core.in_flight == 0 && core.queued.is_empty() {
-                return;
-            }
-        }
-        tracing::debug!("io_uring reaper task dropped with the file in use; a thread takes over");
-        if let Err(e) = spawn_thread(Arc::clone(&self.ring)) {
-            self.ring
-                .shut_down(Some(format!("no thread to take over the ring: {e}")));
+        if !self.defused {
+            self.ring.hand_to_thread();
         }
     }
+}
+
+/// Why the reaper task's loop ended without an error.
+enum Exit {
+    /// Every handle is gone and nothing is in flight.
+    Done,
+    /// The descriptor could not be registered with the reactor again after the last claim
+    /// went: a thread must reap from now on.
+    Unwatchable(io::Error),
 }
 
 impl BlockFile for UringFile {
@@ -903,7 +909,7 @@ enum Then {
     Plugged,
 }
 
-pub use plug::{plug, Plug, RingWatch};
+pub use plug::{plug, Plug, RingClaim, RingWatch};
 
 /// Holding submissions back on a thread, so that requests started together reach the kernel
 /// in one `io_uring_enter` (QEMU's `blk_io_plug`).
@@ -911,6 +917,7 @@ mod plug {
     use std::cell::RefCell;
     use std::marker::PhantomData;
     use std::os::fd::AsRawFd;
+    use std::sync::atomic::Ordering;
     use std::sync::Arc;
 
     use super::Ring;
@@ -1061,6 +1068,58 @@ mod plug {
         /// Whether both watch the same ring.
         pub fn same(&self, other: &RingWatch) -> bool {
             Arc::ptr_eq(&self.0, &other.0)
+        }
+
+        /// Makes the calling thread this ring's reaper while the claim lives: the runtime's
+        /// reactor stops watching the descriptor, so a completion wakes this thread only
+        /// (instead of this thread and a runtime worker, one of which then finds nothing).
+        ///
+        /// The holder must watch the descriptor and call [`RingClaim::reap`] whenever it is
+        /// readable, until it drops the claim: every request on the ring, whoever started
+        /// it, waits for that. Drop the claim before the watching thread stops (or blocks on
+        /// requests to this file). Several claims may coexist (several queue threads on one
+        /// ring); the descriptor returns to the reactor when the last one goes.
+        pub fn claim(self) -> RingClaim {
+            if self.0.claims.fetch_add(1, Ordering::AcqRel) == 0 {
+                // The reaper task deregisters at its next pass; until then both may reap.
+                self.0.nudge.notify_one();
+            }
+            RingClaim(self)
+        }
+    }
+
+    /// A thread's claim to reap a ring; see [`RingWatch::claim`].
+    #[derive(Debug)]
+    pub struct RingClaim(RingWatch);
+
+    impl RingClaim {
+        /// Answers the requests that have completed, on this thread; returns whether this
+        /// ring can be reaped this way at all (false: a thread of its own reaps it now, after
+        /// the runtime shut down; drop the claim and stop watching the descriptor, or it
+        /// would stay readable).
+        pub fn reap(&self) -> bool {
+            self.0.reap()
+        }
+
+        /// The ring claimed.
+        pub fn ring(&self) -> &RingWatch {
+            &self.0
+        }
+    }
+
+    impl AsRawFd for RingClaim {
+        fn as_raw_fd(&self) -> std::os::fd::RawFd {
+            self.0.as_raw_fd()
+        }
+    }
+
+    impl Drop for RingClaim {
+        fn drop(&mut self) {
+            let ring = &(self.0).0;
+            if ring.claims.fetch_sub(1, Ordering::AcqRel) == 1 {
+                // The reaper task registers the descriptor again and reaps what is waiting.
+                ring.nudge.notify_one();
+            }
         }
     }
 
@@ -1240,6 +1299,26 @@ impl Ring {
         Ok(())
     }
 
+    /// Makes the ring's own thread the reaper, from a reaper task that is gone (its runtime
+    /// shut down, or it panicked) or cannot watch the descriptor any more, so that in-flight
+    /// and later requests are still answered. Claimants see the change in
+    /// [`RingClaim::reap`]'s result.
+    fn hand_to_thread(self: &Arc<Self>) {
+        {
+            let mut core = self.lock();
+            core.reaper = Reaper::Thread;
+            core.reaper_awake = false;
+            core.left_for_reaper = 0;
+            if core.disconnected && core.in_flight == 0 && core.queued.is_empty() {
+                return;
+            }
+        }
+        tracing::debug!("io_uring reaper task gone with the file in use; a thread takes over");
+        if let Err(e) = spawn_thread(Arc::clone(self)) {
+            self.shut_down(Some(format!("no thread to take over the ring: {e}")));
+        }
+    }
+
     /// A task could not submit (`e`): the request is in its slot either way, so the reaper
     /// retries the submission (and fails every request if the ring is broken).
     fn hand_over_submission(&self, e: &io::Error) {
@@ -1321,12 +1400,40 @@ impl Ring {
     /// The reaper task: waits for the reactor to report completions (or for the last handle
     /// to go away), reaps them, answers, lets the woken tasks queue their next requests, and
     /// submits. Returns when the last handle is gone and nothing is in flight.
-    async fn task_loop(&self, fd: &AsyncFd<RingFd>) -> io::Result<()> {
+    ///
+    /// While threads hold [`RingClaim`]s, the descriptor is out of the reactor (`fd` is
+    /// `None`) and the task waits for nudges only: a claim's coming and going, a failed
+    /// submission, the last handle's drop. The claimants reap the completions.
+    async fn task_loop(self: &Arc<Self>, mut fd: Option<AsyncFd<RingFd>>) -> io::Result<Exit> {
         let mut answers = Vec::new();
         loop {
-            let ready = tokio::select! {
-                ready = fd.readable() => Some(ready?),
-                () = self.nudge.notified() => None,
+            if self.claims.load(Ordering::Acquire) > 0 {
+                // Deregisters: the reactor would wake a worker for every completion that a
+                // claimant's thread reaps anyway.
+                fd = None;
+            } else if fd.is_none() {
+                // The last claim went; registering reports a completion that is already
+                // waiting (epoll checks readiness when a descriptor is added), and the pass
+                // below reaps anything posted before that.
+                // SAFETY: `RingFd` keeps the ring, which owns the descriptor, alive for as long
+                // as the `AsyncFd` exists, and always returns that one descriptor.
+                let registered = unsafe {
+                    AsyncFd::register_with_interest(RingFd(Arc::clone(self)), Interest::READABLE)
+                };
+                match registered {
+                    Ok(registered) => fd = Some(registered),
+                    Err(e) => return Ok(Exit::Unwatchable(e.into())),
+                }
+            }
+            let ready = match &fd {
+                Some(fd) => tokio::select! {
+                    ready = fd.readable() => Some(ready?),
+                    () = self.nudge.notified() => None,
+                },
+                None => {
+                    self.nudge.notified().await;
+                    None
+                }
             };
             loop {
                 let (pushed, left_before) = {
@@ -1334,7 +1441,7 @@ impl Ring {
                     let pushed = self.reap_locked(&mut core, &mut answers)?;
                     if answers.is_empty() && !pushed && !core.reaper_awake {
                         if core.disconnected && core.in_flight == 0 && core.queued.is_empty() {
-                            return Ok(());
+                            return Ok(Exit::Done);
                         }
                         break;
                     }
@@ -2011,5 +2118,81 @@ pub(crate) mod tests {
         // No plug held now: a plain request goes at once, and finish of a fresh plug with
         // nothing started names no ring.
         assert!(plug().finish().is_empty());
+    }
+
+    /// A ring's strong count: the handle, each `RingWatch` and claim, and one more while the
+    /// reaper task has the descriptor registered with the reactor (the `AsyncFd` holds it).
+    fn registrations(file: &UringFile) -> usize {
+        Arc::strong_count(&file.handle.ring)
+    }
+
+    /// Waits, blocking, until the ring's descriptor reports a completion.
+    fn wait_readable(fd: &impl AsRawFd) {
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live, writable `pollfd` for the call.
+        let n = unsafe { libc::poll(&mut p, 1, 10_000) };
+        assert_eq!(n, 1, "no completion within 10 s");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claimed_ring_is_reaped_by_its_claimant_alone_until_the_claim_goes() {
+        let Some((a, _b)) = two_ring_files() else {
+            return println!("skipping: io_uring unavailable");
+        };
+        let outer = plug();
+        let mut w = a.write_at(IoBuf::from(vec![7; 4096]), 0);
+        let _ = poll_once(&mut w).await;
+        let mut rings = outer.finish();
+        assert_eq!(rings.len(), 1);
+        w.await.unwrap();
+        let registered = registrations(&a);
+        let claim = rings.pop().unwrap().claim();
+        // The reaper task lets go of the descriptor (and of its hold on the ring).
+        wait_until("the reactor to let go", || registrations(&a) < registered).await;
+        // An fdatasync cannot complete during its submission (io_uring hands it to a
+        // worker), so its completion waits in the queue: nobody but the claimant reaps it.
+        let mut sync = a.flush();
+        assert!(!poll_once(&mut sync).await, "answered during submission");
+        wait_readable(&claim);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(a.in_flight(), 1, "reaped by someone else than the claimant");
+        assert!(claim.reap());
+        assert_eq!(a.in_flight(), 0);
+        sync.await.unwrap();
+        // Once the claim goes, the reactor reaps again, including a completion that was
+        // waiting when it went.
+        let mut sync = a.flush();
+        assert!(!poll_once(&mut sync).await, "answered during submission");
+        wait_readable(&claim);
+        drop(claim);
+        tokio::time::timeout(Duration::from_secs(10), sync)
+            .await
+            .expect("the reactor reaps again")
+            .unwrap();
+        // (The claim's own hold on the ring went with it.)
+        wait_until("the reactor to register again", || {
+            registrations(&a) == registered - 1
+        })
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_on_a_ring_a_thread_reaps_says_so() {
+        let opts = RingOptions::new().completion(Completion::Thread);
+        let Ok(file) = UringFile::with_options(tempfile::tempfile().unwrap(), &opts) else {
+            return println!("skipping: io_uring unavailable");
+        };
+        let outer = plug();
+        let mut w = file.write_at(IoBuf::from(vec![7; 512]), 0);
+        let _ = poll_once(&mut w).await;
+        let rings = outer.finish();
+        w.await.unwrap();
+        for ring in rings {
+            assert!(!ring.claim().reap());
+        }
     }
 }
