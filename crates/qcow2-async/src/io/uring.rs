@@ -2180,6 +2180,46 @@ pub(crate) mod tests {
         .await;
     }
 
+    /// The runtime goes while a thread holds a claim: the ring's own thread takes over, the
+    /// claim says so, and requests are still answered.
+    #[test]
+    fn a_claimed_ring_outlives_its_runtime_on_a_thread_of_its_own() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let Some((file, claim)) = rt.block_on(async {
+            let (a, _b) = two_ring_files()?;
+            let outer = plug();
+            let mut w = a.write_at(IoBuf::from(vec![1; 4096]), 0);
+            let _ = poll_once(&mut w).await;
+            let rings = outer.finish();
+            w.await.unwrap();
+            let registered = registrations(&a);
+            let claim = rings.into_iter().next().unwrap().claim();
+            wait_until("the reactor to let go", || registrations(&a) < registered).await;
+            Some((a, claim))
+        }) else {
+            return println!("skipping: io_uring unavailable");
+        };
+        drop(rt);
+        assert!(!claim.reap(), "a thread reaps now");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let w = file.write_at(IoBuf::from(vec![2; 4096]), 4096);
+            tokio::time::timeout(Duration::from_secs(10), w)
+                .await
+                .expect("answered by the thread")
+                .unwrap();
+            let r = file.read_at(IoBuf::zeroed(8192, 1), 0).await.unwrap();
+            assert!(r[..4096].iter().all(|&x| x == 1) && r[4096..].iter().all(|&x| x == 2));
+        });
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_claim_on_a_ring_a_thread_reaps_says_so() {
         let opts = RingOptions::new().completion(Completion::Thread);
