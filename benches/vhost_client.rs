@@ -5,8 +5,11 @@
 //!
 //! ```text
 //! vhost_client --socket PATH [--rw read|write] [--qd 32] [--bs 4096] [--secs 10]
-//!              [--pattern random|stride] [--stride BYTES] [--seed N]
+//!              [--pattern random|stride] [--stride BYTES] [--seed N] [--queues 1]
 //! ```
+//!
+//! With `--queues N`, N threads each drive a queue of their own at depth `--qd` (a guest
+//! with a queue per vCPU).
 //!
 //! `random` picks block-aligned offsets uniformly over the disk; `stride` visits offsets
 //! 0, STRIDE, 2·STRIDE, ... once each (with STRIDE the cluster size on a fresh image, every
@@ -16,9 +19,10 @@
 //! Built and run by `benches/vhost.sh`; not a criterion benchmark (harness = false).
 
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use blkio::{Blkio, Completion, ReqFlags};
+use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 
 struct Args {
     socket: String,
@@ -28,6 +32,7 @@ struct Args {
     secs: f64,
     stride: Option<u64>,
     seed: u64,
+    queues: usize,
 }
 
 fn parse() -> Args {
@@ -39,6 +44,7 @@ fn parse() -> Args {
         secs: 10.0,
         stride: None,
         seed: 1,
+        queues: 1,
     };
     let mut stride = 65536;
     let mut pattern = "random".to_owned();
@@ -57,6 +63,7 @@ fn parse() -> Args {
             "--pattern" => pattern = v,
             "--stride" => stride = v.parse().expect("--stride"),
             "--seed" => a.seed = v.parse().expect("--seed"),
+            "--queues" => a.queues = v.parse().expect("--queues"),
             _ => panic!("unknown option {k}"),
         }
     }
@@ -86,43 +93,77 @@ fn main() -> blkio::Result<()> {
     let mut b = Blkio::new("virtio-blk-vhost-user")?;
     b.set_str("path", &a.socket)?;
     b.connect()?;
-    b.set_i32("num-queues", 1)?;
+    b.set_i32("num-queues", a.queues as i32)?;
     let capacity = b.get_u64("capacity")?;
-    let mut started = b.start()?;
-    let q = &mut started.queues[0];
-    let region = b.alloc_mem_region(a.qd * a.bs)?;
+    let started = b.start()?;
+    let region = b.alloc_mem_region(a.queues * a.qd * a.bs)?;
     b.map_mem_region(&region)?;
     // SAFETY: the region is mapped until the end of main, and only libblkio's requests
-    // touch it (slot i is buffer i, in flight at most once).
+    // touch it (slot i of queue q is buffer q·qd + i, in flight at most once).
     let mem = unsafe { std::slice::from_raw_parts_mut(region.addr as *mut u8, region.len) };
     for (i, byte) in mem.iter_mut().enumerate() {
         *byte = (i as u8) ^ 0x5a;
     }
+    let next_stride = AtomicU64::new(0);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(a.secs);
+    let ops: u64 = std::thread::scope(|s| {
+        let drivers: Vec<_> = started
+            .queues
+            .into_iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let (a, next_stride) = (&a, &next_stride);
+                let base = region.addr + i * a.qd * a.bs;
+                s.spawn(move || drive(a, q, base, capacity, i as u64, next_stride, deadline))
+            })
+            .collect();
+        drivers
+            .into_iter()
+            .map(|d| d.join().expect("driver thread").expect("driver"))
+            .sum()
+    });
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{{\"ops\": {ops}, \"secs\": {secs:.3}, \"iops\": {:.0}}}",
+        ops as f64 / secs
+    );
+    b.unmap_mem_region(&region);
+    b.free_mem_region(&region);
+    Ok(())
+}
 
+/// Keeps `a.qd` requests in flight on queue `q` (buffers from `base`) until `deadline`,
+/// then (for writes) flushes; returns the requests completed.
+fn drive(
+    a: &Args,
+    mut q: Blkioq,
+    base: usize,
+    capacity: u64,
+    index: u64,
+    next_stride: &AtomicU64,
+    deadline: Instant,
+) -> blkio::Result<u64> {
+    let q = &mut q;
     let blocks = capacity / a.bs as u64;
-    let mut rng = Rng(a.seed.max(1));
-    let mut next_stride = 0u64;
-    let mut offset = |rng: &mut Rng| -> Option<u64> {
+    let mut rng = Rng(a.seed.max(1).wrapping_add(index.wrapping_mul(0x9e37_79b9)));
+    let offset = |rng: &mut Rng| -> Option<u64> {
         match a.stride {
             Some(s) => {
-                let o = next_stride;
-                next_stride += s;
+                let o = next_stride.fetch_add(s, Ordering::Relaxed);
                 (o + a.bs as u64 <= capacity).then_some(o)
             }
             None => Some(rng.next() % blocks * a.bs as u64),
         }
     };
-    let submit = |q: &mut blkio::Blkioq, slot: usize, off: u64| {
-        let p = region.addr + slot * a.bs;
+    let submit = |q: &mut Blkioq, slot: usize, off: u64| {
+        let p = base + slot * a.bs;
         if a.write {
             q.write(off, p as *const u8, a.bs, slot, ReqFlags::empty());
         } else {
             q.read(off, p as *mut u8, a.bs, slot, ReqFlags::empty());
         }
     };
-
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(a.secs);
     let mut inflight = 0;
     for slot in 0..a.qd {
         let Some(off) = offset(&mut rng) else { break };
@@ -161,12 +202,5 @@ fn main() -> blkio::Result<()> {
         // SAFETY: do_io initialised the first entry.
         assert_eq!(unsafe { done[0].assume_init_read() }.ret, 0, "flush failed");
     }
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "{{\"ops\": {ops}, \"secs\": {secs:.3}, \"iops\": {:.0}}}",
-        ops as f64 / secs
-    );
-    b.unmap_mem_region(&region);
-    b.free_mem_region(&region);
-    Ok(())
+    Ok(ops)
 }
