@@ -1,5 +1,5 @@
 //! Base images in object storage, against real servers started here: nginx (HTTP with
-//! ranges) and moto's S3 server. Images made by qemu-img are read remotely by every
+//! ranges), moto's S3 server and Azurite (Azure Blob Storage). Images made by qemu-img are read remotely by every
 //! read-only verb and compared with their local copies; QEMU's curl driver reads the same
 //! HTTP objects and agrees; an overlay on a remote base is written through `qcow2 serve`
 //! and compared with the same writes made locally (QEMU reads the HTTP one through its own
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use common::{qemu, qemu_ok, wait_for};
 use qcow2_async::io::{BlockFile, IoBuf};
 use qcow2_remote::{ObjectStoreOpener, RemoteError, RemoteFile, RemoteOptions};
-use servers::{Moto, Nginx, Silent};
+use servers::{Azurite, Moto, Nginx, Silent};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -346,6 +346,39 @@ fn s3_bases_overlay_convert_and_an_object_replaced_under_a_server() {
     assert!(said.contains("read failed"), "{said}");
     let log = terminate(server);
     assert!(log.contains("changed since it was opened"), "{log}");
+}
+
+#[test]
+fn azure_bases_read_convert_and_carry_an_overlay() {
+    let dir = tempfile::tempdir().unwrap();
+    let (qc, raw) = make_base(dir.path());
+    let az = Azurite::start();
+    let env = az.env();
+    az.create_container("images");
+    az.upload(&qc, "images", "golden/base.qcow2");
+    az.upload(&raw, "images", "golden/base.raw");
+    let run = |args: &[&str]| ok(qcow2_env(args, &env));
+
+    let url = "az://images/golden/base.qcow2";
+    assert!(run(&["compare", url, s(&qc)]).contains("identical"));
+    let raw_url = "az://images/golden/base.raw";
+    assert!(run(&["compare", "-f", "raw", raw_url, s(&raw)]).contains("identical"));
+    let info: serde_json::Value =
+        serde_json::from_str(&run(&["info", "--output", "json", url])).unwrap();
+    assert_eq!(info["virtual-size"], 64 << 20, "{info}");
+    let copy = dir.path().join("copy.qcow2");
+    run(&["convert", "-O", "qcow2", url, s(&copy)]);
+    qemu_ok("qemu-img", &["compare", s(&copy), s(&qc)]);
+    // A blob that is not there is a clear error naming it.
+    let o = qcow2_env(&["info", "az://images/golden/missing.qcow2"], &env);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("missing.qcow2"), "{err}");
+
+    let top = dir.path().join("top.qcow2");
+    run(&["create", "-q", "-b", url, "-F", "qcow2", s(&top)]);
+    assert_eq!(recorded_backing(&top), url);
+    write_overlay_through_serve(&top, &qc, &env);
 }
 
 fn fast_fail() -> RemoteOptions {

@@ -47,6 +47,21 @@ if ! command -v moto_server >/dev/null 2>&1 || ! python3 -c 'import boto3, moto'
     python3 -m pip install -q 'moto[server]' ||
         python3 -m pip install -q --break-system-packages 'moto[server]'
 fi
+# The Azure test (qemu-interop/remote.rs) starts Azurite, Microsoft's Azure Storage emulator,
+# from npm. 3.35.0 is pinned: later releases need Node 22, Debian 12 has Node 18.
+AZURITE="$PWD/target/azurite/node_modules/.bin/azurite-blob"
+if [ ! -x "$AZURITE" ]; then
+    if ! command -v npm >/dev/null 2>&1; then
+        echo "installing nodejs and npm for the Azure test" >&2
+        SUDO=""
+        if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+    fi
+    echo "installing Azurite 3.35.0 into target/azurite" >&2
+    npm install --prefix target/azurite --no-audit --no-fund --loglevel=error azurite@3.35.0 >&2
+fi
+export QCOW2_TEST_AZURITE="$AZURITE"
 # The guest test boots a Debian kernel under qemu-system-x86_64 (qemu-interop/vhost_guest.rs).
 bash scripts/guest-assets.sh target/guest
 

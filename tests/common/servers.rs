@@ -1,8 +1,8 @@
 //! Real servers for the remote-image tests, started per test on loopback ports: nginx
 //! serving a folder (static files with Range and If-Match support, and a rate-limited
-//! view of it under `/slow/`), moto's S3 server, and a TCP server that accepts and never
-//! answers. Each stops when dropped. A missing program fails the test loudly
-//! (`bash scripts/test.sh` installs nginx and moto).
+//! view of it under `/slow/`), moto's S3 server, Azurite's blob server, and a TCP server
+//! that accepts and never answers. Each stops when dropped. A missing program fails the
+//! test loudly (`bash scripts/test.sh` installs nginx, moto and Azurite).
 #![allow(dead_code)]
 
 use std::net::{TcpListener, TcpStream};
@@ -171,6 +171,103 @@ impl Moto {
 }
 
 impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Azurite's blob server (Microsoft's Azure Storage emulator) at `http://127.0.0.1:PORT`,
+/// with its well-known development account. The program is `$QCOW2_TEST_AZURITE`
+/// (`scripts/test.sh` installs it under `target/azurite`), else `azurite-blob` on the path.
+pub struct Azurite {
+    pub port: u16,
+    child: Child,
+    _data: tempfile::TempDir,
+}
+
+/// Creates containers and uploads blobs with Shared Key signatures (the emulator's
+/// account and key are public), in Python's standard library: no SDK to install.
+const AZURE_PUT: &str = r#"
+import base64, email.utils, hashlib, hmac, sys, urllib.request
+ACCOUNT = "devstoreaccount1"
+KEY = base64.b64decode("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==")
+endpoint, path, source = sys.argv[1], sys.argv[2], sys.argv[3]
+body = open(source, "rb").read() if source else b""
+query = {} if source else {"restype": "container"}
+headers = {"Content-Type": "application/octet-stream", "x-ms-version": "2021-08-06",
+           "x-ms-date": email.utils.formatdate(usegmt=True)}
+if source:
+    headers["x-ms-blob-type"] = "BlockBlob"
+signed = "".join(f"{k}:{v}\n" for k, v in sorted((k.lower(), v) for k, v in headers.items() if k.startswith("x-ms-")))
+resource = f"/{ACCOUNT}/{ACCOUNT}/{path}" + "".join(f"\n{k}:{v}" for k, v in sorted(query.items()))
+length = str(len(body)) if body else ""
+to_sign = "\n".join(["PUT", "", "", length, "", headers["Content-Type"]] + [""] * 6) + "\n" + signed + resource
+mac = hmac.new(KEY, to_sign.encode(), hashlib.sha256).digest()
+headers["Authorization"] = f"SharedKey {ACCOUNT}:{base64.b64encode(mac).decode()}"
+url = f"{endpoint}/{ACCOUNT}/{path}" + "".join(f"?{k}={v}" for k, v in query.items())
+urllib.request.urlopen(urllib.request.Request(url, data=body, method="PUT", headers=headers))
+"#;
+
+impl Azurite {
+    pub fn start() -> Azurite {
+        let port = free_port();
+        let data = tempfile::tempdir().unwrap();
+        let program = std::env::var("QCOW2_TEST_AZURITE").unwrap_or_else(|_| "azurite-blob".into());
+        let mut child = Command::new(&program)
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            .arg("--location")
+            .arg(data.path())
+            .args(["--silent", "--skipApiVersionCheck"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("{program} not found ({e}): npm install azurite@3.35.0 (scripts/test.sh)")
+            });
+        wait_listening(port, &mut child, "azurite-blob");
+        Azurite {
+            port,
+            child,
+            _data: data,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `AZURE_*` variables for a client of this emulator.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AZURE_STORAGE_USE_EMULATOR", "true".into()),
+            ("AZURITE_BLOB_STORAGE_URL", self.endpoint()),
+        ]
+    }
+
+    fn put(&self, path: &str, source: &str) {
+        let out = Command::new("python3")
+            .args(["-c", AZURE_PUT, &self.endpoint(), path, source])
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "azure put {path}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn create_container(&self, container: &str) {
+        self.put(container, "");
+    }
+
+    /// Uploads (or replaces) `blob` in `container` with the contents of `file`.
+    pub fn upload(&self, file: &Path, container: &str, blob: &str) {
+        self.put(&format!("{container}/{blob}"), file.to_str().unwrap());
+    }
+}
+
+impl Drop for Azurite {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
