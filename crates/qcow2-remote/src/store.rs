@@ -42,16 +42,7 @@ pub fn store_for_url(url: &str) -> Result<(Arc<dyn ObjectStore>, Path), RemoteEr
         max_retries: 0,
         ..RetryConfig::default()
     };
-    let (scheme, mut path) =
-        ObjectStoreScheme::parse(&parsed).map_err(|e| invalid(e.to_string()))?;
-    if matches!(parsed.scheme(), "az" | "adl" | "azure" | "abfs" | "abfss") {
-        // The builder takes the host as the container (`az://container/path`, or
-        // `abfs://container@account.dfs.core.windows.net/path`), so the object's path is
-        // the whole URL path. `ObjectStoreScheme::parse` (object_store 0.12) drops the
-        // first segment of an `az://` path, which named no object for `az://c/blob` and
-        // the wrong one for `az://c/dir/blob` (found against Azurite).
-        path = Path::from_url_path(parsed.path()).map_err(|e| invalid(e.to_string()))?;
-    }
+    let (scheme, path) = scheme_and_path(&parsed).map_err(invalid)?;
     let store: Arc<dyn ObjectStore> = match (parsed.scheme(), scheme) {
         // Plain HTTP(S) stays plain HTTP, whatever the host: the URL says how to read it.
         ("http" | "https", _) => {
@@ -99,6 +90,21 @@ pub fn store_for_url(url: &str) -> Result<(Arc<dyn ObjectStore>, Path), RemoteEr
     Ok((store, path))
 }
 
+/// The kind of store `url` names and the object's path in it.
+fn scheme_and_path(url: &Url) -> Result<(ObjectStoreScheme, Path), String> {
+    let (scheme, path) = ObjectStoreScheme::parse(url).map_err(|e| e.to_string())?;
+    if matches!(url.scheme(), "az" | "adl" | "azure" | "abfs" | "abfss") {
+        // The builder takes the host as the container (`az://container/path`, or
+        // `abfs://container@account.dfs.core.windows.net/path`), so the object's path is
+        // the whole URL path. `ObjectStoreScheme::parse` (object_store 0.12) drops the
+        // first segment of an `az://` path, which named no object for `az://c/blob` and
+        // the wrong one for `az://c/dir/blob` (found against Azurite).
+        let path = Path::from_url_path(url.path()).map_err(|e| e.to_string())?;
+        return Ok((scheme, path));
+    }
+    Ok((scheme, path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,20 +115,20 @@ mod tests {
         assert_eq!(p.as_ref(), "images/base x.qcow2");
         let (_, p) = store_for_url("s3://bucket/dir/base.qcow2").unwrap();
         assert_eq!(p.as_ref(), "dir/base.qcow2");
-        // Azure: the host is the container, the path the blob's (the store itself is only
-        // built with an account, here the emulator's).
-        std::env::set_var("AZURE_STORAGE_USE_EMULATOR", "true");
+        // Azure: the host is the container, the path the blob's. (Checked without building
+        // a store, which needs an account from the environment.)
         for (url, blob) in [
             ("az://images/base.qcow2", "base.qcow2"),
             ("az://images/dir/base.qcow2", "dir/base.qcow2"),
             ("azure://images/dir/base.qcow2", "dir/base.qcow2"),
             ("abfs://images/dir/base.qcow2", "dir/base.qcow2"),
+            ("az://images", ""),
         ] {
-            let (_, p) = store_for_url(url).unwrap();
+            let (scheme, p) = scheme_and_path(&Url::parse(url).unwrap()).unwrap();
+            assert_eq!(scheme, ObjectStoreScheme::MicrosoftAzure, "{url}");
             assert_eq!(p.as_ref(), blob, "{url}");
         }
         for bad in [
-            "az://images",
             "ftp://h/x",
             "not a url",
             "s3://bucket",

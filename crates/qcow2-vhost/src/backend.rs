@@ -8,8 +8,7 @@
 //! thread hop). The queue thread also claims the io_uring rings its requests went to
 //! ([`RingClaim`]) and reaps them itself, so a request answered there continues there
 //! (`run_here`). While claimed, a ring is out of the runtime's reactor: a completion wakes
-//! the queue thread alone. Claims are given up when the queue thread stops (see
-//! [`BlkBackend::unclaim`]). The vring lock is held only to pop chains and to add used entries, never
+//! the queue thread alone. Claims are the thread's own (`WATCHED`) and go when it stops. The vring lock is held only to pop chains and to add used entries, never
 //! across I/O. A completion sets the status byte, adds the used
 //! entry and signals the call eventfd if the driver asked for it (`needs_notification`,
 //! which with `EVENT_IDX` suppresses the signals a busy driver would not look at: the
@@ -81,9 +80,10 @@ impl InFlight {
     fn begin(&self) {
         *self.count.lock().expect("in-flight lock") += 1;
     }
-    fn end(&self) {
+    /// `k` requests have been returned on the used ring and their driver signalled.
+    fn end(&self, k: usize) {
         let mut n = self.count.lock().expect("in-flight lock");
-        *n -= 1;
+        *n -= k;
         if *n == 0 {
             self.idle.notify_all();
         }
@@ -109,14 +109,21 @@ pub(crate) struct BlkBackend {
     /// Each queue thread's event loop, to watch rings in (set once the daemon exists; weak,
     /// since the loops hold this backend).
     loops: OnceLock<Vec<Weak<VringEpollHandler<Arc<BlkBackend>>>>>,
-    /// Per queue: the rings its requests were submitted to, watched by its thread (event
-    /// `ring_event(i)` is ring `i`) and claimed while it does (`None` once given up). See
-    /// `handle_event`.
-    rings: Vec<Mutex<Vec<Watched>>>,
 }
 
-/// A ring a queue thread watches, and its claim while the thread reaps it.
-type Watched = (RingWatch, Option<RingClaim>);
+thread_local! {
+    /// The rings this queue thread's requests were submitted to, watched in its event loop
+    /// (event `ring_event(i)` is ring `i`) and claimed while it does (`None` once a thread of
+    /// the ring's own reaps it). See `handle_event`.
+    ///
+    /// Thread-local because a claim must not outlive the thread that reaps: every request on
+    /// a claimed ring waits for this thread. However the thread ends (the connection's end,
+    /// an error that stops its event loop, a panic), its thread-locals are dropped with it,
+    /// and with them the claims, so the rings go back to the runtime's reactor. (A queue
+    /// thread serves one queue of one connection: `vhost-user-backend` starts new ones for
+    /// each.)
+    static WATCHED: RefCell<Vec<(RingWatch, Option<RingClaim>)>> = const { RefCell::new(Vec::new()) };
+}
 
 /// The event-loop id of watched ring `i` (ids up to the number of queues are the loop's).
 fn ring_event(num_queues: usize, i: usize) -> u64 {
@@ -133,7 +140,6 @@ impl BlkBackend {
             views: (0..n).map(|_| Mutex::new(None)).collect(),
             in_flight: (0..n).map(|_| Arc::default()).collect(),
             loops: OnceLock::new(),
-            rings: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
         }
     }
 
@@ -147,7 +153,8 @@ impl BlkBackend {
         self.loops.get()?.get(q)?.upgrade()
     }
 
-    /// Starts watching, on queue `q`'s thread, the rings it has not watched yet.
+    /// Starts watching and claiming, on queue `q`'s thread, the rings it has not watched
+    /// yet.
     fn watch(&self, q: usize, submitted: Vec<RingWatch>) {
         if submitted.is_empty() {
             return;
@@ -155,27 +162,32 @@ impl BlkBackend {
         let Some(lp) = self.event_loop(q) else {
             return;
         };
-        let mut rings = self.rings[q].lock().expect("rings lock");
-        for ring in submitted {
-            if rings.iter().any(|(r, _)| r.same(&ring)) {
-                continue;
-            }
-            let id = ring_event(self.device.num_queues(), rings.len());
-            match lp.register_listener(ring.as_raw_fd(), EventSet::IN, id) {
-                Ok(()) => {
-                    let claim = ring.clone().claim();
-                    rings.push((ring, Some(claim)));
+        WATCHED.with(|watched| {
+            let mut rings = watched.borrow_mut();
+            for ring in submitted {
+                if rings.iter().any(|(r, _)| r.same(&ring)) {
+                    continue;
                 }
-                Err(e) => debug!(queue = q, error = %e, "cannot watch an io_uring ring"),
+                let id = ring_event(self.device.num_queues(), rings.len());
+                match lp.register_listener(ring.as_raw_fd(), EventSet::IN, id) {
+                    Ok(()) => {
+                        let claim = ring.clone().claim();
+                        rings.push((ring, Some(claim)));
+                    }
+                    Err(e) => debug!(queue = q, error = %e, "cannot watch an io_uring ring"),
+                }
             }
-        }
+        });
     }
 
     /// Reaps watched ring `i` of queue `q` on this thread.
     fn reap(&self, q: usize, i: usize) {
-        let ring = match self.rings[q].lock().expect("rings lock").get(i) {
-            Some((r, Some(_))) => r.clone(),
-            _ => return,
+        let ring = WATCHED.with(|w| match w.borrow().get(i) {
+            Some((r, Some(_))) => Some(r.clone()),
+            _ => None,
+        });
+        let Some(ring) = ring else {
+            return;
         };
         if ring.reap() {
             return;
@@ -185,23 +197,11 @@ impl BlkBackend {
             let id = ring_event(self.device.num_queues(), i);
             let _ = lp.unregister_listener(ring.as_raw_fd(), EventSet::IN, id);
         }
-        if let Some(entry) = self.rings[q].lock().expect("rings lock").get_mut(i) {
-            entry.1 = None;
-        }
-    }
-
-    /// Gives up queue `q`'s ring claims (all queues' for `None`): their rings go back to the
-    /// runtime's reactor. Called when a queue thread stops reaping: before its event loop
-    /// ends on an error, and after the connection's threads are gone (before `drain`, which
-    /// waits for requests that only a reaper can answer).
-    pub(crate) fn unclaim(&self, q: Option<usize>) {
-        for (i, rings) in self.rings.iter().enumerate() {
-            if q.map_or(true, |q| q == i) {
-                for entry in rings.lock().expect("rings lock").iter_mut() {
-                    entry.1 = None;
-                }
+        WATCHED.with(|w| {
+            if let Some(entry) = w.borrow_mut().get_mut(i) {
+                entry.1 = None;
             }
-        }
+        });
     }
 
     /// Blocks until every request of this connection has completed.
@@ -269,7 +269,7 @@ impl BlkBackend {
                         // Nothing can carry a status: return the chain untouched, as QEMU
                         // does for requests it cannot parse (minus marking the device broken).
                         warn!(queue = q, head, error = %e, "malformed virtio-blk request");
-                        complete(q, vring, head, 0);
+                        complete(q, vring, head, 0, None);
                     }
                 }
             }
@@ -283,7 +283,7 @@ impl BlkBackend {
         let mut h = [0u8; HEADER_LEN];
         if view.read(layout.header(), &mut h).is_err() {
             warn!(queue = q, head, "request header outside guest memory");
-            complete(q, vring, head, 0);
+            complete(q, vring, head, 0, None);
             return;
         }
         let header = Header::decode(&h);
@@ -300,21 +300,29 @@ impl BlkBackend {
             } else {
                 written
             };
-            complete(q, &vring, head, used);
-            in_flight.end();
+            complete(q, &vring, head, used, Some(&in_flight));
         });
     }
+}
+
+/// Used entries added during a queue thread's round and not signalled yet, per queue.
+struct Unsignalled {
+    q: usize,
+    vring: Vring,
+    /// Requests to end (`InFlight::end`) once signalled.
+    ended: Option<(Arc<InFlight>, usize)>,
 }
 
 thread_local! {
     /// `Some` while this queue thread handles an event (`handle_event`): the queues whose
     /// used rings it added to meanwhile, to be signalled once at the end of the round
     /// (`signal_deferred`).
-    static DEFERRED: RefCell<Option<Vec<(usize, Vring)>>> = const { RefCell::new(None) };
+    static DEFERRED: RefCell<Option<Vec<Unsignalled>>> = const { RefCell::new(None) };
 }
 
-/// Returns a chain of queue `q` on the used ring and signals the driver if it wants to know;
-/// on a queue thread in the middle of a round, at the end of the round instead.
+/// Returns a chain of queue `q` on the used ring, signals the driver if it wants to know,
+/// and then ends the request in `in_flight` (if it was counted there); on a queue thread in
+/// the middle of a round, the signal and the end come at the end of the round.
 ///
 /// Why defer: the first completion of a round would wake the driver at once (with
 /// `EVENT_IDX` it asks for exactly that), and on a machine with few cores the woken driver
@@ -322,29 +330,47 @@ thread_local! {
 /// answer, submits one request and sleeps again: a ping-pong of rounds of one (measured:
 /// 27 k involuntary context switches per second of this thread at QD32). QEMU defers its
 /// virtio notifications to the end of a batch the same way (`defer_call`).
-fn complete(q: usize, vring: &Vring, head: u16, len: u32) {
-    {
-        let mut state = vring.get_mut();
-        if let Err(e) = state.add_used(head, len) {
-            warn!(head, error = %e, "cannot add used descriptor");
-            return;
-        }
+///
+/// Why the end waits for the signal: `stop_vring` (GET_VRING_BASE) waits for the queue's
+/// requests to end, and then the frontend takes the call eventfd away; a signal still owed
+/// then would be lost, and with `EVENT_IDX` later entries would not be signalled either.
+fn complete(q: usize, vring: &Vring, head: u16, len: u32, in_flight: Option<&Arc<InFlight>>) {
+    let added = vring.get_mut().add_used(head, len);
+    if let Err(e) = added {
+        warn!(head, error = %e, "cannot add used descriptor");
     }
-    let deferred = DEFERRED.with(|d| match d.borrow_mut().as_mut() {
-        Some(queues) => {
-            if !queues.iter().any(|(i, _)| *i == q) {
-                queues.push((q, vring.clone()));
+    let deferred = DEFERRED.with(|d| {
+        let mut d = d.borrow_mut();
+        let Some(queues) = d.as_mut() else {
+            return false;
+        };
+        let i = match queues.iter().position(|u| u.q == q) {
+            Some(i) => i,
+            None => {
+                queues.push(Unsignalled {
+                    q,
+                    vring: vring.clone(),
+                    ended: None,
+                });
+                queues.len() - 1
             }
-            true
+        };
+        if let Some(f) = in_flight {
+            queues[i].ended.get_or_insert_with(|| (f.clone(), 0)).1 += 1;
         }
-        None => false,
+        true
     });
     if !deferred {
         notify(vring);
+        if let Some(f) = in_flight {
+            f.end(1);
+        }
     }
 }
 
-/// Runs `f` with this thread's used-ring signals deferred, then sends them (once per queue).
+/// Runs `f` with this thread's used-ring signals (and the ends of the requests they answer)
+/// deferred, then sends them, once per queue; also when `f` panics, so that no request
+/// stays counted in flight (a drain would wait for it forever).
 fn signal_deferred<R>(f: impl FnOnce() -> R) -> R {
     let outer = DEFERRED.with(|d| {
         let mut d = d.borrow_mut();
@@ -354,14 +380,32 @@ fn signal_deferred<R>(f: impl FnOnce() -> R) -> R {
         *d = Some(Vec::new());
         true
     });
-    let r = f();
-    if outer {
+    let _round = Round { outer };
+    f()
+}
+
+/// The end of a round of `signal_deferred`: sends what it deferred.
+struct Round {
+    outer: bool,
+}
+
+impl Drop for Round {
+    fn drop(&mut self) {
+        if !self.outer {
+            return;
+        }
         let queues = DEFERRED.with(|d| d.borrow_mut().take()).unwrap_or_default();
-        for (_, vring) in queues {
-            notify(&vring);
+        for u in queues {
+            // While unwinding, the vring's lock may be poisoned; the connection is lost then
+            // anyway, but its requests must still end.
+            if !std::thread::panicking() {
+                notify(&u.vring);
+            }
+            if let Some((f, n)) = u.ended {
+                f.end(n);
+            }
         }
     }
-    r
 }
 
 /// Signals the driver if it wants to know of the used entries added so far.
@@ -592,8 +636,8 @@ impl VhostUserBackend for BlkBackend {
         // thread again (io_uring runs the completion as task work of the submitter), and the
         // runtime worker that watches the ring; the claim takes the ring out of the
         // runtime's reactor (measured: +50 % IOPS at QD1, BENCHMARKS.md). Every request on a
-        // claimed ring depends on this thread, so the claims go when it stops: on an error
-        // here (which ends the event loop), and when the connection ends (`unclaim`).
+        // claimed ring depends on this thread, so the claims live in its thread-locals
+        // (`WATCHED`) and go when it stops, however it stops.
         let q = thread_id;
         signal_deferred(|| {
             run_here(|| {
@@ -612,7 +656,9 @@ impl VhostUserBackend for BlkBackend {
                 };
                 self.watch(q, plug.finish());
                 if result.is_err() {
-                    self.unclaim(Some(q));
+                    // The event loop ends on an error: give the claims up now (the
+                    // thread's end would drop them too).
+                    WATCHED.with(|w| w.borrow_mut().clear());
                 }
                 result
             })
@@ -842,5 +888,48 @@ mod tests {
         assert!(id[6..].iter().all(|&x| x == 0));
         let (s, n) = execute(&b.device, &b.view, &layout(0, 4), h(Kind::GetId, 0)).await;
         assert_eq!((s, n), (Status::Ok, 4));
+    }
+
+    /// A queue thread's ring claims are its own: however it ends (here, a panic), they go
+    /// with it, and the runtime's reactor reaps the ring again. A claim that outlived its
+    /// thread would leave every later request on the ring unanswered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_queue_threads_claims_go_with_it() {
+        use qcow2_async::io::BlockFile;
+        use std::os::unix::fs::FileExt;
+        let tmp = tempfile::tempfile().unwrap();
+        let dirty = tmp.try_clone().unwrap();
+        let Ok(file) = qcow2_async::io::UringFile::from_file(tmp) else {
+            return println!("skipping: io_uring unavailable");
+        };
+        let outer = qcow2_async::io::plug();
+        let mut w = file.write_at(IoBuf::from(vec![1; 4096]), 0);
+        tokio::select! {
+            biased;
+            r = &mut w => { r.unwrap(); }
+            () = std::future::ready(()) => {}
+        }
+        let rings = outer.finish();
+        assert_eq!(rings.len(), 1);
+        let thread = std::thread::spawn(move || {
+            WATCHED.with(|w| {
+                for ring in rings {
+                    let claim = ring.clone().claim();
+                    w.borrow_mut().push((ring, Some(claim)));
+                }
+            });
+            panic!("a queue thread dies");
+        });
+        assert!(thread.join().is_err());
+        // An fdatasync with work to do completes after its submission, so only a reaper
+        // answers it: the reactor, once the dead thread's claim is gone.
+        for i in 0..3u64 {
+            dirty.write_all_at(&vec![2; 1 << 20], i << 20).unwrap();
+            tokio::time::timeout(std::time::Duration::from_secs(10), file.flush())
+                .await
+                .expect("the ring is reaped again")
+                .unwrap();
+        }
+        drop(w);
     }
 }

@@ -186,10 +186,9 @@ impl Export {
                 .lock()
                 .expect("connection lock")
                 .take();
-            // Dropping the daemon stops the queue threads; running requests still finish,
-            // reaped by the runtime once the threads' ring claims are given up.
+            // Dropping the daemon stops (joins) the queue threads; running requests still
+            // finish, reaped by the runtime: the threads' ring claims went with them.
             drop(daemon);
-            backend.unclaim(None);
             backend.drain();
             match ended {
                 Ok(()) => info!("vhost-user frontend disconnected"),

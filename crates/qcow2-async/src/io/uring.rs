@@ -2138,6 +2138,27 @@ pub(crate) mod tests {
         assert_eq!(n, 1, "no completion within 10 s");
     }
 
+    /// An fdatasync that is still in flight after its first poll: a write first dirties the
+    /// file, so the sync has work to do (io_uring hands it to a worker, and it cannot
+    /// complete during its submission); retried should it complete before the inline reap.
+    /// The write bypasses the ring: with a claim held, a ring request awaited here would
+    /// wait for this very thread to reap it.
+    async fn pending_flush(file: &UringFile) -> IoFuture<'_, ()> {
+        use std::os::unix::fs::FileExt;
+        for i in 0..20u64 {
+            file.handle
+                .ring
+                .file
+                .write_all_at(&[i as u8; 65536], i * 65536)
+                .unwrap();
+            let mut sync = file.flush();
+            if !poll_once(&mut sync).await {
+                return sync;
+            }
+        }
+        panic!("every fdatasync completed during its submission");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_claimed_ring_is_reaped_by_its_claimant_alone_until_the_claim_goes() {
         let Some((a, _b)) = two_ring_files() else {
@@ -2153,31 +2174,34 @@ pub(crate) mod tests {
         let claim = rings.pop().unwrap().claim();
         // The reaper task lets go of the descriptor (and of its hold on the ring).
         wait_until("the reactor to let go", || registrations(&a) < registered).await;
-        // An fdatasync cannot complete during its submission (io_uring hands it to a
-        // worker), so its completion waits in the queue: nobody but the claimant reaps it.
-        let mut sync = a.flush();
-        assert!(!poll_once(&mut sync).await, "answered during submission");
+        // The sync's completion waits in the queue: nobody but the claimant reaps it.
+        let sync = pending_flush(&a).await;
         wait_readable(&claim);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(a.in_flight(), 1, "reaped by someone else than the claimant");
         assert!(claim.reap());
         assert_eq!(a.in_flight(), 0);
         sync.await.unwrap();
-        // Once the claim goes, the reactor reaps again, including a completion that was
-        // waiting when it went.
-        let mut sync = a.flush();
-        assert!(!poll_once(&mut sync).await, "answered during submission");
+        // Once the claim goes, the reaper task answers a completion that was waiting when
+        // it went (its nudge makes it reap once)...
+        let sync = pending_flush(&a).await;
         wait_readable(&claim);
         drop(claim);
         tokio::time::timeout(Duration::from_secs(10), sync)
             .await
-            .expect("the reactor reaps again")
+            .expect("the reaper task reaps again")
             .unwrap();
-        // (The claim's own hold on the ring went with it.)
+        // ...and the reactor watches the descriptor again (the claim's own hold on the
+        // ring went with it): a later completion is reaped with no claimant and no nudge.
         wait_until("the reactor to register again", || {
             registrations(&a) == registered - 1
         })
         .await;
+        let sync = pending_flush(&a).await;
+        tokio::time::timeout(Duration::from_secs(10), sync)
+            .await
+            .expect("the reactor reaps again")
+            .unwrap();
     }
 
     /// The runtime goes while a thread holds a claim: the ring's own thread takes over, the
