@@ -281,6 +281,31 @@ fn an_overlay_on_an_http_base_is_written_through_serve_and_qemu_reads_it() {
     }
 }
 
+/// What every store must do with the remote copies (`qcow2_url`, `raw_url`) of `qc` and
+/// `raw`, reached with `env`: compare equal to them, convert to a local image equal to `qc`,
+/// and back an overlay (recording the URL) that `qcow2 serve` writes. Returns the
+/// converted copy and the overlay, beside `qc`.
+fn reads_like_local(
+    env: &[(&str, String)],
+    qcow2_url: &str,
+    raw_url: &str,
+    qc: &Path,
+    raw: &Path,
+) -> (PathBuf, PathBuf) {
+    let dir = qc.parent().unwrap();
+    let run = |args: &[&str]| ok(qcow2_env(args, env));
+    assert!(run(&["compare", qcow2_url, s(qc)]).contains("identical"));
+    assert!(run(&["compare", "-f", "raw", raw_url, s(raw)]).contains("identical"));
+    let copy = dir.join("copy.qcow2");
+    run(&["convert", "-O", "qcow2", qcow2_url, s(&copy)]);
+    qemu_ok("qemu-img", &["compare", s(&copy), s(qc)]);
+    let top = dir.join("top.qcow2");
+    run(&["create", "-q", "-b", qcow2_url, "-F", "qcow2", s(&top)]);
+    assert_eq!(recorded_backing(&top), qcow2_url);
+    write_overlay_through_serve(&top, qc, env);
+    (copy, top)
+}
+
 #[test]
 fn s3_bases_overlay_convert_and_an_object_replaced_under_a_server() {
     let dir = tempfile::tempdir().unwrap();
@@ -290,27 +315,14 @@ fn s3_bases_overlay_convert_and_an_object_replaced_under_a_server() {
     s3.create_bucket("images");
     s3.upload(&qc, "images", "base.qcow2");
     s3.upload(&raw, "images", "base.raw");
-    let run = |args: &[&str]| ok(qcow2_env(args, &env));
-
-    assert!(run(&["compare", "s3://images/base.qcow2", s(&qc)]).contains("identical"));
-    assert!(run(&["compare", "-f", "raw", "s3://images/base.raw", s(&raw)]).contains("identical"));
-    let copy = dir.path().join("copy.qcow2");
-    run(&["convert", "-O", "qcow2", "s3://images/base.qcow2", s(&copy)]);
-    qemu_ok("qemu-img", &["compare", s(&copy), s(&qc)]);
-
-    // The overlay-on-S3 recipe of the README.
-    let top = dir.path().join("top.qcow2");
-    run(&[
-        "create",
-        "-q",
-        "-b",
+    // The overlay-on-S3 recipe of the README, among the rest.
+    let (copy, top) = reads_like_local(
+        &env,
         "s3://images/base.qcow2",
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
-    assert_eq!(recorded_backing(&top), "s3://images/base.qcow2");
-    write_overlay_through_serve(&top, &qc, &env);
+        "s3://images/base.raw",
+        &qc,
+        &raw,
+    );
     let sock = dir.path().join("nbd.sock");
 
     // The base replaced while a server reads through it: what was read stays, a block not
@@ -357,28 +369,16 @@ fn azure_bases_read_convert_and_carry_an_overlay() {
     az.create_container("images");
     az.upload(&qc, "images", "golden/base.qcow2");
     az.upload(&raw, "images", "golden/base.raw");
-    let run = |args: &[&str]| ok(qcow2_env(args, &env));
-
     let url = "az://images/golden/base.qcow2";
-    assert!(run(&["compare", url, s(&qc)]).contains("identical"));
-    let raw_url = "az://images/golden/base.raw";
-    assert!(run(&["compare", "-f", "raw", raw_url, s(&raw)]).contains("identical"));
+    reads_like_local(&env, url, "az://images/golden/base.raw", &qc, &raw);
     let info: serde_json::Value =
-        serde_json::from_str(&run(&["info", "--output", "json", url])).unwrap();
+        serde_json::from_str(&ok(qcow2_env(&["info", "--output", "json", url], &env))).unwrap();
     assert_eq!(info["virtual-size"], 64 << 20, "{info}");
-    let copy = dir.path().join("copy.qcow2");
-    run(&["convert", "-O", "qcow2", url, s(&copy)]);
-    qemu_ok("qemu-img", &["compare", s(&copy), s(&qc)]);
     // A blob that is not there is a clear error naming it.
     let o = qcow2_env(&["info", "az://images/golden/missing.qcow2"], &env);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("missing.qcow2"), "{err}");
-
-    let top = dir.path().join("top.qcow2");
-    run(&["create", "-q", "-b", url, "-F", "qcow2", s(&top)]);
-    assert_eq!(recorded_backing(&top), url);
-    write_overlay_through_serve(&top, &qc, &env);
 }
 
 fn fast_fail() -> RemoteOptions {

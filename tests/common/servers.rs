@@ -33,6 +33,22 @@ fn wait_listening(port: u16, child: &mut Child, what: &str) {
     }
 }
 
+/// Runs the Python `code` with `args` (its `sys.argv[1:]`); a failure fails the test with
+/// Python's error, headed `what`.
+fn python(code: &str, args: &[&str], what: &str) {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// nginx serving `root` at `http://127.0.0.1:PORT/`, and at `/slow/` at 2 MiB/s per
 /// connection.
 pub struct Nginx {
@@ -146,15 +162,7 @@ impl Moto {
              aws_secret_access_key='test', region_name='us-east-1')\n{code}\n",
             self.endpoint()
         );
-        let out = Command::new("python3")
-            .args(["-c", &script])
-            .output()
-            .expect("python3");
-        assert!(
-            out.status.success(),
-            "boto3: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        python(&script, &[], "boto3");
     }
 
     pub fn create_bucket(&self, bucket: &str) {
@@ -246,15 +254,7 @@ impl Azurite {
     }
 
     fn put(&self, path: &str, source: &str) {
-        let out = Command::new("python3")
-            .args(["-c", AZURE_PUT, &self.endpoint(), path, source])
-            .output()
-            .expect("python3");
-        assert!(
-            out.status.success(),
-            "azure put {path}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        python(AZURE_PUT, &[&self.endpoint(), path, source], path);
     }
 
     pub fn create_container(&self, container: &str) {

@@ -2138,6 +2138,28 @@ pub(crate) mod tests {
         assert_eq!(n, 1, "no completion within 10 s");
     }
 
+    /// `file`'s ring as a plug names it: a write of `len` bytes at 0 started under the plug,
+    /// then awaited.
+    async fn watch_of(file: &UringFile, len: usize) -> RingWatch {
+        let outer = plug();
+        let mut w = file.write_at(IoBuf::from(vec![1; len]), 0);
+        let _ = poll_once(&mut w).await;
+        let mut rings = outer.finish();
+        assert_eq!(rings.len(), 1);
+        w.await.unwrap();
+        rings.pop().unwrap()
+    }
+
+    /// Claims `file`'s ring and waits until the reaper task has let go of the descriptor (and
+    /// of its hold on the ring); returns the claim and the ring's count before the claim.
+    async fn claimed(file: &UringFile) -> (RingClaim, usize) {
+        let ring = watch_of(file, 4096).await;
+        let registered = registrations(file);
+        let claim = ring.claim();
+        wait_until("the reactor to let go", || registrations(file) < registered).await;
+        (claim, registered)
+    }
+
     /// An fdatasync that is still in flight after its first poll: a write first dirties the
     /// file, so the sync has work to do (io_uring hands it to a worker, and it cannot
     /// complete during its submission); retried should it complete before the inline reap.
@@ -2164,16 +2186,7 @@ pub(crate) mod tests {
         let Some((a, _b)) = two_ring_files() else {
             return println!("skipping: io_uring unavailable");
         };
-        let outer = plug();
-        let mut w = a.write_at(IoBuf::from(vec![7; 4096]), 0);
-        let _ = poll_once(&mut w).await;
-        let mut rings = outer.finish();
-        assert_eq!(rings.len(), 1);
-        w.await.unwrap();
-        let registered = registrations(&a);
-        let claim = rings.pop().unwrap().claim();
-        // The reaper task lets go of the descriptor (and of its hold on the ring).
-        wait_until("the reactor to let go", || registrations(&a) < registered).await;
+        let (claim, registered) = claimed(&a).await;
         // The sync's completion waits in the queue: nobody but the claimant reaps it.
         let sync = pending_flush(&a).await;
         wait_readable(&claim);
@@ -2215,14 +2228,7 @@ pub(crate) mod tests {
             .unwrap();
         let Some((file, claim)) = rt.block_on(async {
             let (a, _b) = two_ring_files()?;
-            let outer = plug();
-            let mut w = a.write_at(IoBuf::from(vec![1; 4096]), 0);
-            let _ = poll_once(&mut w).await;
-            let rings = outer.finish();
-            w.await.unwrap();
-            let registered = registrations(&a);
-            let claim = rings.into_iter().next().unwrap().claim();
-            wait_until("the reactor to let go", || registrations(&a) < registered).await;
+            let (claim, _) = claimed(&a).await;
             Some((a, claim))
         }) else {
             return println!("skipping: io_uring unavailable");
@@ -2250,13 +2256,6 @@ pub(crate) mod tests {
         let Ok(file) = UringFile::with_options(tempfile::tempfile().unwrap(), &opts) else {
             return println!("skipping: io_uring unavailable");
         };
-        let outer = plug();
-        let mut w = file.write_at(IoBuf::from(vec![7; 512]), 0);
-        let _ = poll_once(&mut w).await;
-        let rings = outer.finish();
-        w.await.unwrap();
-        for ring in rings {
-            assert!(!ring.claim().reap());
-        }
+        assert!(!watch_of(&file, 512).await.claim().reap());
     }
 }
