@@ -20,7 +20,12 @@
 #   sequential:  the whole image read in 1 MiB requests (`qcow2 bench`, QD8), against
 #                `curl -o /dev/null` of the object: what the store serves;
 #   convert:     the whole image to raw on tmpfs, against curl writing the object to tmpfs
-#                and against `qemu-img convert -m 1` (more coroutines hang its curl driver).
+#                and against `qemu-img convert -m 1` (more coroutines hang its curl driver);
+#   CPU:         for the 1 MiB first-touch rows and curl's 1 MiB floor, each client's CPU
+#                per request (the whole process, user + system) and nginx's CPU per MiB it
+#                served meanwhile; from curl's and nginx's, the machine's bound: the most
+#                1 MiB requests per second that these cores allow a client that only
+#                receives the bytes, before any copy into a cache or a caller's buffer.
 #
 # Writes the table of medians and ratios into BENCHMARKS.md between the BEGIN/END
 # remote.sh markers (RB_NO_WRITE=1: print only).
@@ -42,6 +47,7 @@ log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
 need=()
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || need+=(nginx-light)
+[ -x /usr/bin/time ] || need+=(time)
 command -v curl >/dev/null || need+=(curl)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
 if [ ${#need[@]} -gt 0 ]; then
@@ -91,18 +97,47 @@ QOPTS="driver=qcow2,file.driver=http,file.url=$URL"
 STEP=$((633 << 20))
 CACHE=(--remote-cache 1536M)
 
+TICK=$(getconf CLK_TCK)
+# nginx's CPU so far, in clock ticks (it runs as one process: master_process off).
+nginx_ticks() { awk '{print $14 + $15}' "/proc/$NGINX_PID/stat"; }
+# Records the CPU in µs per request ($1 requests) of the last timed client (from
+# $DIR/.time) as "$3_cpu" and of nginx since $2 ticks as "$3_srv", in $CPU_LOG: the
+# benchmarks run in command substitutions, which cannot add to the parent's table.
+CPU_LOG=$DIR/cpu.log
+: >"$CPU_LOG"
+cpu_pair() {
+  local n1
+  n1=$(nginx_ticks)
+  awk -v n="$1" -v a="$2" -v b="$n1" -v t="$TICK" -v k="$3" \
+    '{printf "%s_cpu %.0f\n%s_srv %.0f\n", k, ($2 + $3) * 1e6 / n, k, (b - a) * 1e6 / t / n}' \
+    "$DIR/.time" >>"$CPU_LOG"
+}
 # IOPS of `qemu-img bench` over the curl driver at QD1: $1 count, $2 size, $3 step
-# (bounded: the driver has hung at higher depths; a hang prints no number).
+# (bounded: the driver has hung at higher depths; a hang prints no number). With $4 = a
+# key, also records the CPU per request of qemu-img and of nginx under "$4_cpu" and
+# "$4_srv".
 qemu_bench() {
-  timeout 300 qemu-img bench -c "$1" -d 1 -s "$2" -S "$3" --image-opts "$QOPTS" >"$DIR/.out" 2>&1 || true
+  local n0
+  n0=$(nginx_ticks)
+  /usr/bin/time -f '%e %U %S' -o "$DIR/.time" timeout 300 qemu-img bench -c "$1" -d 1 -s "$2" -S "$3" \
+    --image-opts "$QOPTS" >"$DIR/.out" 2>&1 || true
+  if [ -n "${4:-}" ] && grep -q 'Run completed' "$DIR/.out"; then
+    cpu_pair "$1" "$n0" "$4"
+  fi
   awk -v c="$1" '/Run completed/{printf "%.0f\n", c/$4}' "$DIR/.out"
 }
 # IOPS of `qcow2 bench` on the URL: $1 depth, $2 count, $3 size, $4 step, $5 "warm" for
-# the cached rows (a cache that holds the image, every offset read once before timing)
+# the cached rows (a cache that holds the image, every offset read once before timing), or
+# a key: then the CPU per request of the process and of nginx go under "$5_cpu", "$5_srv".
 ours_bench() {
-  local d=$1 c=$2 s=$3 st=$4 global=() warm=()
+  local d=$1 c=$2 s=$3 st=$4 global=() warm=() n0
   if [ "${5:-}" = warm ]; then global=("${CACHE[@]}"); warm=(--warmup); fi
-  "$Q" "${global[@]}" bench -c "$c" -d "$d" -s "$s" -S "$st" "${warm[@]}" --output json "$URL" >"$DIR/.out"
+  n0=$(nginx_ticks)
+  /usr/bin/time -f '%e %U %S' -o "$DIR/.time" \
+    "$Q" "${global[@]}" bench -c "$c" -d "$d" -s "$s" -S "$st" "${warm[@]}" --output json "$URL" >"$DIR/.out"
+  if [ -n "${5:-}" ] && [ "$5" != warm ]; then
+    cpu_pair "$c" "$n0" "$5"
+  fi
   python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["iops"]))' "$DIR/.out"
 }
 # IOPS of `qcow2 bench` in a second process over a warm local cache file
@@ -123,8 +158,9 @@ ours_mibs() {
 }
 # Requests/s of curl fetching $2-byte ranges at the first-touch offsets ($1 of them, stride
 # 633 MiB), one after another on one kept-alive connection: the store's own floor at QD1.
+# With $3 = a key, the CPU per request of curl and of nginx go under "$3_cpu", "$3_srv".
 curl_ranges() {
-  local n=$1 size=$2 t0 t1
+  local n=$1 size=$2 t0 t1 n0
   python3 - "$n" "$size" "$URL" >"$DIR/curl.cfg" <<'PY'
 import sys
 n, size, url = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -132,7 +168,11 @@ for i in range(n):
     off = (i * (633 << 20)) % (1 << 30) // size * size
     print(f'url = "{url}"\nrange = "{off}-{off + size - 1}"\noutput = "/dev/null"')
 PY
-  t0=$(date +%s.%N); curl -sf -K "$DIR/curl.cfg"; t1=$(date +%s.%N)
+  n0=$(nginx_ticks)
+  t0=$(date +%s.%N); /usr/bin/time -f '%e %U %S' -o "$DIR/.time" curl -sf -K "$DIR/curl.cfg"; t1=$(date +%s.%N)
+  if [ -n "${3:-}" ]; then
+    cpu_pair "$n" "$n0" "$3"
+  fi
   awk -v n="$n" -v a="$t0" -v b="$t1" 'BEGIN{printf "%.0f\n", n/(b-a)}'
 }
 # MiB/s of a command that moves the 1 GiB image
@@ -149,8 +189,8 @@ for rep in $(seq "$REPS"); do
   log "repeat $rep/$REPS"
   add q4k "$(qemu_bench 1024 4k $STEP)"
   add o4k "$(ours_bench 1 1024 4k $STEP)"; add p4k "$(ours_bench 8 1024 4k $STEP)"
-  add q1m "$(qemu_bench 1024 1M $STEP)"
-  add o1m "$(ours_bench 1 1024 1M $STEP)"; add p1m "$(ours_bench 8 1024 1M $STEP)"
+  add q1m "$(qemu_bench 1024 1M $STEP q1m)"
+  add o1m "$(ours_bench 1 1024 1M $STEP o1m)"; add p1m "$(ours_bench 8 1024 1M $STEP p1m)"
   add qc4k "$(qemu_bench 4096 4k $((STEP + 4096)))"
   add oc4k "$(ours_bench 1 4096 4k $((STEP + 4096)) warm)"
   add pc4k "$(ours_bench 8 4096 4k $((STEP + 4096)) warm)"
@@ -161,7 +201,7 @@ for rep in $(seq "$REPS"); do
   add pf4k "$(ours_file_bench 8 4096 4k $((STEP + 4096)))"
   add of1m "$(ours_file_bench 1 1024 1M $STEP)"
   add pf1m "$(ours_file_bench 8 1024 1M $STEP)"
-  add c64k "$(curl_ranges 1024 65536)"; add c1m "$(curl_ranges 1024 1048576)"
+  add c64k "$(curl_ranges 1024 65536)"; add c1m "$(curl_ranges 1024 1048576 c1m)"
   add curl "$(mibs curl -sf -o /dev/null "$URL")"
   add oseq "$(ours_mibs 8 1024 1M 1M)"
   add curlshm "$(mibs curl -sf -o "$SHM/curl.raw" "$URL")"; rm -f "$SHM/curl.raw"
@@ -170,6 +210,8 @@ for rep in $(seq "$REPS"); do
   rm -f "$SHM/qemu.raw"
 done
 med() { tr ' ' '\n' <<<"${R[$1]}" | grep . | median; }
+medc() { awk -v k="$1" '$1 == k {print $2}' "$CPU_LOG" | median; }
+cpu_cell() { local c s; c=$(medc "$1_cpu"); s=$(medc "$1_srv"); [ -n "$c" ] && echo "$c / $s"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.2f", a/b}'; }
 
 ratio_or() { if [ -n "$1" ] && [ -n "$2" ]; then ratio "$1" "$2"; else echo "—"; fi; }
@@ -184,6 +226,12 @@ TABLE=$(
   row "1 MiB random read, first touch (IOPS)" "$(med q1m)" "$(med o1m)" "$(med p1m)" "≥ 2 × QEMU"
   printf '| %s | %s | | | %s | | %s |\n' "the store's floor: curl fetching the same first-touch ranges one by one, 64 KiB (our block) / 1 MiB (requests/s; curl in the QEMU column)" \
     "$(med c64k) / $(med c1m)" "$(ratio "$(med c64k)" "$(med q4k)") / $(ratio "$(med c1m)" "$(med q1m)") (curl / QEMU)" "—"
+  printf '| %s | %s | %s | %s | %s | %s | %s |\n' "CPU per 1 MiB first-touch request, µs: the client process / nginx" \
+    "$(cpu_cell q1m)" "$(cpu_cell o1m)" "$(cpu_cell p1m)" "$(ratio_or "$(medc o1m_cpu)" "$(medc q1m_cpu)")" \
+    "$(ratio_or "$(medc p1m_cpu)" "$(medc q1m_cpu)")" "— (client CPU ratios)"
+  BOUND=$(awk -v n="$(nproc)" -v c="$(medc c1m_cpu)" -v s="$(medc c1m_srv)" 'BEGIN{printf "%.0f", n * 1e6 / (c + s)}')
+  printf '| %s | %s | | | %s | | %s |\n' "the machine's bound at 1 MiB: curl's CPU per range received / nginx's per MiB served (µs), and the requests/s its $(nproc) CPUs allow a client that only receives (curl in the QEMU column)" \
+    "$(cpu_cell c1m) → $BOUND" "$(ratio "$BOUND" "$(med q1m)") (bound / QEMU)" "—"
   row "4 KiB random read, cached (IOPS; QEMU re-reads)" "$(med qc4k)" "$(med oc4k)" "$(med pc4k)" "no request to the store (tested)"
   row "1 MiB random read, cached (IOPS; QEMU re-reads)" "$(med qc1m)" "$(med oc1m)" "$(med pc1m)" "no request to the store (tested)"
   row "4 KiB random read, later process, warm cache file (IOPS; QEMU re-reads)" "$(med qc4k)" "$(med of4k)" "$(med pf4k)" "no request to the store (tested)"
