@@ -21,6 +21,7 @@
 #                `curl -o /dev/null` of the object: what the store serves;
 #   convert:     the whole image to raw on tmpfs, against curl writing the object to tmpfs
 #                and against `qemu-img convert -m 1` (more coroutines hang its curl driver);
+#   one worker:  the 1 MiB first-touch rows again with `qcow2 bench --workers 1`;
 #   CPU:         for the 1 MiB first-touch rows and curl's 1 MiB floor, each client's CPU
 #                per request (the whole process, user + system) and nginx's CPU per MiB it
 #                served meanwhile; from curl's and nginx's, the machine's bound: the most
@@ -130,11 +131,13 @@ qemu_bench() {
 # the cached rows (a cache that holds the image, every offset read once before timing), or
 # a key: then the CPU per request of the process and of nginx go under "$5_cpu", "$5_srv".
 ours_bench() {
-  local d=$1 c=$2 s=$3 st=$4 global=() warm=() n0
+  local d=$1 c=$2 s=$3 st=$4 global=() warm=() n0 more=()
   if [ "${5:-}" = warm ]; then global=("${CACHE[@]}"); warm=(--warmup); fi
+  # ONE_WORKER=1: one Tokio worker instead of one per core.
+  if [ -n "${ONE_WORKER:-}" ]; then more=(--workers 1); fi
   n0=$(nginx_ticks)
   /usr/bin/time -f '%e %U %S' -o "$DIR/.time" \
-    "$Q" "${global[@]}" bench -c "$c" -d "$d" -s "$s" -S "$st" "${warm[@]}" --output json "$URL" >"$DIR/.out"
+    "$Q" "${global[@]}" bench -c "$c" -d "$d" -s "$s" -S "$st" "${warm[@]}" "${more[@]}" --output json "$URL" >"$DIR/.out"
   if [ -n "${5:-}" ] && [ "$5" != warm ]; then
     cpu_pair "$c" "$n0" "$5"
   fi
@@ -191,6 +194,7 @@ for rep in $(seq "$REPS"); do
   add o4k "$(ours_bench 1 1024 4k $STEP)"; add p4k "$(ours_bench 8 1024 4k $STEP)"
   add q1m "$(qemu_bench 1024 1M $STEP q1m)"
   add o1m "$(ours_bench 1 1024 1M $STEP o1m)"; add p1m "$(ours_bench 8 1024 1M $STEP p1m)"
+  add o1w "$(ONE_WORKER=1 ours_bench 1 1024 1M $STEP o1w)"; add p1w "$(ONE_WORKER=1 ours_bench 8 1024 1M $STEP p1w)"
   add qc4k "$(qemu_bench 4096 4k $((STEP + 4096)))"
   add oc4k "$(ours_bench 1 4096 4k $((STEP + 4096)) warm)"
   add pc4k "$(ours_bench 8 4096 4k $((STEP + 4096)) warm)"
@@ -224,11 +228,15 @@ TABLE=$(
   echo "|---|---:|---:|---:|---:|---:|---|"
   row "4 KiB random read, first touch (IOPS)" "$(med q4k)" "$(med o4k)" "$(med p4k)" "≥ 2 × QEMU"
   row "1 MiB random read, first touch (IOPS)" "$(med q1m)" "$(med o1m)" "$(med p1m)" "≥ 2 × QEMU"
+  row "1 MiB random read, first touch, one Tokio worker (\`bench --workers 1\`; IOPS)" "$(med q1m)" "$(med o1w)" "$(med p1w)" "≥ 2 × QEMU"
   printf '| %s | %s | | | %s | | %s |\n' "the store's floor: curl fetching the same first-touch ranges one by one, 64 KiB (our block) / 1 MiB (requests/s; curl in the QEMU column)" \
     "$(med c64k) / $(med c1m)" "$(ratio "$(med c64k)" "$(med q4k)") / $(ratio "$(med c1m)" "$(med q1m)") (curl / QEMU)" "—"
   printf '| %s | %s | %s | %s | %s | %s | %s |\n' "CPU per 1 MiB first-touch request, µs: the client process / nginx" \
     "$(cpu_cell q1m)" "$(cpu_cell o1m)" "$(cpu_cell p1m)" "$(ratio_or "$(medc o1m_cpu)" "$(medc q1m_cpu)")" \
     "$(ratio_or "$(medc p1m_cpu)" "$(medc q1m_cpu)")" "— (client CPU ratios)"
+  printf '| %s | %s | %s | %s | %s | %s | %s |\n' "the same, one Tokio worker" \
+    "$(cpu_cell q1m)" "$(cpu_cell o1w)" "$(cpu_cell p1w)" "$(ratio_or "$(medc o1w_cpu)" "$(medc q1m_cpu)")" \
+    "$(ratio_or "$(medc p1w_cpu)" "$(medc q1m_cpu)")" "— (client CPU ratios)"
   BOUND=$(awk -v n="$(nproc)" -v c="$(medc c1m_cpu)" -v s="$(medc c1m_srv)" 'BEGIN{printf "%.0f", n * 1e6 / (c + s)}')
   printf '| %s | %s | | | %s | | %s |\n' "the machine's bound at 1 MiB: curl's CPU per range received / nginx's per MiB served (µs), and the requests/s its $(nproc) CPUs allow a client that only receives (curl in the QEMU column)" \
     "$(cpu_cell c1m) → $BOUND" "$(ratio "$BOUND" "$(med q1m)") (bound / QEMU)" "—"
