@@ -101,46 +101,44 @@ CACHE=(--remote-cache 1536M)
 TICK=$(getconf CLK_TCK)
 # nginx's CPU so far, in clock ticks (it runs as one process: master_process off).
 nginx_ticks() { awk '{print $14 + $15}' "/proc/$NGINX_PID/stat"; }
-# Records the CPU in µs per request ($1 requests) of the last timed client (from
-# $DIR/.time) as "$3_cpu" and of nginx since $2 ticks as "$3_srv", in $CPU_LOG: the
-# benchmarks run in command substitutions, which cannot add to the parent's table.
+# Runs the command after $1 and $2 under /usr/bin/time (into $DIR/.time) and returns its
+# status. With $1 = a key and the command successful, records its CPU in µs per request
+# ($2 requests) as "$1_cpu" and nginx's meanwhile as "$1_srv", in $CPU_LOG: the benchmarks
+# run in command substitutions, which cannot add to the parent's table.
 CPU_LOG=$DIR/cpu.log
 : >"$CPU_LOG"
-cpu_pair() {
-  local n1
-  n1=$(nginx_ticks)
-  awk -v n="$1" -v a="$2" -v b="$n1" -v t="$TICK" -v k="$3" \
-    '{printf "%s_cpu %.0f\n%s_srv %.0f\n", k, ($2 + $3) * 1e6 / n, k, (b - a) * 1e6 / t / n}' \
-    "$DIR/.time" >>"$CPU_LOG"
+timed() {
+  local key=$1 n=$2 n0 n1 rc=0
+  shift 2
+  n0=$(nginx_ticks)
+  /usr/bin/time -f '%e %U %S' -o "$DIR/.time" "$@" || rc=$?
+  if [ -n "$key" ] && [ "$rc" = 0 ]; then
+    n1=$(nginx_ticks)
+    awk -v n="$n" -v a="$n0" -v b="$n1" -v t="$TICK" -v k="$key" \
+      '{printf "%s_cpu %.0f\n%s_srv %.0f\n", k, ($2 + $3) * 1e6 / n, k, (b - a) * 1e6 / t / n}' \
+      "$DIR/.time" >>"$CPU_LOG"
+  fi
+  return "$rc"
 }
 # IOPS of `qemu-img bench` over the curl driver at QD1: $1 count, $2 size, $3 step
 # (bounded: the driver has hung at higher depths; a hang prints no number). With $4 = a
 # key, also records the CPU per request of qemu-img and of nginx under "$4_cpu" and
 # "$4_srv".
 qemu_bench() {
-  local n0
-  n0=$(nginx_ticks)
-  /usr/bin/time -f '%e %U %S' -o "$DIR/.time" timeout 300 qemu-img bench -c "$1" -d 1 -s "$2" -S "$3" \
+  timed "${4:-}" "$1" timeout 300 qemu-img bench -c "$1" -d 1 -s "$2" -S "$3" \
     --image-opts "$QOPTS" >"$DIR/.out" 2>&1 || true
-  if [ -n "${4:-}" ] && grep -q 'Run completed' "$DIR/.out"; then
-    cpu_pair "$1" "$n0" "$4"
-  fi
   awk -v c="$1" '/Run completed/{printf "%.0f\n", c/$4}' "$DIR/.out"
 }
 # IOPS of `qcow2 bench` on the URL: $1 depth, $2 count, $3 size, $4 step, $5 "warm" for
 # the cached rows (a cache that holds the image, every offset read once before timing), or
 # a key: then the CPU per request of the process and of nginx go under "$5_cpu", "$5_srv".
 ours_bench() {
-  local d=$1 c=$2 s=$3 st=$4 global=() warm=() n0 more=()
-  if [ "${5:-}" = warm ]; then global=("${CACHE[@]}"); warm=(--warmup); fi
+  local d=$1 c=$2 s=$3 st=$4 key=${5:-} global=() warm=() more=()
+  if [ "$key" = warm ]; then global=("${CACHE[@]}"); warm=(--warmup); key=; fi
   # ONE_WORKER=1: one Tokio worker instead of one per core.
   if [ -n "${ONE_WORKER:-}" ]; then more=(--workers 1); fi
-  n0=$(nginx_ticks)
-  /usr/bin/time -f '%e %U %S' -o "$DIR/.time" \
+  timed "$key" "$c" \
     "$Q" "${global[@]}" bench -c "$c" -d "$d" -s "$s" -S "$st" "${warm[@]}" "${more[@]}" --output json "$URL" >"$DIR/.out"
-  if [ -n "${5:-}" ] && [ "$5" != warm ]; then
-    cpu_pair "$c" "$n0" "$5"
-  fi
   python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["iops"]))' "$DIR/.out"
 }
 # IOPS of `qcow2 bench` in a second process over a warm local cache file
@@ -163,7 +161,7 @@ ours_mibs() {
 # 633 MiB), one after another on one kept-alive connection: the store's own floor at QD1.
 # With $3 = a key, the CPU per request of curl and of nginx go under "$3_cpu", "$3_srv".
 curl_ranges() {
-  local n=$1 size=$2 t0 t1 n0
+  local n=$1 size=$2 t0 t1
   python3 - "$n" "$size" "$URL" >"$DIR/curl.cfg" <<'PY'
 import sys
 n, size, url = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -171,11 +169,7 @@ for i in range(n):
     off = (i * (633 << 20)) % (1 << 30) // size * size
     print(f'url = "{url}"\nrange = "{off}-{off + size - 1}"\noutput = "/dev/null"')
 PY
-  n0=$(nginx_ticks)
-  t0=$(date +%s.%N); /usr/bin/time -f '%e %U %S' -o "$DIR/.time" curl -sf -K "$DIR/curl.cfg"; t1=$(date +%s.%N)
-  if [ -n "${3:-}" ]; then
-    cpu_pair "$n" "$n0" "$3"
-  fi
+  t0=$(date +%s.%N); timed "${3:-}" "$n" curl -sf -K "$DIR/curl.cfg"; t1=$(date +%s.%N)
   awk -v n="$n" -v a="$t0" -v b="$t1" 'BEGIN{printf "%.0f\n", n/(b-a)}'
 }
 # MiB/s of a command that moves the 1 GiB image
