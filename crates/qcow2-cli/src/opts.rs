@@ -86,7 +86,7 @@ pub struct RemoteArgs {
     /// Remote reads: block size (fetched and cached unit), e.g. 1M.
     #[arg(long = "remote-block-size", global = true, value_name = "SIZE")]
     pub remote_block_size: Option<String>,
-    /// Remote reads: in-memory cache size, e.g. 256M (0: no cache).
+    /// Remote reads: in-memory cache size, e.g. 256M [default: 32M] (0: no cache).
     #[arg(long = "remote-cache", global = true, value_name = "SIZE")]
     pub remote_cache: Option<String>,
     /// Remote reads: read-ahead for sequential readers, e.g. 16M (0: none).

@@ -15,6 +15,16 @@ pub struct RemoteOptions {
     pub block_size: u64,
     /// Upper bound of the in-memory block cache, in bytes; least recently used blocks go
     /// first. 0 disables caching (every read is a request).
+    ///
+    /// The default, 32 MiB, is twice the read-ahead window: room for what is fetched ahead
+    /// of a sequential reader, for the neighbours of random reads within a block, and for
+    /// the base's metadata. A larger cache only pays once reads come back to the same data
+    /// (the guest keeps its own cache above this one, and the local `cache_file` keeps
+    /// fetched blocks across opens); until it is full, every MiB it grows by is memory the
+    /// process touches for the first time. Measured on the 2-vCPU reference VM (loopback
+    /// nginx, a fresh process on a settled machine): first-touch 1 MiB reads at depth 8 ran
+    /// at 1377–1587 IOPS with 32 MiB and 847–965 with 256 MiB, a sequential read of 1 GiB at
+    /// 1059–1196 MiB/s against 688–989.
     pub cache_bytes: u64,
     /// How far past a sequential reader blocks are fetched ahead of it, in bytes (0: no
     /// read-ahead). A reader counts as sequential from its second request in a row that
@@ -44,7 +54,7 @@ impl Default for RemoteOptions {
     fn default() -> RemoteOptions {
         RemoteOptions {
             block_size: 64 << 10,
-            cache_bytes: 256 << 20,
+            cache_bytes: 32 << 20,
             read_ahead: 16 << 20,
             max_request: 4 << 20,
             retries: 4,
