@@ -7,7 +7,7 @@
 #
 #   first touch: every request in a MiB of the image not read before in that process
 #                (stride 633 MiB over 1 GiB: each of the 1024 MiB once; the default
-#                256 MiB cache turns over for the 1 MiB reads), QD1 for
+#                32 MiB cache turns over for the 1 MiB reads), QD1 for
 #                both (QEMU 10.0.2's curl driver hangs in qemu-img bench at depth 3 with
 #                4 KiB requests and at depth 2 with 1 MiB ones), and ours at QD8 too;
 #   cached:      the same offsets read once first (`qcow2 bench --warmup`, a cache that
@@ -27,6 +27,15 @@
 #                served meanwhile; from curl's and nginx's, the machine's bound: the most
 #                1 MiB requests per second that these cores allow a client that only
 #                receives the bytes, before any copy into a cache or a caller's buffer.
+#   settling:    every timed contender starts after RB_SETTLE seconds of quiet [4]. On a
+#                guest with free page reporting (the reference VM), memory a process
+#                frees goes back to the host about 2 s later, and touching it again costs
+#                a fault in the host: a process started right after another one reuses
+#                that one's memory for free, and one started later pays about 2.5 ms per
+#                MiB it touches. Back to back, which contender gained depended on which
+#                one ran before it (first-touch 1 MiB at QD8: 1508 IOPS right after
+#                another run, 1029 after a pause); settled, each starts as a fresh
+#                process on a quiet host does.
 #
 # Writes the table of medians and ratios into BENCHMARKS.md between the BEGIN/END
 # remote.sh markers (RB_NO_WRITE=1: print only).
@@ -35,7 +44,8 @@
 #   RB_REPS=1 RB_NO_WRITE=1 bash benches/remote.sh
 #
 # Knobs: RB_DIR scratch folder [./bench-scratch/remote]; RB_REPS repeats, median [3];
-# RB_SHM tmpfs folder for convert targets [/dev/shm/qcow2-remote-bench].
+# RB_SHM tmpfs folder for convert targets [/dev/shm/qcow2-remote-bench]; RB_SETTLE seconds
+# of quiet before each timed contender [4].
 # Installs nginx-light, curl and QEMU's curl driver (qemu-block-extra) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +53,7 @@ ROOT=$PWD
 DIR=${RB_DIR:-$ROOT/bench-scratch/remote}
 SHM=${RB_SHM:-/dev/shm/qcow2-remote-bench}
 REPS=${RB_REPS:-3}
+SETTLE=${RB_SETTLE:-4}
 mkdir -p "$DIR" "$SHM"
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
@@ -99,6 +110,8 @@ STEP=$((633 << 20))
 CACHE=(--remote-cache 1536M)
 
 TICK=$(getconf CLK_TCK)
+# Quiet before a timed contender (see "settling" above).
+settle() { sleep "$SETTLE"; }
 # nginx's CPU so far, in clock ticks (it runs as one process: master_process off).
 nginx_ticks() { awk '{print $14 + $15}' "/proc/$NGINX_PID/stat"; }
 # Runs the command after $1 and $2 under /usr/bin/time (into $DIR/.time) and returns its
@@ -125,6 +138,7 @@ timed() {
 # key, also records the CPU per request of qemu-img and of nginx under "$4_cpu" and
 # "$4_srv".
 qemu_bench() {
+  settle
   timed "${4:-}" "$1" timeout 300 qemu-img bench -c "$1" -d 1 -s "$2" -S "$3" \
     --image-opts "$QOPTS" >"$DIR/.out" 2>&1 || true
   awk -v c="$1" '/Run completed/{printf "%.0f\n", c/$4}' "$DIR/.out"
@@ -137,6 +151,7 @@ ours_bench() {
   if [ "$key" = warm ]; then global=("${CACHE[@]}"); warm=(--warmup); key=; fi
   # ONE_WORKER=1: one Tokio worker instead of one per core.
   if [ -n "${ONE_WORKER:-}" ]; then more=(--workers 1); fi
+  settle
   timed "$key" "$c" \
     "$Q" "${global[@]}" bench -c "$c" -d "$d" -s "$s" -S "$st" "${warm[@]}" "${more[@]}" --output json "$URL" >"$DIR/.out"
   python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["iops"]))' "$DIR/.out"
@@ -147,6 +162,7 @@ ours_bench() {
 ours_file_bench() {
   rm -rf "$DIR/cache-dir"
   "$Q" --remote-cache-dir "$DIR/cache-dir" bench -c "$2" -d "$1" -s "$3" -S "$4" "$URL" >/dev/null
+  settle
   "$Q" --remote-cache-dir "$DIR/cache-dir" bench -c "$2" -d "$1" -s "$3" -S "$4" --output json "$URL" >"$DIR/.out"
   python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["iops"]))' "$DIR/.out"
   # Its writes, left to the kernel's write-back, would otherwise slow the next rows.
@@ -154,6 +170,7 @@ ours_file_bench() {
 }
 # MiB/s of `qcow2 bench` on the URL: $1 depth, $2 count, $3 size, $4 step
 ours_mibs() {
+  settle
   "$Q" bench -c "$2" -d "$1" -s "$3" -S "$4" --output json "$URL" >"$DIR/.out"
   python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["mib-per-second"]))' "$DIR/.out"
 }
@@ -169,12 +186,14 @@ for i in range(n):
     off = (i * (633 << 20)) % (1 << 30) // size * size
     print(f'url = "{url}"\nrange = "{off}-{off + size - 1}"\noutput = "/dev/null"')
 PY
+  settle
   t0=$(date +%s.%N); timed "${3:-}" "$n" curl -sf -K "$DIR/curl.cfg"; t1=$(date +%s.%N)
   awk -v n="$n" -v a="$t0" -v b="$t1" 'BEGIN{printf "%.0f\n", n/(b-a)}'
 }
 # MiB/s of a command that moves the 1 GiB image
 mibs() {
   local t0 t1
+  settle
   t0=$(date +%s.%N); "$@" >/dev/null 2>&1; t1=$(date +%s.%N)
   awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.0f\n", 1024/(b-a)}'
 }
@@ -245,7 +264,7 @@ TABLE=$(
   printf '| %s | %s | %s | | %s | | %s |\n' "convert 1 GiB to raw on tmpfs, qemu-img convert -m 1 (MiB/s)" "$(med qconv)" "$(med oconv)" \
     "$(ratio "$(med oconv)" "$(med qconv)")" "—"
   echo
-  echo "Run $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(nproc) CPUs, $(uname -r), $(qemu-img --version | head -1), nginx $("$NGINX" -v 2>&1 | sed 's|.*/||'), medians of $REPS interleaved runs; qcow2-remote defaults (64 KiB blocks, 16 MiB read-ahead, requests up to 4 MiB) but the cache (1.5 GiB for the cached rows); QEMU's curl driver with its defaults (256 KiB readahead). \"hung\": qemu-img bench did not finish within 300 s."
+  echo "Run $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(nproc) CPUs, $(uname -r), $(qemu-img --version | head -1), nginx $("$NGINX" -v 2>&1 | sed 's|.*/||'), medians of $REPS interleaved runs, each contender started after $SETTLE s of quiet; qcow2-remote defaults (64 KiB blocks, 32 MiB cache, 16 MiB read-ahead, requests up to 4 MiB) but for the cached rows (a 1.5 GiB cache); QEMU's curl driver with its defaults (256 KiB readahead). \"hung\": qemu-img bench did not finish within 300 s."
 )
 echo "$TABLE"
 if [ "${RB_NO_WRITE:-0}" != 1 ]; then
