@@ -33,9 +33,9 @@
 #                a fault in the host: a process started right after another one reuses
 #                that one's memory for free, and one started later pays about 2.5 ms per
 #                MiB it touches. Back to back, which contender gained depended on which
-#                one ran before it (first-touch 1 MiB at QD8: 1508 IOPS right after
-#                another run, 1029 after a pause); settled, each starts as a fresh
-#                process on a quiet host does.
+#                one ran before it (first-touch 1 MiB at QD8 with a 256 MiB cache:
+#                1205-1690 IOPS right after another run, 722-1029 after a pause);
+#                settled, each starts as a fresh process on a quiet host does.
 #
 # Writes the table of medians and ratios into BENCHMARKS.md between the BEGIN/END
 # remote.sh markers (RB_NO_WRITE=1: print only).
