@@ -254,7 +254,11 @@ impl Azurite {
     }
 
     fn put(&self, path: &str, source: &str) {
-        python(AZURE_PUT, &[&self.endpoint(), path, source], path);
+        python(
+            AZURE_PUT,
+            &[&self.endpoint(), path, source],
+            &format!("azure put {path}"),
+        );
     }
 
     pub fn create_container(&self, container: &str) {
